@@ -1,0 +1,1 @@
+"""The ``neuron`` backend: AWS neuronx-distributed parallel layers on Trainium/Inferentia."""

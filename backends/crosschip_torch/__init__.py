@@ -1,0 +1,1 @@
+"""The ``torch`` backend: combined QKV and gate/up projections, SDPA attention; CPU and CUDA."""

@@ -1,0 +1,83 @@
+"""Modules of the torch backend. Combined projections do one matmul where the reference does
+two or three; their row orders (see ``layout.py``) make a dim-0 shard hold whole KV groups and
+matching gate/up pairs, which is what column-parallel sharding needs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from crosschip.masks import AttentionMask, allowed
+from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, QKVSpec
+
+
+class CombinedQKV(nn.Linear):
+    """One ``[Q_g | K_g | V_g]``-grouped projection; returns ``[batch, seq, heads, head_dim]``."""
+
+    def __init__(self, spec: QKVSpec):
+        rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        super().__init__(spec.hidden_size, rows, bias=spec.bias)
+        self.spec = spec
+
+    def forward(self, hidden: torch.Tensor):
+        s = self.spec
+        out = super().forward(hidden)
+        # Local head counts follow from the output width, so a column shard works unchanged.
+        groups = out.shape[-1] // ((s.group_size + 2) * s.head_dim)
+        grouped = out.view(*out.shape[:-1], groups, (s.group_size + 2) * s.head_dim)
+        q, k, v = grouped.split([s.group_size * s.head_dim, s.head_dim, s.head_dim], dim=-1)
+        lead = out.shape[:-1]
+        return q.reshape(*lead, -1, s.head_dim), k, v
+
+
+class GatedMLP(nn.Module):
+    """``gate_up_proj`` rows interleave gate and up: ``[gate_0, up_0, gate_1, up_1, ...]``."""
+
+    def __init__(self, spec: GatedMLPSpec):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.bias)
+        self.act_fn = ACT2FN[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = self.gate_up_proj(x).unflatten(-1, (-1, 2))
+        return self.down_proj(self.act_fn(pairs[..., 0]) * pairs[..., 1])
+
+
+class Linear(nn.Linear):
+    def __init__(self, spec: LinearSpec):
+        super().__init__(spec.in_features, spec.out_features, bias=spec.bias)
+
+
+class SDPAAttention(nn.Module):
+    """``scaled_dot_product_attention`` with native GQA; an explicit boolean mask only when the
+    spec or the batch needs one (sliding window, padding, cached keys)."""
+
+    def __init__(self, spec: AttentionSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, q, k, v, mask: AttentionMask | None = None) -> torch.Tensor:
+        spec = self.spec
+        batch, q_len = q.shape[:2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        simple = (mask is None or (mask.padding is None and mask.q_offset == 0)) and spec.sliding_window is None
+        attn_mask = None
+        if not simple:
+            attn_mask = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
+                                mask=mask, device=q.device)
+            # A query that may see no key (left padding) would give NaN; let it see itself. Its
+            # output is discarded by the caller, but NaN would poison gradients.
+            if attn_mask is not None and q_len == k.shape[2]:
+                attn_mask = attn_mask | torch.eye(q_len, dtype=torch.bool, device=q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=spec.dropout if self.training else 0.0,
+            is_causal=spec.causal and simple and q_len > 1,
+            scale=spec.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out.transpose(1, 2).reshape(batch, q_len, -1)

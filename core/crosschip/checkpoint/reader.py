@@ -1,0 +1,90 @@
+"""Reads a local Hugging Face checkpoint directory tensor by tensor (``safe_open``), so loading
+never holds a second copy of the model, and names the file and key in every error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from crosschip.errors import CheckpointError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsCheckpoint:
+    """``keys()``, ``shape(key)``, ``get(key)`` over one file or an indexed set of shards."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._handles: dict[Path, object] = {}
+        index = self.directory / INDEX
+        single = self.directory / SINGLE
+        if index.is_file():
+            self.key_to_file = self._read_index(index)
+        elif single.is_file():
+            self.key_to_file = {k: single for k in self._open(single).keys()}
+        else:
+            found = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            raise CheckpointError(
+                f"{self.directory}: no {SINGLE} or {INDEX} found"
+                + (f" (found {', '.join(found)})" if found else "")
+            )
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' "
+                                  f"object): {exc}") from exc
+        root = self.directory.resolve()
+        out = {}
+        for key, name in weight_map.items():
+            target = (self.directory / name).resolve()
+            if target.parent != root:
+                raise CheckpointError(f"{index}: key {key!r} points to {name!r}, outside the "
+                                      "checkpoint directory; refusing to read it")
+            if not target.is_file():
+                raise CheckpointError(f"{index}: key {key!r} points to {name!r}, which does not exist")
+            out[key] = target
+        for shard in set(out.values()):
+            listed = {k for k, f in out.items() if f == shard}
+            actual = set(self._open(shard).keys())
+            if not listed <= actual:
+                missing = sorted(listed - actual)[:5]
+                raise CheckpointError(f"{shard}: index {index.name} lists key(s) {missing} that "
+                                      "the file does not hold")
+        return out
+
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path}: not a readable safetensors file "
+                                      f"(truncated or corrupt?): {exc}") from exc
+            self._handles[path] = handle
+        return handle
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def describe(self, key: str) -> str:
+        return str(self.key_to_file[key].name)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.key_to_file[key]).get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self.key_to_file[key]
+        try:
+            return self._open(path).get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {exc}") from exc
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,228 @@
+"""Weight layouts: pure tensor transforms and reversible dict transforms built from them.
+
+The canonical layout of a component is a dict of *role* names (``q.weight``, ``gate.weight``,
+``norm.weight``...) holding tensors exactly as Hugging Face stores them. A backend's physical
+layout is whatever its module's ``state_dict`` holds. A :class:`Transform` maps canonical ->
+physical (``apply``) and back (``invert``); every transform here is exactly invertible, so a
+round trip is bitwise identical. Keys a transform does not name pass through unchanged, so
+transforms compose with :class:`Chain`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+# -- pure tensor functions --------------------------------------------------------------------
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[Q_g0 | K_0 | V_0 | Q_g1 | K_1 | V_1 | ...]`` along dim 0: for each KV head g, the query
+    heads of its group, then K head g, then V head g. Works for weights and biases alike, and a
+    dim-0 shard over a divisor of ``num_kv_heads`` holds whole groups."""
+    rest = q.shape[1:]
+    groups = [t.reshape(num_kv_heads, -1, *rest) for t in (q, k, v)]
+    return torch.cat(groups, dim=1).reshape(-1, *rest).contiguous()
+
+
+def split_qkv(combined: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Inverse of :func:`interleave_qkv`: returns ``(q, k, v)``."""
+    rest = combined.shape[1:]
+    group_rows = (num_heads // num_kv_heads) * head_dim
+    expected = num_kv_heads * (group_rows + 2 * head_dim)
+    if combined.shape[0] != expected:
+        raise ValueError(f"combined QKV has {combined.shape[0]} rows, expected {expected} "
+                         f"({num_heads} heads, {num_kv_heads} KV heads, head_dim {head_dim})")
+    grouped = combined.reshape(num_kv_heads, group_rows + 2 * head_dim, *rest)
+    q, k, v = grouped.split([group_rows, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
+
+
+def interleave_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[a_0, b_0, a_1, b_1, ...]`` along dim 0 (gate/up pairs stay together under sharding)."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot interleave rows of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.stack([a, b], dim=1).reshape(-1, *a.shape[1:]).contiguous()
+
+
+def deinterleave_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[0] % 2:
+        raise ValueError(f"cannot de-interleave {x.shape[0]} rows into two halves")
+    pairs = x.reshape(-1, 2, *x.shape[1:])
+    return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+
+
+def concat(tensors, dim: int = 0) -> torch.Tensor:
+    return torch.cat(list(tensors), dim=dim).contiguous()
+
+
+def split(x: torch.Tensor, sizes, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    if sum(sizes) != x.shape[dim]:
+        raise ValueError(f"cannot split size {x.shape[dim]} of dim {dim} into {list(sizes)}")
+    return tuple(t.contiguous() for t in x.split(list(sizes), dim=dim))
+
+
+# -- reversible dict transforms ---------------------------------------------------------------
+class Transform:
+    """Canonical -> physical (``apply``) and physical -> canonical (``invert``)."""
+
+    def apply(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+        raise NotImplementedError
+
+    def invert(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+        raise NotImplementedError
+
+
+def _take(tensors: Mapping[str, torch.Tensor], names, what: str):
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise KeyError(f"{what} needs {', '.join(names)}; missing {', '.join(missing)}")
+    rest = {k: v for k, v in tensors.items() if k not in names}
+    return [tensors[n] for n in names], rest
+
+
+@dataclass(frozen=True)
+class Rename(Transform):
+    mapping: tuple[tuple[str, str], ...]  # (canonical, physical)
+
+    @classmethod
+    def of(cls, **mapping: str) -> "Rename":
+        return cls(tuple(mapping.items()))
+
+    def apply(self, tensors):
+        names = dict(self.mapping)
+        return {names.get(k, k): v for k, v in tensors.items()}
+
+    def invert(self, tensors):
+        names = {p: c for c, p in self.mapping}
+        return {names.get(k, k): v for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class Concat(Transform):
+    """Several canonical tensors concatenated into one physical tensor, split back by size."""
+
+    sources: tuple[str, ...]
+    target: str
+    sizes: tuple[int, ...]
+    dim: int = 0
+
+    def apply(self, tensors):
+        if not any(s in tensors for s in self.sources):
+            return dict(tensors)
+        parts, rest = _take(tensors, self.sources, f"concat into {self.target}")
+        return {**rest, self.target: concat(parts, self.dim)}
+
+    def invert(self, tensors):
+        if self.target not in tensors:
+            return dict(tensors)
+        [whole], rest = _take(tensors, [self.target], "split")
+        return {**rest, **dict(zip(self.sources, split(whole, self.sizes, self.dim)))}
+
+
+@dataclass(frozen=True)
+class InterleaveQKV(Transform):
+    """q, k, v -> one tensor in the grouped ``[Q_g | K_g | V_g]`` order of :func:`interleave_qkv`."""
+
+    q: str
+    k: str
+    v: str
+    target: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def apply(self, tensors):
+        if self.q not in tensors:
+            return dict(tensors)
+        (q, k, v), rest = _take(tensors, [self.q, self.k, self.v], f"QKV interleave into {self.target}")
+        return {**rest, self.target: interleave_qkv(q, k, v, self.num_kv_heads)}
+
+    def invert(self, tensors):
+        if self.target not in tensors:
+            return dict(tensors)
+        [combined], rest = _take(tensors, [self.target], "QKV split")
+        q, k, v = split_qkv(combined, self.num_heads, self.num_kv_heads, self.head_dim)
+        return {**rest, self.q: q, self.k: k, self.v: v}
+
+
+@dataclass(frozen=True)
+class InterleaveRows(Transform):
+    """a, b -> rows ``[a_0, b_0, a_1, b_1, ...]`` (the torch backend's gate/up layout)."""
+
+    a: str
+    b: str
+    target: str
+
+    def apply(self, tensors):
+        if self.a not in tensors:
+            return dict(tensors)
+        (a, b), rest = _take(tensors, [self.a, self.b], f"row interleave into {self.target}")
+        return {**rest, self.target: interleave_rows(a, b)}
+
+    def invert(self, tensors):
+        if self.target not in tensors:
+            return dict(tensors)
+        [x], rest = _take(tensors, [self.target], "row de-interleave")
+        a, b = deinterleave_rows(x)
+        return {**rest, self.a: a, self.b: b}
+
+
+@dataclass(frozen=True)
+class Chain(Transform):
+    steps: tuple[Transform, ...] = ()
+
+    @classmethod
+    def of(cls, *steps: Transform) -> "Chain":
+        return cls(tuple(steps))
+
+    def apply(self, tensors):
+        out = dict(tensors)
+        for step in self.steps:
+            out = step.apply(out)
+        return out
+
+    def invert(self, tensors):
+        out = dict(tensors)
+        for step in reversed(self.steps):
+            out = step.invert(out)
+        return out
+
+
+IDENTITY = Chain()
+
+
+# -- canonical roles of each component ---------------------------------------------------------
+def canonical_shapes(component: str, spec, fuses_input_norm: bool = False) -> dict[str, tuple[int, ...]]:
+    """Role name -> Hugging Face shape of every weight a component holds (global, unsharded)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if component == "embedding":
+        shapes["weight"] = (spec.vocab_size, spec.hidden_size)
+    elif component == "rms_norm":
+        shapes["weight"] = (spec.hidden_size,)
+    elif component == "qkv_projection":
+        for role, rows in (("q", spec.q_size), ("k", spec.kv_size), ("v", spec.kv_size)):
+            shapes[f"{role}.weight"] = (rows, spec.hidden_size)
+            if spec.bias:
+                shapes[f"{role}.bias"] = (rows,)
+    elif component == "out_projection":
+        shapes["weight"] = (spec.out_features, spec.in_features)
+        if spec.bias:
+            shapes["bias"] = (spec.out_features,)
+    elif component == "gated_mlp":
+        h, i = spec.hidden_size, spec.intermediate_size
+        for role, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
+            shapes[f"{role}.weight"] = shape
+            if spec.bias:
+                shapes[f"{role}.bias"] = shape[:1]
+    elif component == "lm_head":
+        if not spec.tied:
+            shapes["weight"] = (spec.vocab_size, spec.hidden_size)
+        if spec.bias:
+            shapes["bias"] = (spec.vocab_size,)
+    if fuses_input_norm and getattr(spec, "input_norm", None) is not None:
+        shapes["norm.weight"] = (spec.input_norm.hidden_size,)
+    return shapes

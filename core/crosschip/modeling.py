@@ -1,0 +1,91 @@
+"""What every crosschip causal LM shares: the forward contract, Hugging Face save, and the hooks
+the weight adapter needs. Model math lives in ``crosschip.models``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crosschip import weights
+from crosschip.checkpoint import write_checkpoint
+from crosschip.runtime import Runtime
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+class CausalLM(nn.Module):
+    """Base class of the zoo. Subclasses set ``architectures`` (Hugging Face names they load)
+    and ``config_class``, build their components from ``runtime`` and implement
+    :meth:`checkpoint_names`."""
+
+    architectures: tuple[str, ...] = ()
+    config_class = None
+    #: Checkpoint keys that may be present but are not loaded (e.g. a tied lm_head copy).
+    ignored_checkpoint_keys: frozenset[str] = frozenset()
+
+    def __init__(self, config, runtime: Runtime):
+        super().__init__()
+        self.config = config
+        self.runtime = runtime
+
+    def checkpoint_names(self) -> dict[str, dict[str, str]]:
+        """``{component module path: {role prefix: Hugging Face prefix}}``. A component absent
+        here keeps its own module path as prefix, e.g. ``model.norm`` -> ``model.norm.weight``."""
+        return {}
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (rotary frequencies) after ``to_empty``."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    # -- weights in the canonical layout ----------------------------------------------------
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under Hugging Face names and layouts (``state_dict()`` is the physical one)."""
+        return weights.canonical_state_dict(self)
+
+    def hf_grads(self) -> dict[str, torch.Tensor]:
+        """Gradients mapped to Hugging Face names and layouts, for parity checks and tooling."""
+        return weights.canonical_state_dict(self, grads=True)
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        weights.load_canonical(self, _DictSource(state_dict), set(self.ignored_checkpoint_keys))
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> Path:
+        """Write a Hugging Face checkpoint (safetensors + config.json) that transformers loads."""
+        sizes = weights.canonical_sizes(self)
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+        def write_extra(directory: Path) -> None:
+            self.config.architectures = [self.architectures[0]]
+            self.config.dtype = dtype
+            self.config.save_pretrained(directory)
+            generation = getattr(self, "generation_config", None)
+            if generation is not None:
+                generation.save_pretrained(directory)
+
+        return write_checkpoint(path, sizes, weights.iter_canonical(self), write_extra, max_shard_size)
+
+
+class _DictSource:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def get(self, key):
+        return self.tensors[key]
+
+    def describe(self, key):
+        return "the given state dict"

@@ -1,0 +1,34 @@
+"""The model zoo: each model is written only against the core runtime and components, and is
+registered under the Hugging Face ``architectures`` names it loads."""
+
+from __future__ import annotations
+
+from crosschip.errors import ConfigurationError
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_model(cls):
+    for name in cls.architectures:
+        _REGISTRY[name] = cls
+    return cls
+
+
+def model_class(architecture: str, where: str = "config.json"):
+    _load_builtin()
+    try:
+        return _REGISTRY[architecture]
+    except KeyError:
+        raise ConfigurationError(
+            f"{where}: unsupported architecture {architecture!r}; supported: "
+            f"{', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def supported_architectures() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from crosschip.models import llama  # noqa: F401  (registers itself)

@@ -1,0 +1,55 @@
+"""Hook specifications of the ``crosschip`` pluggy project.
+
+A plugin is a module (named by an entry point in the ``crosschip.backends`` group) holding
+functions decorated with :data:`hookimpl`. Registration hooks return plain data; core resolves
+the chain itself, so no hook is ``firstresult`` and the registration order never matters.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "crosschip"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def crosschip_register_backends():
+    """Return a list of :class:`~crosschip.BackendDescriptor` (normally one, named like the
+    entry point). Must be cheap: no device initialisation, no heavy imports."""
+
+
+@hookspec
+def crosschip_register_components():
+    """Return a list of :class:`~crosschip.ComponentImpl` for backends this plugin registers."""
+
+
+@hookspec
+def crosschip_register_layouts():
+    """Return a list of :class:`~crosschip.LayoutImpl`: reversible transforms between the
+    canonical (Hugging Face) weights of a component and this backend's physical weights."""
+
+
+@hookspec
+def crosschip_validate_runtime(runtime):
+    """Raise :class:`~crosschip.errors.ConfigurationError` if ``runtime`` settings (device,
+    dtype, parallel degrees, precision) cannot work with a backend this plugin registers.
+    Called for the backends a runtime may use."""
+
+
+@hookspec
+def crosschip_parallelize_model(model, runtime):
+    """Apply the parallel plan to a built model. Called only on the plugin owning the
+    runtime's primary backend."""
+
+
+@hookspec
+def crosschip_finalize_model(model, runtime):
+    """Last touch on a built and loaded model (compile, register buffers, ...). Called for every
+    backend that built a component of the model."""
+
+
+@hookspec
+def crosschip_environment_info():
+    """Return a dict of diagnostic facts (library versions, devices) for ``crosschip backends``."""

@@ -1,0 +1,183 @@
+"""Plain-torch modules of the reference backend. Each mirrors the matching transformers code so
+parity holds to float32 rounding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from crosschip.masks import AttentionMask, allowed
+from crosschip.rope import RopeTables, apply_rotary, rope_inverse_frequencies
+from crosschip.specs import (
+    AttentionSpec,
+    EmbeddingSpec,
+    GatedMLPSpec,
+    LinearSpec,
+    LMHeadSpec,
+    LossSpec,
+    NormSpec,
+    QKVSpec,
+    RopeSpec,
+)
+
+
+class Embedding(nn.Module):
+    def __init__(self, spec: EmbeddingSpec):
+        super().__init__()
+        self.padding_idx = spec.padding_idx
+        self.weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight, self.padding_idx)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, spec: NormSpec):
+        super().__init__()
+        self.eps = spec.eps
+        self.weight = nn.Parameter(torch.ones(spec.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype, as transformers' LlamaRMSNorm.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class QKVProjection(nn.Module):
+    """Separate q, k and v projections; returns ``[batch, seq, heads, head_dim]`` tensors."""
+
+    def __init__(self, spec: QKVSpec):
+        super().__init__()
+        self.spec = spec
+        self.q_proj = nn.Linear(spec.hidden_size, spec.q_size, bias=spec.bias)
+        self.k_proj = nn.Linear(spec.hidden_size, spec.kv_size, bias=spec.bias)
+        self.v_proj = nn.Linear(spec.hidden_size, spec.kv_size, bias=spec.bias)
+
+    def forward(self, hidden: torch.Tensor):
+        shape = hidden.shape[:-1]
+        d = self.spec.head_dim
+        return (
+            self.q_proj(hidden).view(*shape, -1, d),
+            self.k_proj(hidden).view(*shape, -1, d),
+            self.v_proj(hidden).view(*shape, -1, d),
+        )
+
+
+class Linear(nn.Linear):
+    def __init__(self, spec: LinearSpec):
+        super().__init__(spec.in_features, spec.out_features, bias=spec.bias)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, spec: GatedMLPSpec):
+        super().__init__()
+        h, i = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=spec.bias)
+        self.up_proj = nn.Linear(h, i, bias=spec.bias)
+        self.down_proj = nn.Linear(i, h, bias=spec.bias)
+        self.act_fn = ACT2FN[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Rotary(nn.Module):
+    """cos/sin tables from transformers' rope initialisers; applied with rotate-half."""
+
+    def __init__(self, spec: RopeSpec):
+        super().__init__()
+        self.spec = spec
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(spec)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute the (non-persistent) frequencies after ``to_empty``."""
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(self.spec, self.inv_freq.device)
+        self.inv_freq = inv_freq
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return RopeTables(cos, sin)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, tables: RopeTables):
+        return apply_rotary(q, k, tables)
+
+
+class EagerAttention(nn.Module):
+    """Softmax attention written out, as transformers' eager path (float32 softmax)."""
+
+    def __init__(self, spec: AttentionSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, q, k, v, mask: AttentionMask | None = None) -> torch.Tensor:
+        spec = self.spec
+        batch, q_len = q.shape[:2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, seq, d]
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * spec.softmax_scale
+        keep = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
+                       mask=mask, device=q.device)
+        if keep is not None:
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=spec.dropout, training=self.training)
+        out = torch.matmul(probs, v).transpose(1, 2)
+        return out.reshape(batch, q_len, -1)
+
+
+class LMHead(nn.Module):
+    def __init__(self, spec: LMHeadSpec):
+        super().__init__()
+        self.spec = spec
+        self._tied_to: list[nn.Module] = []  # a list, so the embedding is not a submodule
+        if not spec.tied:
+            self.weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size))
+            nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(spec.vocab_size)) if spec.bias else None
+
+    def tie_weights(self, embedding: nn.Module) -> None:
+        self._tied_to[:] = [embedding]
+
+    def output_weight(self) -> torch.Tensor:
+        if self.spec.tied:
+            if not self._tied_to:
+                raise RuntimeError("tied lm_head used before tie_weights(embedding) was called")
+            return self._tied_to[0].weight
+        return self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.output_weight(), self.bias)
+        if self.spec.logits_divisor != 1.0:
+            logits = logits / self.spec.logits_divisor
+        return logits
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over non-ignored labels, in float32, as transformers'
+    ForCausalLMLoss (labels are shifted here, not by the caller)."""
+
+    def __init__(self, spec: LossSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, hidden, labels, lm_head, logits=None) -> torch.Tensor:
+        if logits is None:
+            logits = lm_head(hidden)
+        logits = logits.float()
+        shifted = F.pad(labels, (0, 1), value=self.spec.ignore_index)[..., 1:]
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1).to(logits.device),
+            ignore_index=self.spec.ignore_index,
+        )

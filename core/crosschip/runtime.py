@@ -1,0 +1,247 @@
+"""The Runtime: what a model asks for its building blocks.
+
+A model receives a Runtime in its constructor and asks it for each component by semantic spec
+(``runtime.qkv_projection(QKVSpec(...))``). The runtime walks the backend chain for that component,
+skips backends that are unavailable or decline the spec (recording why), builds the module with
+the first that accepts, and tags the module with what it is so the weight adapter can translate
+its parameters to and from the canonical Hugging Face layout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from crosschip.errors import (
+    ComponentBuildError,
+    ConfigurationError,
+    CrosschipWarning,
+    StrictFallbackError,
+)
+from crosschip.plugins.descriptors import ComponentImpl, resolve_callable
+from crosschip.plugins.registry import REFERENCE, Registry, get_registry, strict_from_env
+from crosschip.plugins.report import Decision, DecisionReport
+from crosschip.plugins.resolution import BackendChoice, check_component_name, check_environment, resolve_chain
+from crosschip.specs import (
+    AttentionSpec,
+    EmbeddingSpec,
+    GatedMLPSpec,
+    LinearSpec,
+    LMHeadSpec,
+    LossSpec,
+    NormSpec,
+    ParallelSpec,
+    QKVSpec,
+    RopeSpec,
+    describe,
+)
+
+MODES = ("train", "inference")
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """Attached to every module the runtime builds (``module.crosschip_component``)."""
+
+    component: str
+    backend: str
+    spec: Any
+    fuses_input_norm: bool = False
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a factory or ``supports`` check may look at besides the spec."""
+
+    runtime: "Runtime"
+    component: str
+    backend: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runtime.dtype
+
+    @property
+    def parallel(self) -> ParallelSpec:
+        return self.runtime.parallel
+
+
+class Runtime:
+    """Backend chain, device, dtype, parallel settings, mode, and the decision report.
+
+    Args:
+        backend: a backend name, a comma-separated chain or list of names, ``"auto"`` or None.
+            Overrides the environment for every component.
+        components: per-component overrides, ``{"attention": "reference"}``; beat ``backend``.
+        device: where modules run; default CUDA when available, else CPU.
+        dtype: parameter dtype; default float32.
+        strict: an accelerated request may not end on ``reference`` and plugin failures are
+            errors; default from ``CROSSCHIP_STRICT``.
+        parallel: tensor/data parallel degrees.
+        mode: ``"train"`` or ``"inference"``.
+    """
+
+    def __init__(
+        self,
+        backend: BackendChoice = None,
+        *,
+        components: Mapping[str, BackendChoice] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        strict: bool | None = None,
+        parallel: ParallelSpec | None = None,
+        mode: str = "train",
+        registry: Registry | None = None,
+    ):
+        self.registry = registry or get_registry()
+        self.strict = strict_from_env(strict)
+        if self.strict:
+            self.registry.raise_for_problems()
+        check_environment()
+        for name in components or {}:
+            check_component_name(name, where="argument components")
+        if mode not in MODES:
+            raise ConfigurationError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+        self.backend = backend
+        self.components = dict(components or {})
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = _parse_dtype(dtype)
+        self.parallel = parallel or ParallelSpec()
+        self.mode = mode
+        self.report = DecisionReport()
+        self._warned: set = set()
+        # Fail early on unknown names instead of at the first component.
+        for component in ("embedding",):
+            resolve_chain(self.registry, component, self.backend, self.components)
+
+    def __repr__(self) -> str:
+        return (f"Runtime(backend={self.backend!r}, device={self.device}, dtype={self.dtype}, "
+                f"strict={self.strict}, parallel={self.parallel}, mode={self.mode!r})")
+
+    # -- resolution -----------------------------------------------------------------------
+    def chain(self, component: str):
+        return resolve_chain(self.registry, component, self.backend, self.components)
+
+    def build(self, component: str, spec: Any) -> nn.Module:
+        """Build ``component`` for ``spec`` with the first backend in its chain that accepts."""
+        chain = self.chain(component)
+        declines: list[tuple[str, str]] = []
+        for backend in chain.backends:
+            impl, reason = self._candidate(component, spec, backend)
+            if impl is None:
+                if reason is not None:
+                    declines.append((backend, reason))
+                continue
+            if backend == REFERENCE and chain.accelerated and declines:
+                self._fell_back(component, spec, declines)
+            ctx = BuildContext(self, component, backend)
+            module = resolve_callable(impl.factory)(spec, ctx)
+            if not isinstance(module, nn.Module):
+                raise ComponentBuildError(
+                    f"backend {backend!r} built {type(module).__name__} for {component}, expected "
+                    "a torch.nn.Module"
+                )
+            module.crosschip_component = ComponentInfo(component, backend, spec, impl.fuses_input_norm)
+            self.report.record(Decision(component, describe(spec), backend, chain.source,
+                                        chain.backends, tuple(declines)))
+            return module
+        raise ComponentBuildError(
+            f"no backend could build {component} for {describe(spec)}: "
+            + "; ".join(f"{b}: {r}" for b, r in declines)
+        )
+
+    def _candidate(self, component: str, spec, backend: str) -> tuple[ComponentImpl | None, str | None]:
+        """The implementation to use, or None with the reason it was passed over (None reason:
+        the backend simply does not implement this component, which is no decline)."""
+        record = self.registry.backend(backend)
+        probe = record.probe()
+        if not probe.available:
+            return None, f"unavailable: {probe.reason}"
+        if self.device.type not in record.descriptor.device_types:
+            return None, (f"device type {self.device.type!r} not supported "
+                          f"(supports {', '.join(record.descriptor.device_types)})")
+        impl = self.registry.components.get((backend, component))
+        if impl is None:
+            return None, None
+        if impl.supports is not None:
+            reason = resolve_callable(impl.supports)(spec, BuildContext(self, component, backend))
+            if reason:
+                return None, str(reason)
+        return impl, None
+
+    def _fell_back(self, component: str, spec, declines) -> None:
+        reasons = "; ".join(f"{b}: {r}" for b, r in declines)
+        message = f"{component} for {describe(spec)} fell back to the reference backend ({reasons})"
+        if self.strict:
+            raise StrictFallbackError(f"strict mode: {message}")
+        key = (component, tuple(declines))
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, CrosschipWarning, stacklevel=4)
+
+    # -- one method per component, so model code reads as what it builds ------------------
+    def embedding(self, spec: EmbeddingSpec) -> nn.Module:
+        return self.build("embedding", spec)
+
+    def qkv_projection(self, spec: QKVSpec) -> nn.Module:
+        return self.build("qkv_projection", spec)
+
+    def out_projection(self, spec: LinearSpec) -> nn.Module:
+        return self.build("out_projection", spec)
+
+    def gated_mlp(self, spec: GatedMLPSpec) -> nn.Module:
+        return self.build("gated_mlp", spec)
+
+    def rms_norm(self, spec: NormSpec) -> nn.Module:
+        return self.build("rms_norm", spec)
+
+    def rotary(self, spec: RopeSpec) -> nn.Module:
+        return self.build("rotary", spec)
+
+    def attention(self, spec: AttentionSpec) -> nn.Module:
+        return self.build("attention", spec)
+
+    def lm_head(self, spec: LMHeadSpec) -> nn.Module:
+        return self.build("lm_head", spec)
+
+    def loss(self, spec: LossSpec) -> nn.Module:
+        return self.build("loss", spec)
+
+    def input_norm(self, spec: NormSpec, consumer: nn.Module) -> nn.Module:
+        """The pre-norm feeding ``consumer`` (a projection built with ``input_norm=spec``): an
+        identity when the consumer's backend fused the norm in, else an ``rms_norm`` component.
+        Either way the Hugging Face norm weight maps to whichever module holds it."""
+        info = getattr(consumer, "crosschip_component", None)
+        if info is not None and info.fuses_input_norm:
+            return nn.Identity()
+        return self.rms_norm(spec)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ConfigurationError(f"dtype={dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[key]

@@ -1,0 +1,201 @@
+"""Semantic specs: what a model asks its runtime for, never how a backend builds it.
+
+Specs are frozen dataclasses so they can key caches and appear in the decision report. Sizes are
+the *global* (unsharded) sizes; a backend derives its local shapes from the runtime's parallel
+settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ParallelStyle = Literal["column", "row", "replicated"]
+
+COMPONENTS = (
+    "embedding",
+    "qkv_projection",
+    "out_projection",
+    "gated_mlp",
+    "rms_norm",
+    "rotary",
+    "attention",
+    "lm_head",
+    "loss",
+)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, found {value!r}")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """RMSNorm over the last dimension: ``weight * x / sqrt(mean(x^2) + eps)``."""
+
+    hidden_size: int
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        _positive("NormSpec.hidden_size", self.hidden_size)
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    vocab_size: int
+    hidden_size: int
+    padding_idx: int | None = None
+
+    def __post_init__(self):
+        _positive("EmbeddingSpec.vocab_size", self.vocab_size)
+        _positive("EmbeddingSpec.hidden_size", self.hidden_size)
+
+
+@dataclass(frozen=True)
+class QKVSpec:
+    """Query/key/value projection. ``input_norm`` lets a backend fuse the pre-attention norm."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    bias: bool = False
+    input_norm: NormSpec | None = None
+    parallel: ParallelStyle = "column"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+            _positive(f"QKVSpec.{name}", getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"QKVSpec.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    in_features: int
+    out_features: int
+    bias: bool = False
+    parallel: ParallelStyle = "replicated"
+
+    def __post_init__(self):
+        _positive("LinearSpec.in_features", self.in_features)
+        _positive("LinearSpec.out_features", self.out_features)
+
+
+@dataclass(frozen=True)
+class GatedMLPSpec:
+    """``down(act(gate(x)) * up(x))``; ``input_norm`` lets a backend fuse the pre-MLP norm."""
+
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "silu"
+    bias: bool = False
+    input_norm: NormSpec | None = None
+
+    def __post_init__(self):
+        _positive("GatedMLPSpec.hidden_size", self.hidden_size)
+        _positive("GatedMLPSpec.intermediate_size", self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding. ``parameters`` is the Hugging Face ``rope_parameters`` dict as sorted
+    items (rope_type, rope_theta, factor, ...); ``config`` is the Hugging Face config the
+    transformers rope initialisers read, kept out of equality and hashing."""
+
+    head_dim: int
+    max_position_embeddings: int
+    parameters: tuple[tuple[str, Any], ...]
+    config: Any = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def rope_type(self) -> str:
+        return dict(self.parameters).get("rope_type", "default")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Scaled dot-product attention over ``[batch, seq, heads, head_dim]`` inputs."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool = True
+    sliding_window: int | None = None
+    scale: float | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _positive("AttentionSpec.num_heads", self.num_heads)
+        _positive("AttentionSpec.num_kv_heads", self.num_kv_heads)
+        _positive("AttentionSpec.head_dim", self.head_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim**-0.5
+
+
+@dataclass(frozen=True)
+class LMHeadSpec:
+    """Output projection to the vocabulary; ``tied`` reuses the embedding weight.
+    Logits are divided by ``logits_divisor`` (Granite's ``logits_scaling``)."""
+
+    hidden_size: int
+    vocab_size: int
+    bias: bool = False
+    tied: bool = False
+    logits_divisor: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Next-token cross-entropy, shifted inside the loss as transformers does."""
+
+    vocab_size: int
+    ignore_index: int = -100
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    tp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        _positive("ParallelSpec.tp", self.tp)
+        _positive("ParallelSpec.dp", self.dp)
+
+
+def describe(spec: Any) -> str:
+    """Short one-line description of a spec for reports and logs."""
+    if spec is None:
+        return "-"
+    parts = []
+    for f in dataclasses.fields(spec):
+        if not f.compare:
+            continue
+        value = getattr(spec, f.name)
+        if value is None or value is False:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = type(value).__name__
+        parts.append(f"{f.name}={value}")
+    return f"{type(spec).__name__}({', '.join(parts)})"
