@@ -130,33 +130,39 @@ class Runtime:
     def chain(self, component: str):
         return resolve_chain(self.registry, component, self.backend, self.components)
 
-    def build(self, component: str, spec: Any) -> nn.Module:
-        """Build ``component`` for ``spec`` with the first backend in its chain that accepts."""
+    def select(self, component: str, spec: Any = None):
+        """Walk the chain: ``(implementation, backend, chain, declines)``. With ``spec=None``
+        (listing, no concrete spec) the backends' ``supports`` checks are skipped."""
         chain = self.chain(component)
         declines: list[tuple[str, str]] = []
         for backend in chain.backends:
             impl, reason = self._candidate(component, spec, backend)
-            if impl is None:
-                if reason is not None:
-                    declines.append((backend, reason))
-                continue
-            if backend == REFERENCE and chain.accelerated and declines:
-                self._fell_back(component, spec, declines)
-            ctx = BuildContext(self, component, backend)
-            module = resolve_callable(impl.factory)(spec, ctx)
-            if not isinstance(module, nn.Module):
-                raise ComponentBuildError(
-                    f"backend {backend!r} built {type(module).__name__} for {component}, expected "
-                    "a torch.nn.Module"
-                )
-            module.crosschip_component = ComponentInfo(component, backend, spec, impl.fuses_input_norm)
-            self.report.record(Decision(component, describe(spec), backend, chain.source,
-                                        chain.backends, tuple(declines)))
-            return module
-        raise ComponentBuildError(
-            f"no backend could build {component} for {describe(spec)}: "
-            + "; ".join(f"{b}: {r}" for b, r in declines)
-        )
+            if impl is not None:
+                return impl, backend, chain, declines
+            if reason is not None:
+                declines.append((backend, reason))
+        return None, None, chain, declines
+
+    def build(self, component: str, spec: Any) -> nn.Module:
+        """Build ``component`` for ``spec`` with the first backend in its chain that accepts."""
+        impl, backend, chain, declines = self.select(component, spec)
+        if impl is None:
+            raise ComponentBuildError(
+                f"no backend could build {component} for {describe(spec)}: "
+                + "; ".join(f"{b}: {r}" for b, r in declines)
+            )
+        if backend == REFERENCE and chain.accelerated and declines:
+            self._fell_back(component, spec, declines)
+        module = resolve_callable(impl.factory)(spec, BuildContext(self, component, backend))
+        if not isinstance(module, nn.Module):
+            raise ComponentBuildError(
+                f"backend {backend!r} built {type(module).__name__} for {component}, expected "
+                "a torch.nn.Module"
+            )
+        module.crosschip_component = ComponentInfo(component, backend, spec, impl.fuses_input_norm)
+        self.report.record(Decision(component, describe(spec), backend, chain.source,
+                                    chain.backends, tuple(declines)))
+        return module
 
     def _candidate(self, component: str, spec, backend: str) -> tuple[ComponentImpl | None, str | None]:
         """The implementation to use, or None with the reason it was passed over (None reason:
@@ -171,7 +177,7 @@ class Runtime:
         impl = self.registry.components.get((backend, component))
         if impl is None:
             return None, None
-        if impl.supports is not None:
+        if impl.supports is not None and spec is not None:
             reason = resolve_callable(impl.supports)(spec, BuildContext(self, component, backend))
             if reason:
                 return None, str(reason)

@@ -71,7 +71,7 @@ def validate_backend_names(registry: Registry, names: Sequence[str], where: str)
                 f"backend {name!r} (from {where}) cannot be used: its plugin is {plugin.status}: "
                 f"{plugin.reason}"
             )
-        raise UnknownNameError("backend", name, [REFERENCE, *registry.backends, AUTO], where=where)
+        raise UnknownNameError("backend", name, {REFERENCE, *registry.backends, AUTO}, where=where)
 
 
 def resolve_chain(
