@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny Hugging Face models saved locally (nothing downloads from a hub), and
+hardware markers that skip where the hardware is absent but fail when
+CROSSCHIP_REQUIRE_HARDWARE says it must be there."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from crosschip.plugins.registry import reset_registry
+
+
+def _hardware_present(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "multigpu":
+        return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+    if kind == "neuron":
+        import glob
+        import importlib.util
+
+        return importlib.util.find_spec("torch_neuronx") is not None and bool(glob.glob("/dev/neuron*"))
+    return True
+
+
+def _required() -> set[str]:
+    raw = os.environ.get("CROSSCHIP_REQUIRE_HARDWARE", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def pytest_runtest_setup(item):
+    for kind in ("cuda", "multigpu", "neuron"):
+        if item.get_closest_marker(kind) is None or _hardware_present(kind):
+            continue
+        required = _required()
+        if kind in required or (kind == "multigpu" and "cuda" in required):
+            pytest.fail(f"{kind} hardware is required (CROSSCHIP_REQUIRE_HARDWARE="
+                        f"{os.environ['CROSSCHIP_REQUIRE_HARDWARE']}) but is not present", pytrace=False)
+        pytest.skip(f"no {kind} hardware here")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    """Each test sees plugins as its own environment variables say."""
+    reset_registry()
+    yield
+    reset_registry()

@@ -1,0 +1,47 @@
+"""Helpers for numeric comparisons and tiny Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max absolute error relative to the largest magnitude of the expected tensor."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def assert_rel_close(actual, expected, tol: float, name: str = "tensor") -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def save_hf_llama(path: Path, seed: int = 0, **overrides):
+    """A random tiny transformers Llama saved to ``path``; returns the model in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+    # Random norms, so a mapping mistake on norm weights cannot hide behind all-ones.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model
