@@ -11,6 +11,7 @@ from torch import nn
 
 from crosschip import weights
 from crosschip.checkpoint import write_checkpoint
+from crosschip.layouts import IDENTITY, Transform
 from crosschip.runtime import Runtime
 
 
@@ -39,6 +40,11 @@ class CausalLM(nn.Module):
         """``{component module path: {role prefix: Hugging Face prefix}}``. A component absent
         here keeps its own module path as prefix, e.g. ``model.norm`` -> ``model.norm.weight``."""
         return {}
+
+    def checkpoint_transform(self, path: str, info) -> "Transform":
+        """Roles of the component at ``path`` -> names in the checkpoint. Identity unless the
+        Hugging Face checkpoint itself stores fused tensors (Phi-3's ``qkv_proj``)."""
+        return IDENTITY
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (rotary frequencies) after ``to_empty``."""

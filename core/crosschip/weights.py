@@ -1,6 +1,15 @@
 """The state-dict adapter: moves weights between a model's physical layout (whatever each
-backend's modules hold) and the canonical Hugging Face layout, component by component, through
-the layouts backends register. One component's tensors are in flight at a time."""
+backend's modules hold) and the canonical Hugging Face layout, component by component, one
+component's tensors in flight at a time.
+
+Three names for a weight:
+- its *role* in the component (``q.weight``), the same for every backend and model;
+- its *physical* name in the module (``weight`` of the torch backend's combined QKV), reached from
+  roles through the layout the module's backend registered;
+- its *Hugging Face key* (``model.layers.0.self_attn.q_proj.weight``), reached from roles through
+  the model's checkpoint transform (identity unless the checkpoint itself fuses tensors, as
+  Phi-3's does) and its name prefixes.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +27,25 @@ from crosschip.runtime import BuildContext, ComponentInfo
 
 @dataclass(frozen=True)
 class Binding:
-    """One component of a model and where its canonical weights live in a checkpoint."""
+    """One component of a model and where its weights live in a Hugging Face checkpoint."""
 
     path: str
     module: nn.Module
     info: ComponentInfo
-    transform: Transform
-    names: dict[str, str]  # role -> Hugging Face key
-    shapes: dict[str, tuple[int, ...]]  # role -> canonical shape
+    transform: Transform  # roles -> physical names (the backend's layout)
+    checkpoint_transform: Transform  # roles -> checkpoint-local names (the model's)
+    shapes: dict[str, tuple[int, ...]]  # role -> shape
+    names: dict[str, str]  # checkpoint-local name -> Hugging Face key
+    hf_shapes: dict[str, tuple[int, ...]]  # Hugging Face key -> shape
+
+    def to_hf(self, physical: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        local = self.checkpoint_transform.apply(self.transform.invert(physical))
+        return {self.names[k]: v for k, v in local.items()}
+
+    def from_hf(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        by_key = {key: local for local, key in self.names.items()}
+        roles = self.checkpoint_transform.invert({by_key[k]: v for k, v in tensors.items()})
+        return self.transform.apply(roles)
 
 
 class TensorSource(Protocol):
@@ -35,11 +55,17 @@ class TensorSource(Protocol):
     def describe(self, key: str) -> str: ...
 
 
-def _hf_name(path: str, role: str, prefixes: dict[str, str]) -> str:
-    head, _, tail = role.partition(".")
+def _hf_name(path: str, local: str, prefixes: dict[str, str]) -> str:
+    head, _, tail = local.partition(".")
     if tail and head in prefixes:
         return f"{prefixes[head]}.{tail}"
-    return f"{prefixes.get('', path)}.{role}"
+    return f"{prefixes.get('', path)}.{local}"
+
+
+def _shapes_through(transform: Transform, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes after a transform, computed on meta tensors (no memory touched)."""
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    return {k: tuple(v.shape) for k, v in transform.apply(meta).items()}
 
 
 def bindings(model: nn.Module) -> list[Binding]:
@@ -60,9 +86,12 @@ def bindings(model: nn.Module) -> list[Binding]:
         ctx = BuildContext(runtime, info.component, info.backend)
         transform = resolve_callable(layout.transform)(info.spec, ctx) if layout else IDENTITY
         shapes = canonical_shapes(info.component, info.spec, info.fuses_input_norm)
+        checkpoint_transform = model.checkpoint_transform(path, info)
+        local_shapes = _shapes_through(checkpoint_transform, shapes)
         prefixes = name_map.get(path, {})
-        names = {role: _hf_name(path, role, prefixes) for role in shapes}
-        found.append(Binding(path, module, info, transform, names, shapes))
+        names = {local: _hf_name(path, local, prefixes) for local in local_shapes}
+        hf_shapes = {names[k]: s for k, s in local_shapes.items()}
+        found.append(Binding(path, module, info, transform, checkpoint_transform, shapes, names, hf_shapes))
         for p in module.parameters():
             owners[id(p)] = path
     strays = [n for n, p in model.named_parameters() if id(p) not in owners]
@@ -78,17 +107,22 @@ def _physical(binding: Binding, grads: bool) -> dict[str, torch.Tensor]:
 
 
 def iter_canonical(model: nn.Module, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_key, tensor)`` for every canonical weight (or its gradient), one component at a time."""
+    """``(hf_key, tensor)`` for every canonical weight (or its gradient), one component at a time,
+    in the order of :func:`canonical_sizes`."""
     for b in bindings(model):
-        canonical = b.transform.invert(_physical(b, grads))
-        if not grads and set(canonical) != set(b.shapes):
+        tensors = b.to_hf(_physical(b, grads))
+        if not grads and set(tensors) != set(b.hf_shapes):
             raise RuntimeError(
                 f"layout of backend {b.info.backend!r} for {b.info.component} at {b.path} gives "
-                f"roles {sorted(canonical)}, expected {sorted(b.shapes)}"
+                f"keys {sorted(tensors)}, expected {sorted(b.hf_shapes)}"
             )
-        for role in b.shapes:  # a fixed order, so writers can plan shards from shapes alone
-            if role in canonical:
-                yield b.names[role], canonical[role]
+        for key in b.hf_shapes:  # a fixed order, so writers can plan shards from shapes alone
+            if key in tensors:
+                yield key, tensors[key]
+
+
+def canonical_state_dict(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    return dict(iter_canonical(model, grads))
 
 
 def canonical_sizes(model: nn.Module) -> list[tuple[str, int]]:
@@ -96,30 +130,19 @@ def canonical_sizes(model: nn.Module) -> list[tuple[str, int]]:
     out = []
     for b in bindings(model):
         itemsize = next((p.element_size() for p in b.module.parameters()), 4)
-        for role, shape in b.shapes.items():
-            out.append((b.names[role], itemsize * _numel(shape)))
+        for key, shape in b.hf_shapes.items():
+            numel = 1
+            for d in shape:
+                numel *= d
+            out.append((key, itemsize * numel))
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def canonical_state_dict(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
-    return dict(iter_canonical(model, grads))
 
 
 def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> list[Binding]:
     """Strict key and shape check of a checkpoint against the model, before reading any tensor."""
     found = bindings(model)
     available = set(source.keys())
-    expected: dict[str, tuple[int, ...]] = {}
-    for b in found:
-        for role, hf_key in b.names.items():
-            expected[hf_key] = b.shapes[role]
+    expected = {key: shape for b in found for key, shape in b.hf_shapes.items()}
     problems = []
     for key, shape in expected.items():
         if key not in available:
@@ -138,8 +161,7 @@ def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = fro
 def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> None:
     """Fill ``model`` from canonical tensors, streaming one component at a time."""
     for b in check_source(model, source, ignored):
-        canonical = {role: source.get(key) for role, key in b.names.items()}
-        physical = b.transform.apply(canonical)
+        physical = b.from_hf({key: source.get(key) for key in b.hf_shapes})
         targets = b.module.state_dict()
         physical = {k: v.to(dtype=targets[k].dtype) if k in targets else v for k, v in physical.items()}
         b.module.load_state_dict(physical, strict=True)
