@@ -140,7 +140,7 @@ def test_missing_config_and_unknown_architecture(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"] = ["BertForMaskedLM"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigurationError, match="unsupported architecture 'BertForMaskedLM'; supported: LlamaForCausalLM"):
+    with pytest.raises(ConfigurationError, match="unsupported architecture .BertForMaskedLM.; supported: .*LlamaForCausalLM"):
         crosschip.from_pretrained(tmp_path)
 
 

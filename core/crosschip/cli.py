@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from crosschip.errors import CrosschipError
+from crosschip.errors import ConfigurationError, CrosschipError
 
 
 def _backends_data(registry, backend=None) -> dict:
@@ -89,6 +89,43 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from crosschip.train import TrainArgs, train
+
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if hasattr(args, k)}
+    result = train(TrainArgs(**fields), progress=not args.quiet)
+    first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
+    print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
+          f"{result.tokens_per_second:,.0f} tokens/s on {result.model.runtime.device}")
+    print(f"saved a Hugging Face checkpoint to {result.out}")
+    print("load it with:")
+    print(f"  python -c \"import crosschip; m = crosschip.from_pretrained('{result.out}')\"")
+    print(f"  crosschip generate --model {result.out} --prompt 'The engineer'")
+    print(f"  transformers: AutoModelForCausalLM.from_pretrained('{result.out}')")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from crosschip.loading import from_pretrained
+    from crosschip.tokenizer import load_tokenizer
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model = from_pretrained(args.model, backend=args.backend, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ConfigurationError("--prompt is empty")
+    ids = torch.tensor([prompt], device=model.runtime.device)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=tokenizer.eos_token_id)
+    print(args.prompt + tokenizer.decode(out[0, len(prompt):].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosschip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--json", action="store_true", help="machine-readable output")
     backends.add_argument("--backend", default=None, help="resolve as if this backend (or chain) were requested")
     backends.set_defaults(func=cmd_backends)
+
+    train = sub.add_parser("train", help="train a model (by default a tiny Llama on the built-in corpus)")
+    train.add_argument("--model", default="tiny-llama", help="a Hugging Face model directory or a preset name "
+                       "(tiny-llama, small-llama)")
+    train.add_argument("--backend", default=None, help="backend or chain (default: auto)")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--out", default="crosschip-out", help="where to save the checkpoint")
+    train.add_argument("--resume", default=None, help="a checkpoint saved by crosschip train to continue from")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=None)
+    train.add_argument("--dtype", default="float32")
+    train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample from a saved model")
+    gen.add_argument("--model", required=True, help="a Hugging Face model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--backend", default=None)
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

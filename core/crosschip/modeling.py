@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -64,8 +65,11 @@ class CausalLM(nn.Module):
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         weights.load_canonical(self, _DictSource(state_dict), set(self.ignored_checkpoint_keys))
 
-    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> Path:
-        """Write a Hugging Face checkpoint (safetensors + config.json) that transformers loads."""
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
+                        extra_files: Callable[[Path], None] | None = None) -> Path:
+        """Write a Hugging Face checkpoint (safetensors + config.json) that transformers loads.
+        ``extra_files(directory)`` may add files (tokenizer, training state) to the same atomic
+        write."""
         sizes = weights.canonical_sizes(self)
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
@@ -76,6 +80,8 @@ class CausalLM(nn.Module):
             generation = getattr(self, "generation_config", None)
             if generation is not None:
                 generation.save_pretrained(directory)
+            if extra_files is not None:
+                extra_files(directory)
 
         return write_checkpoint(path, sizes, weights.iter_canonical(self), write_extra, max_shard_size)
 

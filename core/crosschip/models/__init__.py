@@ -31,4 +31,5 @@ def supported_architectures() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from crosschip.models import llama  # noqa: F401  (registers itself)
+    # Each module registers its classes on import.
+    from crosschip.models import granite, llama, mistral, phi3, qwen2, qwen3  # noqa: F401

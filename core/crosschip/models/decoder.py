@@ -1,6 +1,6 @@
-"""A pre-norm decoder-only transformer built only from runtime components. Model files describe
-their architecture as a :class:`DecoderOptions` and reuse these blocks; nothing here knows about
-any backend."""
+"""A pre-norm decoder-only transformer built only from runtime components. Each model file
+describes its architecture as a :class:`DecoderOptions` (and, if its checkpoint stores fused
+tensors, a checkpoint transform); nothing here knows about any backend."""
 
 from __future__ import annotations
 
@@ -37,63 +37,88 @@ class DecoderOptions:
     norm_eps: float
     rope: RopeSpec
     activation: str = "silu"
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     tie_embeddings: bool = False
-    sliding_window: int | None = None
+    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: full attention
     attention_dropout: float = 0.0
     padding_idx: int | None = None
+    # Granite's multipliers (1.0 elsewhere); attention_scale None means head_dim ** -0.5.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_scale: float | None = None
+    logits_divisor: float = 1.0
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, o: DecoderOptions, rt: Runtime, input_norm: NormSpec):
+    def __init__(self, o: DecoderOptions, rt: Runtime, layer: int, input_norm: NormSpec):
         super().__init__()
         self.qkv_proj = rt.qkv_projection(QKVSpec(
-            o.hidden_size, o.num_heads, o.num_kv_heads, o.head_dim, bias=o.attention_bias,
+            o.hidden_size, o.num_heads, o.num_kv_heads, o.head_dim, bias=o.qkv_bias,
             input_norm=input_norm))
+        if o.qk_norm:
+            self.q_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps))
+            self.k_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps))
         self.attn = rt.attention(AttentionSpec(
-            o.num_heads, o.num_kv_heads, o.head_dim, causal=True, sliding_window=o.sliding_window,
-            dropout=o.attention_dropout))
+            o.num_heads, o.num_kv_heads, o.head_dim, causal=True, sliding_window=o.window(layer),
+            scale=o.attention_scale, dropout=o.attention_dropout))
         self.o_proj = rt.out_projection(LinearSpec(
-            o.num_heads * o.head_dim, o.hidden_size, bias=o.attention_bias, parallel="row"))
+            o.num_heads * o.head_dim, o.hidden_size, bias=o.o_bias, parallel="row"))
+        self.qk_norm = o.qk_norm
+        self.layer = layer
 
-    def forward(self, hidden, rotary, tables, mask):
+    def forward(self, hidden, rotary, tables, mask, cache=None):
         q, k, v = self.qkv_proj(hidden)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary.apply(q, k, tables)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
         return self.o_proj(self.attn(q, k, v, mask))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, o: DecoderOptions, rt: Runtime):
+    def __init__(self, o: DecoderOptions, rt: Runtime, layer: int):
         super().__init__()
         attn_norm = NormSpec(o.hidden_size, o.norm_eps)
         mlp_norm = NormSpec(o.hidden_size, o.norm_eps)
-        self.self_attn = SelfAttention(o, rt, attn_norm)
+        self.self_attn = SelfAttention(o, rt, layer, attn_norm)
         self.mlp = rt.gated_mlp(GatedMLPSpec(
             o.hidden_size, o.intermediate_size, activation=o.activation, bias=o.mlp_bias,
             input_norm=mlp_norm))
         # Identity when the projection's backend fused the norm in.
         self.input_layernorm = rt.input_norm(attn_norm, self.self_attn.qkv_proj)
         self.post_attention_layernorm = rt.input_norm(mlp_norm, self.mlp)
+        self.residual_multiplier = o.residual_multiplier
 
-    def forward(self, hidden, rotary, tables, mask):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, tables, mask)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, rotary, tables, mask, cache=None):
+        attn = self.self_attn(self.input_layernorm(hidden), rotary, tables, mask, cache)
+        hidden = hidden + attn * self.residual_multiplier if self.residual_multiplier != 1.0 else hidden + attn
+        mlp = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + mlp * self.residual_multiplier if self.residual_multiplier != 1.0 else hidden + mlp
 
 
 class DecoderModel(nn.Module):
     def __init__(self, o: DecoderOptions, rt: Runtime):
         super().__init__()
         self.embed_tokens = rt.embedding(EmbeddingSpec(o.vocab_size, o.hidden_size, o.padding_idx))
-        self.layers = nn.ModuleList(DecoderLayer(o, rt) for _ in range(o.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(o, rt, i) for i in range(o.num_layers))
         self.norm = rt.rms_norm(NormSpec(o.hidden_size, o.norm_eps))
         self.rotary_emb = rt.rotary(o.rope)
+        self.embedding_multiplier = o.embedding_multiplier
 
-    def forward(self, input_ids, mask: AttentionMask, position_ids):
+    def forward(self, input_ids, mask: AttentionMask, position_ids, cache=None):
         hidden = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         tables = self.rotary_emb(position_ids, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, self.rotary_emb, tables, mask)
+            hidden = layer(hidden, self.rotary_emb, tables, mask, cache)
         return self.norm(hidden)
 
 
@@ -107,31 +132,52 @@ class DecoderForCausalLM(CausalLM):
     def __init__(self, config, runtime: Runtime):
         super().__init__(config, runtime)
         o = self.options(config)
+        self.opts = o
+        if not o.tie_embeddings:
+            self.ignored_checkpoint_keys = frozenset()
         self.model = DecoderModel(o, runtime)
-        self.lm_head = runtime.lm_head(LMHeadSpec(o.hidden_size, o.vocab_size, tied=o.tie_embeddings))
+        self.lm_head = runtime.lm_head(LMHeadSpec(o.hidden_size, o.vocab_size, tied=o.tie_embeddings,
+                                                  logits_divisor=o.logits_divisor))
         if o.tie_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
         self.loss_fn = runtime.loss(LossSpec(o.vocab_size))
-        self.num_layers = o.num_layers
+
+    #: A tied checkpoint may still carry its lm_head copy; it is not loaded.
+    ignored_checkpoint_keys = frozenset({"lm_head.weight"})
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                return_logits: bool = True) -> CausalLMOutput:
+                cache=None, return_logits: bool = True) -> CausalLMOutput:
+        """``attention_mask``: ``[batch, past + seq]``, 1 for real tokens; ``cache``: a
+        :class:`crosschip.generation.KVCache` holding the past keys and values."""
+        past = cache.seq_len if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        mask = AttentionMask(padding=attention_mask)
-        hidden = self.model(input_ids, mask, position_ids)
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        mask = AttentionMask(padding=attention_mask, q_offset=past)
+        hidden = self.model(input_ids, mask, position_ids, cache)
         logits = self.lm_head(hidden) if return_logits else None
         loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id=None, pad_token_id=None, generator=None):
+        """Greedy or sampled continuation with a KV cache; left-padded batches supported."""
+        from crosschip.generation import SamplingConfig, generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask,
+                        SamplingConfig(do_sample, temperature, top_k, top_p),
+                        eos_token_id, pad_token_id, generator)
+
     def checkpoint_names(self) -> dict[str, dict[str, str]]:
         names = {}
-        for i in range(self.num_layers):
+        for i in range(self.opts.num_layers):
             p = f"model.layers.{i}"
             names[f"{p}.self_attn.qkv_proj"] = {
                 "q": f"{p}.self_attn.q_proj", "k": f"{p}.self_attn.k_proj",
-                "v": f"{p}.self_attn.v_proj", "norm": f"{p}.input_layernorm"}
+                "v": f"{p}.self_attn.v_proj", "qkv_proj": f"{p}.self_attn.qkv_proj",
+                "norm": f"{p}.input_layernorm"}
             names[f"{p}.mlp"] = {
                 "gate": f"{p}.mlp.gate_proj", "up": f"{p}.mlp.up_proj",
-                "down": f"{p}.mlp.down_proj", "norm": f"{p}.post_attention_layernorm"}
+                "down": f"{p}.mlp.down_proj", "gate_up_proj": f"{p}.mlp.gate_up_proj",
+                "norm": f"{p}.post_attention_layernorm"}
         return names

@@ -7,37 +7,40 @@ from transformers import LlamaConfig
 
 from crosschip.models import register_model
 from crosschip.models.decoder import DecoderForCausalLM, DecoderOptions
-from crosschip.models.hf_config import head_dim_of, rope_spec
+from crosschip.models.hf_config import head_dim_of, kv_heads_of, rope_spec
+
+
+def llama_options(config, **overrides) -> DecoderOptions:
+    """The Llama family's options; other families start here and override what differs."""
+    head_dim = head_dim_of(config)
+    bias = bool(getattr(config, "attention_bias", False))
+    base = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=kv_heads_of(config),
+        head_dim=head_dim,
+        norm_eps=config.rms_norm_eps,
+        rope=rope_spec(config, head_dim),
+        activation=config.hidden_act,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        tie_embeddings=bool(config.tie_word_embeddings),
+        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        padding_idx=getattr(config, "pad_token_id", None),
+    )
+    base.update(overrides)
+    return DecoderOptions(**base)
 
 
 @register_model
 class LlamaForCausalLM(DecoderForCausalLM):
     architectures = ("LlamaForCausalLM",)
     config_class = LlamaConfig
-    ignored_checkpoint_keys = frozenset({"lm_head.weight"})  # only ever ignored when tied
-
-    def __init__(self, config, runtime):
-        if not config.tie_word_embeddings:
-            self.ignored_checkpoint_keys = frozenset()
-        super().__init__(config, runtime)
 
     @classmethod
     def options(cls, config) -> DecoderOptions:
-        head_dim = head_dim_of(config)
-        return DecoderOptions(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
-            head_dim=head_dim,
-            norm_eps=config.rms_norm_eps,
-            rope=rope_spec(config, head_dim),
-            activation=config.hidden_act,
-            attention_bias=config.attention_bias,
-            mlp_bias=config.mlp_bias,
-            tie_embeddings=config.tie_word_embeddings,
-            attention_dropout=config.attention_dropout,
-            padding_idx=config.pad_token_id,
-        )
+        return llama_options(config)

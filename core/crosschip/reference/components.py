@@ -9,7 +9,13 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.masks import AttentionMask, allowed
-from crosschip.rope import RopeTables, apply_rotary, rope_inverse_frequencies
+from crosschip.rope import (
+    RopeTables,
+    apply_rotary,
+    long_inverse_frequencies,
+    per_forward_inverse_frequencies,
+    rope_inverse_frequencies,
+)
 from crosschip.specs import (
     AttentionSpec,
     EmbeddingSpec,
@@ -94,14 +100,17 @@ class Rotary(nn.Module):
         self.spec = spec
         inv_freq, self.attention_scaling = rope_inverse_frequencies(spec)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("long_inv_freq", long_inverse_frequencies(spec), persistent=False)
 
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) frequencies after ``to_empty``."""
-        inv_freq, self.attention_scaling = rope_inverse_frequencies(self.spec, self.inv_freq.device)
-        self.inv_freq = inv_freq
+        device = self.inv_freq.device
+        self.inv_freq, self.attention_scaling = rope_inverse_frequencies(self.spec, device)
+        self.long_inv_freq = long_inverse_frequencies(self.spec, device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeTables:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        inv_freq = per_forward_inverse_frequencies(self.spec, self.inv_freq, self.long_inv_freq, position_ids)
+        freqs = position_ids[..., None].float() * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
@@ -130,7 +139,9 @@ class EagerAttention(nn.Module):
                        mask=mask, device=q.device)
         if keep is not None:
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # At least float32; never narrower than the scores, or float64's finfo.min (the masked
+        # value) overflows to -inf and a fully masked row (a padding query) turns NaN.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
         probs = F.dropout(probs, p=spec.dropout, training=self.training)
         out = torch.matmul(probs, v).transpose(1, 2)
         return out.reshape(batch, q_len, -1)

@@ -1,0 +1,60 @@
+"""Tokenizers for the CLI: a byte-level tokenizer for the built-in corpus, or the Hugging Face
+tokenizer files of a model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG_NAME = "crosschip_tokenizer.json"
+
+
+class ByteTokenizer:
+    """Bytes 0..255 are tokens 0..255; 256 is BOS, 257 EOS. Lossless for any UTF-8 text."""
+
+    vocab_size = 258
+    bos_token_id = 256
+    eos_token_id = 257
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if add_bos else ids
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_NAME).write_text(json.dumps({"type": "byte", "vocab_size": self.vocab_size}) + "\n")
+
+
+class HFTokenizer:
+    """Wraps a transformers tokenizer to the same small interface."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return [self.bos_token_id, *ids] if add_bos and self.bos_token_id is not None else ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tok.save_pretrained(directory)
+
+
+def load_tokenizer(directory: str | Path | None):
+    """The tokenizer saved with a model: Hugging Face files if present, else byte-level."""
+    if directory is not None:
+        directory = Path(directory)
+        if (directory / CONFIG_NAME).is_file():
+            return ByteTokenizer()
+        if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+    return ByteTokenizer()
