@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None)
     train.add_argument("--dtype", default="float32")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
+    train.add_argument("--stop-after", type=int, default=None,
+                       help="stop and save after this many steps of this run; continue with --resume")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

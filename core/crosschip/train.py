@@ -36,11 +36,14 @@ class TrainArgs:
     dtype: str = "float32"
     text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
     warmup: int | None = None
+    stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise ConfigurationError(f"--stop-after must be positive, found {self.stop_after}")
         if not self.lr > 0:
             raise ConfigurationError(f"--lr must be positive, found {self.lr}")
 
@@ -139,7 +142,8 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not progress,
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress,
                desc="train", unit="step", dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
     for step in bar:
@@ -152,7 +156,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         seen += batch.numel()
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
@@ -160,7 +164,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
 
     def extras(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
-        torch.save({"step": args.steps, "losses": losses, "optimizer": optimizer.state_dict(),
+        torch.save({"step": end, "losses": losses, "optimizer": optimizer.state_dict(),
                     "args": asdict(args), "backends": _backends(model)}, directory / STATE_FILE)
 
     out = model.save_pretrained(args.out, extra_files=extras)
