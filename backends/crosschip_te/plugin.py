@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 
-from crosschip import BackendDescriptor, Probe, hookimpl
+from crosschip import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
+from crosschip.errors import ConfigurationError
 
 NAME = "te"
+_C = "crosschip_te.components"
+_S = "crosschip_te.support"
+_L = "crosschip_te.layout"
 
 
 def probe() -> Probe:
@@ -29,15 +33,75 @@ def crosschip_register_backends():
         device_types=("cuda",),
         probe=probe,
         fallbacks=("torch",),
-        description="Transformer Engine: fused norm+linear, fused attention, FP8",
+        precisions=("fp8",),
+        description="Transformer Engine: RMSNorm fused into QKV and MLP, fused attention, FP8",
     )]
+
+
+def _factory(cls: str):
+    def build(spec, ctx):
+        import importlib
+
+        return getattr(importlib.import_module(_C), cls)(spec, ctx)
+
+    return build
 
 
 @hookimpl
 def crosschip_register_components():
-    # Transformer Engine components arrive with the TE backend issue; until then every
-    # component falls back along the chain (torch, then reference).
-    return []
+    return [
+        ComponentImpl(NAME, "qkv_projection", _factory("QKVProjection"), f"{_S}:qkv", fuses_input_norm=True),
+        ComponentImpl(NAME, "gated_mlp", _factory("GatedMLP"), f"{_S}:gated_mlp", fuses_input_norm=True),
+        ComponentImpl(NAME, "out_projection", _factory("Linear"), f"{_S}:linear"),
+        ComponentImpl(NAME, "rms_norm", _factory("RMSNorm"), f"{_S}:rms_norm"),
+        ComponentImpl(NAME, "attention", _factory("DotProductAttention"), f"{_S}:attention"),
+    ]
+
+
+@hookimpl
+def crosschip_register_layouts():
+    return [
+        LayoutImpl(NAME, "qkv_projection", f"{_L}:qkv_layout"),
+        LayoutImpl(NAME, "gated_mlp", f"{_L}:gated_mlp_layout"),
+        LayoutImpl(NAME, "out_projection", f"{_L}:linear_layout"),
+        LayoutImpl(NAME, "rms_norm", f"{_L}:rms_norm_layout"),
+    ]
+
+
+def _recipe(name: str):
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    if name == "current":
+        return recipe.Float8CurrentScaling()
+    if name == "block":
+        return recipe.Float8BlockScaling()
+    return recipe.MXFP8BlockScaling()
+
+
+@hookimpl
+def crosschip_validate_runtime(runtime):
+    if runtime.precision != "fp8" or not probe().available:
+        return
+    import transformer_engine.pytorch as te
+
+    check = {"block": te.is_fp8_block_scaling_available, "mxfp8": te.is_mxfp8_available}.get(
+        runtime.fp8_recipe, te.is_fp8_available)
+    ok, reason = check(return_reason=True)
+    if not ok:
+        raise ConfigurationError(f"precision='fp8' with fp8_recipe={runtime.fp8_recipe!r} is not available "
+                                 f"on this GPU: {reason}")
+
+
+@hookimpl
+def crosschip_autocast(runtime):
+    if runtime.precision != "fp8":
+        return None
+    import transformer_engine.pytorch as te
+
+    recipe = _recipe(runtime.fp8_recipe)
+    return lambda: te.autocast(enabled=True, recipe=recipe)
 
 
 @hookimpl

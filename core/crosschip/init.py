@@ -30,6 +30,4 @@ def init_weights(model, seed: int = 0, std: float = 0.02) -> None:
             else:
                 gen = torch.Generator().manual_seed(_seed_for(key, seed))
                 tensors[key] = torch.empty(shape).normal_(0.0, std, generator=gen)
-        physical = b.from_hf(tensors)
-        targets = b.module.state_dict()
-        b.module.load_state_dict({k: v.to(targets[k].dtype) for k, v in physical.items()}, strict=True)
+        weights._load_physical(b, b.from_hf(tensors))

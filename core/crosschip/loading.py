@@ -58,6 +58,8 @@ def from_pretrained(
     strict: bool | None = None,
     *,
     components=None,
+    precision: str = "auto",
+    fp8_recipe: str = "delayed",
 ):
     """Load a local Hugging Face causal-LM directory (config.json + safetensors) on any backend.
 
@@ -67,7 +69,8 @@ def from_pretrained(
     cls, config = load_config(path)
     if dtype is None:
         dtype = torch.float32
-    runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict)
+    runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
+                      precision=precision, fp8_recipe=fp8_recipe)
     checkpoint = SafetensorsCheckpoint(path)
     model = build_model(cls, config, runtime)
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))

@@ -9,6 +9,7 @@ its parameters to and from the canonical Hugging Face layout.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -41,6 +42,8 @@ from crosschip.specs import (
 )
 
 MODES = ("train", "inference")
+PRECISIONS = ("auto", "fp8")
+FP8_RECIPES = ("delayed", "current", "block", "mxfp8")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class Runtime:
             errors; default from ``CROSSCHIP_STRICT``.
         parallel: tensor/data parallel degrees.
         mode: ``"train"`` or ``"inference"``.
+        precision: ``"auto"`` (compute in ``dtype``) or ``"fp8"`` (FP8 matmuls where a backend
+            implements them; an error if none of the requested backends can).
+        fp8_recipe: ``"delayed"``, ``"current"``, ``"block"`` or ``"mxfp8"`` scaling.
     """
 
     def __init__(
@@ -99,6 +105,8 @@ class Runtime:
         strict: bool | None = None,
         parallel: ParallelSpec | None = None,
         mode: str = "train",
+        precision: str = "auto",
+        fp8_recipe: str = "delayed",
         registry: Registry | None = None,
     ):
         self.registry = registry or get_registry()
@@ -116,15 +124,68 @@ class Runtime:
         self.dtype = _parse_dtype(dtype)
         self.parallel = parallel or ParallelSpec()
         self.mode = mode
+        if precision not in PRECISIONS:
+            raise ConfigurationError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if fp8_recipe not in FP8_RECIPES:
+            raise ConfigurationError(f"fp8_recipe={fp8_recipe!r}: expected one of {', '.join(FP8_RECIPES)}")
+        self.precision = precision
+        self.fp8_recipe = fp8_recipe
         self.report = DecisionReport()
         self._warned: set = set()
+        self._autocast_factories: list | None = None
         # Fail early on unknown names instead of at the first component.
         for component in ("embedding",):
             resolve_chain(self.registry, component, self.backend, self.components)
+        self._check_precision()
+        self.registry.call_on(self._requested_backends(), "crosschip_validate_runtime", runtime=self)
+
+    def _requested_backends(self) -> list[str]:
+        """Every backend that may build some component, available or not."""
+        from crosschip.specs import COMPONENTS
+
+        names: list[str] = []
+        for component in COMPONENTS:
+            for name in self.chain(component).backends:
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def _check_precision(self) -> None:
+        if self.precision != "fp8":
+            return
+        reasons = []
+        for name in self._requested_backends():
+            record = self.registry.backend(name)
+            if "fp8" not in record.descriptor.precisions:
+                continue
+            probe = record.probe()
+            if probe.available:
+                return
+            reasons.append(f"{name}: unavailable: {probe.reason}")
+        requested = " > ".join(self._requested_backends())
+        raise ConfigurationError(
+            f"precision='fp8' needs a backend that implements FP8 (te), but none of the requested "
+            f"backends ({requested}) can" + (f": {'; '.join(reasons)}" if reasons else "")
+            + "; FP8 is never replaced by a silent bf16 run")
+
+    def autocast(self):
+        """The context a model's forward runs under, from the plugins of the backends that built
+        its components (FP8 autocast for ``te``); a no-op context for plain backends."""
+        if self._autocast_factories is None:
+            used = sorted({d.backend for d in self.report.decisions})
+            self._autocast_factories = [
+                f for f in self.registry.call_on(used, "crosschip_autocast", runtime=self) if f is not None]
+        if not self._autocast_factories:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for factory in self._autocast_factories:
+            stack.enter_context(factory())
+        return stack
 
     def __repr__(self) -> str:
         return (f"Runtime(backend={self.backend!r}, device={self.device}, dtype={self.dtype}, "
-                f"strict={self.strict}, parallel={self.parallel}, mode={self.mode!r})")
+                f"precision={self.precision!r}, strict={self.strict}, parallel={self.parallel}, "
+                f"mode={self.mode!r})")
 
     # -- resolution -----------------------------------------------------------------------
     def chain(self, component: str):

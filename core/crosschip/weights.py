@@ -100,10 +100,23 @@ def bindings(model: nn.Module) -> list[Binding]:
     return found
 
 
+EXTRA_STATE = "_extra_state"
+
+
 def _physical(binding: Binding, grads: bool) -> dict[str, torch.Tensor]:
     if grads:
         return {n: p.grad for n, p in binding.module.named_parameters() if p.grad is not None}
-    return dict(binding.module.state_dict())
+    # Extra state (Transformer Engine's FP8 scaling metadata) is runtime state of the module,
+    # not a weight: it has no Hugging Face counterpart.
+    return {k: v for k, v in binding.module.state_dict().items() if not k.endswith(EXTRA_STATE)}
+
+
+def _load_physical(binding: Binding, physical: dict[str, torch.Tensor]) -> None:
+    targets = binding.module.state_dict()
+    merged = {k: v for k, v in targets.items() if k.endswith(EXTRA_STATE)}  # keep the module's own
+    for k, v in physical.items():
+        merged[k] = v.to(dtype=targets[k].dtype) if k in targets and torch.is_tensor(targets[k]) else v
+    binding.module.load_state_dict(merged, strict=True)
 
 
 def iter_canonical(model: nn.Module, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -161,7 +174,4 @@ def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = fro
 def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> None:
     """Fill ``model`` from canonical tensors, streaming one component at a time."""
     for b in check_source(model, source, ignored):
-        physical = b.from_hf({key: source.get(key) for key in b.hf_shapes})
-        targets = b.module.state_dict()
-        physical = {k: v.to(dtype=targets[k].dtype) if k in targets else v for k, v in physical.items()}
-        b.module.load_state_dict(physical, strict=True)
+        _load_physical(b, b.from_hf({key: source.get(key) for key in b.hf_shapes}))

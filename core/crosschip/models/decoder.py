@@ -153,9 +153,10 @@ class DecoderForCausalLM(CausalLM):
         if position_ids is None:
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         mask = AttentionMask(padding=attention_mask, q_offset=past)
-        hidden = self.model(input_ids, mask, position_ids, cache)
-        logits = self.lm_head(hidden) if return_logits else None
-        loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
+        with self.runtime.autocast():
+            hidden = self.model(input_ids, mask, position_ids, cache)
+            logits = self.lm_head(hidden) if return_logits else None
+            loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,

@@ -48,6 +48,8 @@ class BackendDescriptor:
     api_version: int = PLUGIN_API_VERSION
     fallbacks: tuple[str, ...] = ()
     description: str = ""
+    #: Reduced-precision compute modes the backend implements (``"fp8"``); dtypes are universal.
+    precisions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -51,5 +51,11 @@ def crosschip_finalize_model(model, runtime):
 
 
 @hookspec
+def crosschip_autocast(runtime):
+    """Return a context manager the model's forward runs under (FP8 autocast, say), or None.
+    Called once per runtime on the plugins of backends that built a component."""
+
+
+@hookspec
 def crosschip_environment_info():
     """Return a dict of diagnostic facts (library versions, devices) for ``crosschip backends``."""

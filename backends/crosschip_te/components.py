@@ -1,0 +1,102 @@
+"""Transformer Engine modules behind the core component contracts. Imported only when a
+component is built (never by registration), so CPU machines never import transformer_engine."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformer_engine.pytorch as te
+from torch import nn
+
+from crosschip.masks import AttentionMask, allowed
+from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
+
+
+def _device(ctx) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cuda")
+
+
+class QKVProjection(nn.Module):
+    """RMSNorm fused into the QKV matmul (``te.LayerNormLinear``) when the spec carries an input
+    norm, else ``te.Linear``. Output rows are grouped ``[Q_g | K_g | V_g]`` per KV head, as the
+    torch backend's, so a column shard holds whole KV groups."""
+
+    def __init__(self, spec: QKVSpec, ctx):
+        super().__init__()
+        self.spec = spec
+        rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        common = dict(bias=spec.bias, params_dtype=ctx.dtype, device=_device(ctx))
+        if spec.input_norm is not None:
+            self.proj = te.LayerNormLinear(spec.hidden_size, rows, eps=spec.input_norm.eps,
+                                           normalization="RMSNorm", **common)
+        else:
+            self.proj = te.Linear(spec.hidden_size, rows, **common)
+
+    def forward(self, hidden):
+        s = self.spec
+        out = self.proj(hidden)
+        groups = out.shape[-1] // ((s.group_size + 2) * s.head_dim)
+        grouped = out.view(*out.shape[:-1], groups, (s.group_size + 2) * s.head_dim)
+        q, k, v = grouped.split([s.group_size * s.head_dim, s.head_dim, s.head_dim], dim=-1)
+        return q.reshape(*out.shape[:-1], -1, s.head_dim), k, v
+
+
+class GatedMLP(nn.Module):
+    """``te.LayerNormMLP``: RMSNorm, fc1 (gate and up in halves), SwiGLU, fc2 in one module."""
+
+    def __init__(self, spec: GatedMLPSpec, ctx):
+        super().__init__()
+        self.mlp = te.LayerNormMLP(spec.hidden_size, spec.intermediate_size, eps=spec.input_norm.eps,
+                                   bias=spec.bias, normalization="RMSNorm", activation="swiglu",
+                                   params_dtype=ctx.dtype, device=_device(ctx))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class Linear(nn.Module):
+    def __init__(self, spec: LinearSpec, ctx):
+        super().__init__()
+        self.proj = te.Linear(spec.in_features, spec.out_features, bias=spec.bias,
+                              params_dtype=ctx.dtype, device=_device(ctx))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, spec: NormSpec, ctx):
+        super().__init__()
+        self.norm = te.RMSNorm(spec.hidden_size, eps=spec.eps, params_dtype=ctx.dtype, device=_device(ctx))
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class DotProductAttention(nn.Module):
+    """``te.DotProductAttention`` (fused kernels, native GQA and sliding window) for full
+    sequences; batches with padding or cached keys (generation) take the masked SDPA path, which
+    TE's fused kernels would need packed sequences for."""
+
+    def __init__(self, spec: AttentionSpec, ctx):
+        super().__init__()
+        self.spec = spec
+        window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
+        self.attn = te.DotProductAttention(
+            num_attention_heads=spec.num_heads, kv_channels=spec.head_dim, num_gqa_groups=spec.num_kv_heads,
+            attention_dropout=spec.dropout, qkv_format="bshd", attn_mask_type="causal",
+            window_size=window, softmax_scale=spec.softmax_scale)
+
+    def forward(self, q, k, v, mask: AttentionMask | None = None):
+        spec = self.spec
+        if mask is None or (mask.padding is None and mask.q_offset == 0):
+            return self.attn(q.contiguous(), k.contiguous(), v.contiguous())
+        batch, q_len = q.shape[:2]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        keep = allowed(q_len, kt.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
+                       mask=mask, device=q.device)
+        if q_len == kt.shape[2]:
+            keep = keep | torch.eye(q_len, dtype=torch.bool, device=q.device)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=spec.softmax_scale,
+                                             enable_gqa=qt.shape[1] != kt.shape[1])
+        return out.transpose(1, 2).reshape(batch, q_len, -1)

@@ -1,0 +1,35 @@
+"""The te backend's physical layouts: the parameter names Transformer Engine modules hold,
+reached from canonical roles by reversible transforms (plain tensor functions, testable on CPU)."""
+
+from __future__ import annotations
+
+from crosschip.layouts import Chain, Concat, InterleaveQKV, Rename
+from crosschip.specs import GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
+
+
+def qkv_layout(spec: QKVSpec, ctx=None):
+    heads = (spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    return Chain.of(
+        InterleaveQKV("q.weight", "k.weight", "v.weight", "proj.weight", *heads),
+        InterleaveQKV("q.bias", "k.bias", "v.bias", "proj.bias", *heads),
+        Rename.of(**{"norm.weight": "proj.layer_norm_weight"}),
+    )
+
+
+def gated_mlp_layout(spec: GatedMLPSpec, ctx=None):
+    i = spec.intermediate_size
+    # TE's SwiGLU gates the first half of fc1's output: fc1 = [gate; up], not interleaved.
+    return Chain.of(
+        Concat(("gate.weight", "up.weight"), "mlp.fc1_weight", (i, i)),
+        Concat(("gate.bias", "up.bias"), "mlp.fc1_bias", (i, i)),
+        Rename.of(**{"down.weight": "mlp.fc2_weight", "down.bias": "mlp.fc2_bias",
+                     "norm.weight": "mlp.layer_norm_weight"}),
+    )
+
+
+def linear_layout(spec: LinearSpec, ctx=None):
+    return Rename.of(**{"weight": "proj.weight", "bias": "proj.bias"})
+
+
+def rms_norm_layout(spec: NormSpec, ctx=None):
+    return Rename.of(**{"weight": "norm.weight"})

@@ -1,0 +1,53 @@
+"""Which specs the te backend builds, and why it declines the others. Pure Python: runs on any
+machine, so `crosschip backends` and strict-mode errors can explain a decline anywhere."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _common(ctx) -> str | None:
+    if ctx.dtype not in _DTYPES:
+        return f"dtype {ctx.dtype} is not supported by Transformer Engine (bf16, fp16, fp32)"
+    return None
+
+
+def _fp8_dims(ctx, *dims) -> str | None:
+    if ctx.runtime.precision == "fp8":
+        bad = [d for d in dims if d % 16]
+        if bad:
+            return f"FP8 GEMMs need dimensions divisible by 16, found {bad}"
+    return None
+
+
+def qkv(spec, ctx):
+    rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    return _common(ctx) or _fp8_dims(ctx, spec.hidden_size, rows)
+
+
+def gated_mlp(spec, ctx):
+    if spec.input_norm is None:
+        return "TE's fused LayerNormMLP needs an input norm; this spec has none"
+    if spec.activation not in ("silu", "swish"):
+        return f"activation {spec.activation!r} is not fused here (only SwiGLU: silu)"
+    return _common(ctx) or _fp8_dims(ctx, spec.hidden_size, spec.intermediate_size)
+
+
+def linear(spec, ctx):
+    return _common(ctx) or _fp8_dims(ctx, spec.in_features, spec.out_features)
+
+
+def rms_norm(spec, ctx):
+    if spec.hidden_size % 8:
+        return f"TE RMSNorm kernels need a hidden size divisible by 8, found {spec.hidden_size}"
+    return _common(ctx)
+
+
+def attention(spec, ctx):
+    if ctx.dtype == torch.float32:
+        return "TE fused attention runs in bf16/fp16 only; dtype is float32"
+    if spec.head_dim % 8 or spec.head_dim > 256:
+        return f"TE fused attention needs head_dim divisible by 8 and <= 256, found {spec.head_dim}"
+    return None

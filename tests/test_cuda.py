@@ -1,0 +1,157 @@
+"""GPU tests (marked ``cuda``): the torch backend on CUDA, and the te backend against the
+reference with tolerances derived from the reference's own bf16-vs-fp32 error."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import crosschip
+from zoo import save_hf, zoo_configs
+
+pytestmark = pytest.mark.cuda
+CONFIGS = zoo_configs()
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+
+
+def norm_rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """No TF32: float32 parity means float32."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _run(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.float(), out.loss.float(), model.hf_grads()
+
+
+@pytest.mark.parametrize("name", ["llama3.2_tied", "qwen2_bias_gqa1", "phi3_fused"])
+def test_torch_backend_on_cuda_matches_transformers(tmp_path, name):
+    config, _ = CONFIGS[name]
+    hf = save_hf(tmp_path, config).cuda()
+    ids = torch.randint(1, config.vocab_size, (2, 40), device="cuda")
+    expected = hf(ids, labels=ids)
+    expected.loss.backward()
+    model = crosschip.from_pretrained(tmp_path, backend="torch", device="cuda")
+    logits, loss, grads = _run(model, ids)
+    assert norm_rel(logits, expected.logits) < 1e-5
+    assert norm_rel(loss, expected.loss) < 1e-5
+    for key, p in hf.named_parameters():
+        assert norm_rel(grads[key], p.grad) < 1e-4, key
+
+
+def test_torch_backend_compiles_on_cuda(tmp_path):
+    config, _ = CONFIGS["qwen3_qknorm_headdim"]
+    save_hf(tmp_path, config)
+    model = crosschip.from_pretrained(tmp_path, backend="torch", device="cuda", dtype="bf16")
+    ids = torch.randint(1, config.vocab_size, (2, 64), device="cuda")
+    eager = model(ids).logits
+    compiled = torch.compile(model)
+    out = compiled(ids, labels=ids)
+    assert norm_rel(out.logits, eager) < 1e-2
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+needs_te = pytest.mark.skipif(not HAVE_TE, reason="transformer_engine is not installed")
+
+# Sizes TE kernels accept (hidden and head_dim multiples of 16 / 8) with each model's features.
+TE_CONFIGS = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral_sliding": ("MistralConfig", dict(sliding_window=16)),
+    "qwen2_bias": ("Qwen2Config", dict()),
+    "qwen3_qknorm": ("Qwen3Config", dict(head_dim=32)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                      attention_multiplier=0.03125, logits_scaling=8.0)),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+}
+
+
+def _te_config(name):
+    import transformers
+
+    cls_name, extra = TE_CONFIGS[name]
+    kwargs = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(extra)
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+@needs_te
+@pytest.mark.parametrize("name", list(TE_CONFIGS))
+def test_te_bf16_matches_reference_within_its_own_bf16_error(tmp_path, name):
+    save_hf(tmp_path, _te_config(name))
+    ids = torch.randint(1, 256, (2, 64), device="cuda")
+    ref32 = _run(crosschip.from_pretrained(tmp_path, backend="reference", device="cuda"), ids)
+    ref16 = _run(crosschip.from_pretrained(tmp_path, backend="reference", device="cuda", dtype="bf16"), ids)
+    te_model = crosschip.from_pretrained(tmp_path, backend="te", device="cuda", dtype="bf16", strict=True)
+    for component in ("qkv_projection", "gated_mlp", "out_projection", "attention"):
+        assert te_model.runtime.report.backends_for(component) == {"te"}, component
+    te16 = _run(te_model, ids)
+    # The reference's own bf16 rounding error sets the scale; TE's kernels may round in another
+    # order, so allow a small multiple of it (and never less than one bf16 ulp of headroom).
+    for what, i in (("logits", 0), ("loss", 1)):
+        budget = 3 * norm_rel(ref16[i], ref32[i]) + 4e-3
+        assert norm_rel(te16[i], ref32[i]) <= budget, what
+    for key, g32 in ref32[2].items():
+        budget = 3 * norm_rel(ref16[2][key], g32) + 4e-3
+        assert norm_rel(te16[2][key], g32) <= budget, key
+
+
+@needs_te
+def test_mixed_te_projections_with_reference_attention(tmp_path):
+    save_hf(tmp_path, _te_config("llama"))
+    ids = torch.randint(1, 256, (2, 32), device="cuda")
+    ref = crosschip.from_pretrained(tmp_path, backend="reference", device="cuda", dtype="bf16")(ids).logits
+    mixed = crosschip.from_pretrained(tmp_path, backend="te", components={"attention": "reference"},
+                                      device="cuda", dtype="bf16")
+    assert mixed.runtime.report.backends_for("attention") == {"reference"}
+    assert mixed.runtime.report.backends_for("qkv_projection") == {"te"}
+    assert norm_rel(mixed(ids).logits, ref) < 2e-2
+
+
+@needs_te
+def test_te_checkpoint_portability(tmp_path):
+    save_hf(tmp_path / "in", _te_config("qwen2_bias"))
+    ids = torch.randint(1, 256, (2, 32), device="cuda")
+    te_model = crosschip.from_pretrained(tmp_path / "in", backend="te", device="cuda")
+    state = te_model.state_dict()
+    assert any(k.endswith("_extra_state") for k in state), "TE extra state is part of the native state dict"
+    assert "model.layers.0.self_attn.qkv_proj.proj.layer_norm_weight" in state
+    te_model.save_pretrained(tmp_path / "from_te")
+    for backend in ("reference", "torch"):
+        other = crosschip.from_pretrained(tmp_path / "from_te", backend=backend, device="cuda")
+        for key, tensor in other.hf_state_dict().items():
+            assert torch.equal(tensor, te_model.hf_state_dict()[key]), key
+        assert norm_rel(other(ids).logits, te_model(ids).logits) < 1e-5
+    crosschip.from_pretrained(tmp_path / "in", backend="torch", device="cuda").save_pretrained(tmp_path / "from_torch")
+    back = crosschip.from_pretrained(tmp_path / "from_torch", backend="te", device="cuda")
+    assert norm_rel(back(ids).logits, te_model(ids).logits) < 1e-5
+
+
+@needs_te
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_fp8_training_tracks_bf16(tmp_path, recipe):
+    from crosschip.train import TrainArgs, train
+
+    common = dict(steps=300, batch_size=16, seq_len=128, lr=2e-3, backend="te", device="cuda", dtype="bf16", seed=0)
+    bf16 = train(TrainArgs(out=str(tmp_path / "bf16"), **common), progress=False)
+    fp8 = train(TrainArgs(out=str(tmp_path / "fp8"), precision="fp8", fp8_recipe=recipe, **common), progress=False)
+    assert fp8.model.runtime.report.backends_for("qkv_projection") == {"te"}
+    tail_bf16 = sum(bf16.losses[-30:]) / 30
+    tail_fp8 = sum(fp8.losses[-30:]) / 30
+    assert bf16.losses[0] - tail_bf16 > 2.0  # it learned
+    assert abs(tail_fp8 - tail_bf16) <= 0.05 * tail_bf16, (tail_fp8, tail_bf16)
