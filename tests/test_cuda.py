@@ -136,7 +136,9 @@ def test_te_checkpoint_portability(tmp_path):
         other = crosschip.from_pretrained(tmp_path / "from_te", backend=backend, device="cuda")
         for key, tensor in other.hf_state_dict().items():
             assert torch.equal(tensor, te_model.hf_state_dict()[key]), key
-        assert norm_rel(other(ids).logits, te_model(ids).logits) < 1e-5
+        # The weights are bitwise equal; TE's float32 GEMMs run on TF32 tensor cores (unit
+        # roundoff 2**-11, measured 5.7e-4 here), so float32 logits agree to a few TF32 roundings.
+        assert norm_rel(other(ids).logits, te_model(ids).logits) < 4 * 2**-11
     crosschip.from_pretrained(tmp_path / "in", backend="torch", device="cuda").save_pretrained(tmp_path / "from_torch")
     back = crosschip.from_pretrained(tmp_path / "from_torch", backend="te", device="cuda")
     assert norm_rel(back(ids).logits, te_model(ids).logits) < 1e-5

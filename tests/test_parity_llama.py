@@ -91,3 +91,23 @@ def test_bf16_logits_within_bf16_tolerance(tmp_path):
         assert model.model.rotary_emb.inv_freq.dtype == torch.float32
         # A few bf16 roundings per layer: well under 5% of the logit scale, far above fp32 error.
         assert_rel_close(model(ids).logits.float(), expected, 5e-2, f"{backend} bf16 logits")
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_changes_nothing_numerically(tmp_path, policy):
+    save_hf_llama(tmp_path, num_hidden_layers=3)
+    ids = torch.randint(0, 128, (2, 16))
+    plain = crosschip.from_pretrained(tmp_path, backend="torch").train()
+    ckpt = crosschip.from_pretrained(tmp_path, backend="torch", activation_checkpointing=policy).train()
+    assert [ckpt.runtime.checkpoint_layer(i) for i in range(3)] == (
+        [True, True, True] if policy == "full" else [True, False, True])
+    calls = [0, 0, 0]
+    for i, layer in enumerate(ckpt.model.layers):
+        layer.register_forward_pre_hook(lambda *args, i=i: calls.__setitem__(i, calls[i] + 1))
+    a, b = _run(plain, ids), _run(ckpt, ids)
+    # A checkpointed layer runs again during backward to rebuild its activations.
+    assert calls == ([2, 2, 2] if policy == "full" else [2, 1, 2])
+    assert torch.equal(a.loss, b.loss)
+    grads_a, grads_b = plain.hf_grads(), ckpt.hf_grads()
+    for key in grads_a:
+        assert_rel_close(grads_b[key], grads_a[key], 1e-6, key)

@@ -105,6 +105,13 @@ def crosschip_autocast(runtime):
 
 
 @hookimpl
+def crosschip_checkpoint_function(runtime):
+    import transformer_engine.pytorch as te
+
+    return te.checkpoint
+
+
+@hookimpl
 def crosschip_environment_info():
     spec = importlib.util.find_spec("transformer_engine")
     return {"transformer_engine": "installed" if spec else "not installed"}

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", default="auto", choices=["auto", "fp8"],
                        help="fp8: FP8 matmuls on a backend that implements them (te); an error elsewhere")
     train.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current", "block", "mxfp8"])
+    train.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
     train.add_argument("--stop-after", type=int, default=None,
                        help="stop and save after this many steps of this run; continue with --resume")

@@ -60,6 +60,7 @@ def from_pretrained(
     components=None,
     precision: str = "auto",
     fp8_recipe: str = "delayed",
+    activation_checkpointing: str = "none",
 ):
     """Load a local Hugging Face causal-LM directory (config.json + safetensors) on any backend.
 
@@ -70,7 +71,8 @@ def from_pretrained(
     if dtype is None:
         dtype = torch.float32
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
-                      precision=precision, fp8_recipe=fp8_recipe)
+                      precision=precision, fp8_recipe=fp8_recipe,
+                      activation_checkpointing=activation_checkpointing)
     checkpoint = SafetensorsCheckpoint(path)
     model = build_model(cls, config, runtime)
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))

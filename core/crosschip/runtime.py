@@ -44,6 +44,7 @@ from crosschip.specs import (
 MODES = ("train", "inference")
 PRECISIONS = ("auto", "fp8")
 FP8_RECIPES = ("delayed", "current", "block", "mxfp8")
+CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class Runtime:
         precision: ``"auto"`` (compute in ``dtype``) or ``"fp8"`` (FP8 matmuls where a backend
             implements them; an error if none of the requested backends can).
         fp8_recipe: ``"delayed"``, ``"current"``, ``"block"`` or ``"mxfp8"`` scaling.
+        activation_checkpointing: ``"none"``, ``"full"`` (recompute every decoder layer in the
+            backward pass) or ``"selective"`` (every other layer, torchtitan's selective layer
+            policy: about half the activation memory for about half the recompute).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Runtime:
         mode: str = "train",
         precision: str = "auto",
         fp8_recipe: str = "delayed",
+        activation_checkpointing: str = "none",
         registry: Registry | None = None,
     ):
         self.registry = registry or get_registry()
@@ -130,6 +135,11 @@ class Runtime:
             raise ConfigurationError(f"fp8_recipe={fp8_recipe!r}: expected one of {', '.join(FP8_RECIPES)}")
         self.precision = precision
         self.fp8_recipe = fp8_recipe
+        if activation_checkpointing not in CHECKPOINTING:
+            raise ConfigurationError(f"activation_checkpointing={activation_checkpointing!r}: expected one of "
+                                     f"{', '.join(CHECKPOINTING)}")
+        self.activation_checkpointing = activation_checkpointing
+        self._checkpoint_fn = None
         self.report = DecisionReport()
         self._warned: set = set()
         self._autocast_factories: list | None = None
@@ -167,6 +177,27 @@ class Runtime:
             f"precision='fp8' needs a backend that implements FP8 (te), but none of the requested "
             f"backends ({requested}) can" + (f": {'; '.join(reasons)}" if reasons else "")
             + "; FP8 is never replaced by a silent bf16 run")
+
+    def checkpoint_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` recomputes its activations in the backward pass."""
+        if self.activation_checkpointing == "full":
+            return True
+        return self.activation_checkpointing == "selective" and index % 2 == 0
+
+    def checkpoint(self, function, *args):
+        """Run ``function(*args)`` without keeping its activations (recomputed in backward),
+        with the checkpoint function a backend asks for, else torch's non-reentrant one."""
+        if self._checkpoint_fn is None:
+            used = sorted({d.backend for d in self.report.decisions})
+            provided = [f for f in self.registry.call_on(used, "crosschip_checkpoint_function", runtime=self)
+                        if f is not None]
+            if provided:
+                self._checkpoint_fn = provided[0]
+            else:
+                from torch.utils.checkpoint import checkpoint
+
+                self._checkpoint_fn = checkpoint
+        return self._checkpoint_fn(function, *args, use_reentrant=False)
 
     def autocast(self):
         """The context a model's forward runs under, from the plugins of the backends that built

@@ -36,6 +36,7 @@ class TrainArgs:
     dtype: str = "float32"
     precision: str = "auto"  # "fp8": FP8 matmuls on a backend that implements them (te)
     fp8_recipe: str = "delayed"
+    activation_checkpointing: str = "none"
     text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
     warmup: int | None = None
     stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
@@ -96,14 +97,15 @@ def _build(args: TrainArgs):
     source = args.resume or args.model
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
-                                precision=args.precision, fp8_recipe=args.fp8_recipe)
+                                precision=args.precision, fp8_recipe=args.fp8_recipe,
+                                activation_checkpointing=args.activation_checkpointing)
         tokenizer = load_tokenizer(source)
     elif args.resume:
         raise ConfigurationError(f"--resume {args.resume}: not a directory")
     else:
         config = preset_config(args.model)
         runtime = Runtime(args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
-                          fp8_recipe=args.fp8_recipe)
+                          fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing)
         model = build_model(model_class(config.architectures[0]), config, runtime)
         init_weights(model, seed=args.seed, std=config.initializer_range)
         tokenizer = ByteTokenizer()

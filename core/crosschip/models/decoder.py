@@ -111,14 +111,18 @@ class DecoderModel(nn.Module):
         self.norm = rt.rms_norm(NormSpec(o.hidden_size, o.norm_eps))
         self.rotary_emb = rt.rotary(o.rope)
         self.embedding_multiplier = o.embedding_multiplier
+        self.runtime = rt
 
     def forward(self, input_ids, mask: AttentionMask, position_ids, cache=None):
         hidden = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
         tables = self.rotary_emb(position_ids, hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(hidden, self.rotary_emb, tables, mask, cache)
+        for index, layer in enumerate(self.layers):
+            if self.training and cache is None and self.runtime.checkpoint_layer(index):
+                hidden = self.runtime.checkpoint(layer, hidden, self.rotary_emb, tables, mask)
+            else:
+                hidden = layer(hidden, self.rotary_emb, tables, mask, cache)
         return self.norm(hidden)
 
 

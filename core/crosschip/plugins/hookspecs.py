@@ -57,5 +57,12 @@ def crosschip_autocast(runtime):
 
 
 @hookspec
+def crosschip_checkpoint_function(runtime):
+    """Return a replacement for ``torch.utils.checkpoint.checkpoint`` (same call signature) when
+    this backend's modules need their own (Transformer Engine's keeps FP8 scaling state right
+    across recomputation), or None."""
+
+
+@hookspec
 def crosschip_environment_info():
     """Return a dict of diagnostic facts (library versions, devices) for ``crosschip backends``."""
