@@ -1,0 +1,239 @@
+"""Training-step benchmark on one GPU: forward + backward + fused AdamW of a Llama-shaped model,
+for transformers' LlamaForCausalLM (sdpa) and crosschip's reference, torch, torch + compile,
+te bf16 and te FP8 backends, all given identical weights.
+
+    python benchmarks/train_step.py --shape 1b --seq 2048 4096 --out benchmarks/results/train_step_1b.json
+    python benchmarks/train_step.py --shape 8b --seq 4096 --variants transformers te-bf16 te-fp8 \\
+        --activation-checkpointing full --out benchmarks/results/train_step_8b.json
+
+Each (variant, seq) runs in its own process so peak memory and compile caches do not mix. The
+result JSON keeps the command, versions, device and every number; plot it with plot_train_step.py.
+MFU follows torchtitan: 6 x non-embedding parameters + 12 x layers x hidden x seq FLOPs per token,
+over the H100's 989 TFLOP/s dense bf16 peak and over a bf16 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # Llama-3.2-1B
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    # Llama-3.1-8B
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    # a smoke-test size
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=512, vocab_size=1024, tie_word_embeddings=True, head_dim=32),
+}
+VARIANTS = ["transformers", "reference", "torch", "torch-compile", "te-bf16", "te-fp8"]
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+TOKENS_PER_STEP = 4096
+
+
+def llama_config(shape: str, seq: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(max_position_embeddings=max(seq, 8192), rms_norm_eps=1e-5,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                       architectures=["LlamaForCausalLM"], **SHAPES[shape])
+
+
+def flops_per_token(config, seq: int) -> tuple[float, int]:
+    h, i, l = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    non_embedding = l * per_layer + h + (0 if config.tie_word_embeddings else config.vocab_size * h)
+    return 6 * non_embedding + 12 * l * config.hidden_size * seq, non_embedding
+
+
+def build(variant: str, config, seed: int, ac: str):
+    import torch
+
+    from crosschip.init import canonical_tensor
+
+    if variant == "transformers":
+        from transformers import LlamaForCausalLM
+
+        config._attn_implementation = "sdpa"
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(canonical_tensor(name, tuple(p.shape), seed, device="cuda", dtype=p.dtype))
+        if ac != "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+    from crosschip.init import init_weights
+    from crosschip.loading import build_model
+    from crosschip.models import model_class
+    from crosschip.runtime import Runtime
+
+    backend = {"reference": "reference", "torch": "torch", "torch-compile": "torch"}.get(variant, "te")
+    runtime = Runtime(backend, device="cuda", dtype="bf16", strict=backend != "reference",
+                      precision="fp8" if variant == "te-fp8" else "auto", fp8_recipe="delayed",
+                      activation_checkpointing=ac)
+    model = build_model(model_class("LlamaForCausalLM"), config, runtime)
+    init_weights(model, seed=seed, device="cuda")
+    return model.train()
+
+
+def matmul_tflops() -> float:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end))
+    return 2 * n**3 / (statistics.median(times) / 1e3) / 1e12
+
+
+def worker(args) -> dict:
+    import torch
+
+    config = llama_config(args.shape, args.seq)
+    batch = max(1, TOKENS_PER_STEP // args.seq)
+    result = dict(variant=args.variant, shape=args.shape, seq=args.seq, batch=batch,
+                  activation_checkpointing=args.activation_checkpointing)
+    try:
+        model = build(args.variant, config, args.seed, args.activation_checkpointing)
+        step_model = torch.compile(model) if args.variant == "torch-compile" else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda", generator=gen)
+
+        def step():
+            loss = step_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        result["warmup_s"] = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+            losses.append(loss.item())
+        median = statistics.median(times)
+        per_token, non_embedding = flops_per_token(config, args.seq)
+        tokens = batch * args.seq
+        achieved = per_token * tokens / median / 1e12
+        rate = matmul_tflops()
+        result.update(
+            status="ok", step_s_median=median, step_s_all=times, tokens_per_s=tokens / median,
+            tflops=achieved, mfu_vs_peak=achieved / PEAK_TFLOPS, matmul_tflops=rate,
+            mfu_vs_matmul=achieved / rate, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+            non_embedding_params=non_embedding, losses=losses)
+        if args.variant != "transformers":
+            result["backends"] = {k: sorted(v["backend"] for v in entries)
+                                  for k, entries in model.runtime.report.summary().items()}
+    except torch.OutOfMemoryError as exc:
+        result.update(status="oom", error=str(exc).splitlines()[0])
+    except Exception as exc:  # recorded, so one failing variant does not hide the others
+        result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    return result
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "transformer_engine", "crosschip"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.seq = args.seq[0]
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    runs = []
+    for seq in args.seq:
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", args.shape,
+                   "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--seed", str(args.seed), "--activation-checkpointing", args.activation_checkpointing]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            run = json.loads(lines[-1][7:]) if lines else dict(
+                variant=variant, seq=seq, status="crashed", error=proc.stderr[-2000:])
+            runs.append(run)
+            if run.get("status") == "ok":
+                print(f"{args.shape} seq {seq:5d} {variant:14s} {run['tokens_per_s']:10,.0f} tok/s  "
+                      f"MFU {run['mfu_vs_peak']:.1%} of 989 / {run['mfu_vs_matmul']:.1%} of measured "
+                      f"{run['matmul_tflops']:.0f} TFLOP/s  peak {run['peak_memory_gib']:.1f} GiB", flush=True)
+            else:
+                print(f"{args.shape} seq {seq:5d} {variant:14s} {run['status']}: {run.get('error', '')[:300]}",
+                      flush=True)
+    report = {"command": "python " + " ".join(sys.argv),
+              "versions": versions(), "shape": args.shape, "config": SHAPES[args.shape],
+              "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS, "runs": runs}
+    for seq in args.seq:
+        base = next((r for r in runs if r["seq"] == seq and r["variant"] == "transformers" and r["status"] == "ok"), None)
+        if base:
+            for r in runs:
+                if r["seq"] == seq and r["status"] == "ok":
+                    r["speedup_vs_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
+                    r["memory_vs_transformers"] = r["peak_memory_gib"] / base["peak_memory_gib"]
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
