@@ -84,7 +84,8 @@ class DotProductAttention(nn.Module):
         window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
         self.attn = te.DotProductAttention(
             num_attention_heads=spec.num_heads, kv_channels=spec.head_dim, num_gqa_groups=spec.num_kv_heads,
-            attention_dropout=spec.dropout, qkv_format="bshd", attn_mask_type="causal",
+            attention_dropout=spec.dropout, qkv_format="bshd",
+            attn_mask_type="causal" if spec.causal else "no_mask",
             window_size=window, softmax_scale=spec.softmax_scale)
 
     def forward(self, q, k, v, mask: AttentionMask | None = None):
@@ -95,7 +96,7 @@ class DotProductAttention(nn.Module):
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         keep = allowed(q_len, kt.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
                        mask=mask, device=q.device)
-        if q_len == kt.shape[2]:
+        if keep is not None and q_len == kt.shape[2]:
             keep = keep | torch.eye(q_len, dtype=torch.bool, device=q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=spec.softmax_scale,
                                              enable_gqa=qt.shape[1] != kt.shape[1])
