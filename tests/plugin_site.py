@@ -1,0 +1,87 @@
+"""The real plugin packages under ``plugins/``, installed once per test session into a temporary
+directory (offline, one pip call), so crosschip discovers them exactly as a user's installed
+plugins: through ``importlib.metadata`` entry points of the ``crosschip.backends`` group.
+
+Tests use the directory in-process (``monkeypatch.syspath_prepend``: importlib.metadata scans
+``sys.path`` on every call) or in subprocesses (``PYTHONPATH``), never the shared environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = [
+    ROOT / "plugins" / "crosschip-template",
+    ROOT / "plugins" / "testing" / "crosschip-broken-import",
+    ROOT / "plugins" / "testing" / "crosschip-wrong-api",
+    ROOT / "plugins" / "testing" / "crosschip-unknown-hook",
+]
+#: Entry-point names of the test packages that are broken on purpose.
+BROKEN = ("broken_import", "unknown_hook", "wrong_api")
+
+
+def _accelerator_backend_available() -> bool:
+    from crosschip_neuron.plugin import probe as neuron_probe
+    from crosschip_te.plugin import probe as te_probe
+
+    return te_probe().available or neuron_probe().available
+
+
+#: For tests whose expected chains and messages assume te and neuron are unavailable (CPU CI).
+cpu_only = pytest.mark.skipif(_accelerator_backend_available(),
+                              reason="expects te and neuron to be unavailable, as on a CPU-only machine")
+
+_site: Path | None = None
+
+
+def install(tmp_path_factory) -> Path:
+    """Install every package of :data:`PACKAGES` (once per process) and return the directory."""
+    global _site
+    if _site is None:
+        root = tmp_path_factory.mktemp("plugin-packages")
+        # Build from copies: pip builds local directories in place, leaving build/ and egg-info
+        # behind, and the work tree must stay clean.
+        sources = []
+        for package in PACKAGES:
+            copy = root / "src" / package.name
+            shutil.copytree(package, copy, ignore=shutil.ignore_patterns(
+                "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+            sources.append(str(copy))
+        site = root / "site"
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+             "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(site), *sources],
+            capture_output=True, text=True, env={**clean_environ(), "PIP_NO_INPUT": "1"},
+        )
+        if result.returncode != 0:
+            pytest.fail(f"installing the plugin packages failed:\n{result.stdout}\n{result.stderr}",
+                        pytrace=False)
+        _site = site
+    return _site
+
+
+def clean_environ(**overrides: str) -> dict[str, str]:
+    """``os.environ`` without any crosschip setting (bar the hardware requirement), plus
+    ``overrides``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CROSSCHIP_") or k == "CROSSCHIP_REQUIRE_HARDWARE"}
+    env.update(overrides)
+    return env
+
+
+def subprocess_environ(site: Path, **overrides: str) -> dict[str, str]:
+    """Environment for a subprocess that sees the installed plugin packages."""
+    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return clean_environ(PYTHONPATH=os.pathsep.join(paths), **overrides)
+
+
+def run_cli(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crosschip.cli", *args], capture_output=True, text=True,
+                          env=subprocess_environ(site, **env), cwd=ROOT, timeout=120)
