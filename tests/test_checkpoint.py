@@ -158,3 +158,18 @@ def test_load_casts_to_requested_dtype(tmp_path):
     model.save_pretrained(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": 10**9}, "vocab_size=1000000000 is beyond any plausible model"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, found 0"),
+    ({"hidden_size": 65536, "intermediate_size": 1 << 19, "num_hidden_layers": 64, "num_attention_heads": 512,
+      "num_key_value_heads": 512}, r"the weights alone need [\d,.]+ GiB .* more than the [\d,.]+ GiB of memory of cpu"),
+])
+def test_absurd_sizes_rejected_before_allocating(tmp_path, change, message):
+    save_hf_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigurationError, match=message):
+        crosschip.from_pretrained(tmp_path)

@@ -56,3 +56,19 @@ def test_zoo_checkpoint_round_trip(tmp_path, name):
     assert set(before) == set(after)
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_zoo_bf16_logits_within_bf16_tolerance(tmp_path, backend, name):
+    """bf16 logits are as close to float32 transformers as transformers' own bf16 run is (with
+    a small factor for a different rounding order), not merely within a loose constant."""
+    config, _ = CONFIGS[name]
+    hf = save_hf(tmp_path, config)
+    ids = torch.randint(1, config.vocab_size, (2, 24))
+    expected = hf(ids).logits
+    own_bf16 = hf.to(torch.bfloat16)(ids).logits.float()
+    budget = 3 * ((own_bf16 - expected).norm() / expected.norm()).item() + 1e-3
+    model = crosschip.from_pretrained(tmp_path, backend=backend, dtype=torch.bfloat16)
+    got = model(ids).logits.float()
+    assert ((got - expected).norm() / expected.norm()).item() <= budget

@@ -13,6 +13,7 @@ from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.models import model_class
 from crosschip.plugins.resolution import BackendChoice
 from crosschip.runtime import Runtime
+from crosschip.sizes import check_config_sizes, check_fits
 from crosschip import weights
 
 
@@ -41,10 +42,13 @@ def load_config(path: str | Path):
     return cls, config
 
 
-def build_model(cls, config, runtime: Runtime):
-    """Construct without initialising weights (meta device), then allocate on the runtime device."""
+def build_model(cls, config, runtime: Runtime, where: str = "config"):
+    """Construct without initialising weights (meta device), check the sizes fit, then allocate
+    on the runtime device."""
+    check_config_sizes(config, where)
     with torch.device("meta"), _default_dtype(runtime.dtype):
         model = cls(config, runtime)
+    check_fits(model, runtime.device, where)
     model.to_empty(device=runtime.device)
     model.reset_buffers()
     return model
@@ -74,7 +78,7 @@ def from_pretrained(
                       precision=precision, fp8_recipe=fp8_recipe,
                       activation_checkpointing=activation_checkpointing)
     checkpoint = SafetensorsCheckpoint(path)
-    model = build_model(cls, config, runtime)
+    model = build_model(cls, config, runtime, where=str(Path(path) / "config.json"))
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))
     checkpoint.close()
     runtime.registry.call_on(sorted({b for d in runtime.report.decisions for b in [d.backend]}),

@@ -1,0 +1,56 @@
+"""Sanity checks on model sizes, run before anything is allocated: a config with absurd or
+inconsistent sizes is rejected with the numbers that make it so."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from crosschip.errors import ConfigurationError
+
+# Far beyond any released model, small enough that building the module tree on the meta device
+# (which precedes the memory check) stays instantaneous.
+LIMITS = {
+    "num_hidden_layers": 4096,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 4096,
+    "vocab_size": 1 << 23,
+    "max_position_embeddings": 1 << 24,
+}
+
+
+def check_config_sizes(config, where: str = "config.json") -> None:
+    for name, limit in LIMITS.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigurationError(f"{where}: {name} must be a positive integer, found {value!r}")
+        if value > limit:
+            raise ConfigurationError(f"{where}: {name}={value} is beyond any plausible model (limit {limit})")
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_fits(model, device: torch.device, where: str = "config.json") -> None:
+    """``model`` lives on the meta device: compare its weight bytes with the device's memory."""
+    numel = sum(p.numel() for p in model.parameters())
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = device_memory_bytes(device)
+    if available is not None and needed > available:
+        raise ConfigurationError(
+            f"{where}: the weights alone need {needed / 2**30:,.1f} GiB ({numel:,} parameters), more than "
+            f"the {available / 2**30:,.1f} GiB of memory of {device}; refusing to allocate")
