@@ -32,16 +32,22 @@ def tiny_llama_config(**overrides):
 
 def save_hf_llama(path: Path, seed: int = 0, **overrides):
     """A random tiny transformers Llama saved to ``path``; returns the model in eval mode."""
-    from transformers import LlamaForCausalLM
+    from zoo import save_hf
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
-    # Random norms, so a mapping mistake on norm weights cannot hide behind all-ones.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                param.normal_(0, 0.1)
-    model.save_pretrained(path)
-    return model
+    return save_hf(path, tiny_llama_config(**overrides), seed)
+
+
+def assert_training_parity(model, hf, ids, tol: float) -> None:
+    """Forward with labels and backward on both; logits, loss and every gradient (mapped to
+    Hugging Face names) agree within ``tol`` relative."""
+    expected = hf(ids, labels=ids)
+    expected.loss.backward()
+    got = model(ids, labels=ids)
+    got.loss.backward()
+    assert_rel_close(got.logits, expected.logits, tol, "logits")
+    assert_rel_close(got.loss, expected.loss, tol, "loss")
+    grads = model.hf_grads()
+    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    assert set(grads) == set(hf_grads)
+    for key, grad in hf_grads.items():
+        assert_rel_close(grads[key], grad, tol, f"grad {key}")

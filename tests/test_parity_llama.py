@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crosschip
-from helpers import assert_rel_close, save_hf_llama
+from helpers import assert_rel_close, assert_training_parity, save_hf_llama
 
 TOL = 1e-5
 
@@ -40,19 +40,9 @@ def test_llama_matches_transformers(tmp_path, backend, name):
     hf = save_hf_llama(tmp_path, **CONFIGS[name])
     torch.manual_seed(1)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))
-    expected = _run(hf, ids)
-
     model = crosschip.from_pretrained(tmp_path, backend=backend)
     assert model.runtime.report.backends_for("qkv_projection") == {backend}
-    got = _run(model, ids)
-
-    assert_rel_close(got.logits, expected.logits, TOL, "logits")
-    assert_rel_close(got.loss, expected.loss, TOL, "loss")
-    grads = model.hf_grads()
-    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
-    assert set(grads) == set(hf_grads)
-    for key, grad in hf_grads.items():
-        assert_rel_close(grads[key], grad, TOL, f"grad {key}")
+    assert_training_parity(model, hf, ids, TOL)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

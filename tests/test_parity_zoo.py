@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import crosschip
-from helpers import assert_rel_close
+from helpers import assert_rel_close, assert_training_parity
 from zoo import save_hf, zoo_configs
 
 TOL = 1e-5
@@ -24,20 +24,9 @@ def test_zoo_matches_transformers(tmp_path, backend, name):
     torch.manual_seed(1)
     # Longer than every sliding window and than the dynamic / longrope switch-over lengths.
     ids = torch.randint(1, config.vocab_size, (2, 40))
-    expected = hf(ids, labels=ids)
-    expected.loss.backward()
-
     model = crosschip.from_pretrained(tmp_path, backend=backend)
     assert type(model).__name__ == arch
-    got = model(ids, labels=ids)
-    got.loss.backward()
-    assert_rel_close(got.logits, expected.logits, TOL, "logits")
-    assert_rel_close(got.loss, expected.loss, TOL, "loss")
-    grads = model.hf_grads()
-    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
-    assert set(grads) == set(hf_grads)
-    for key, grad in hf_grads.items():
-        assert_rel_close(grads[key], grad, TOL, f"grad {key}")
+    assert_training_parity(model, hf, ids, TOL)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
