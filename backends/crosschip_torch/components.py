@@ -12,6 +12,11 @@ from transformers.activations import ACT2FN
 from crosschip.masks import AttentionMask, allowed
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, QKVSpec
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: nothing is ever sharded
+    DTensor = ()
+
 
 class CombinedQKV(nn.Linear):
     """One ``[Q_g | K_g | V_g]``-grouped projection; returns ``[batch, seq, heads, head_dim]``."""
@@ -24,6 +29,9 @@ class CombinedQKV(nn.Linear):
     def forward(self, hidden: torch.Tensor):
         s = self.spec
         out = super().forward(hidden)
+        if isinstance(out, DTensor):
+            # Column-parallel: split this rank's shard (whole KV groups) into its own heads.
+            out = out.to_local()
         # Local head counts follow from the output width, so a column shard works unchanged.
         groups = out.shape[-1] // ((s.group_size + 2) * s.head_dim)
         grouped = out.view(*out.shape[:-1], groups, (s.group_size + 2) * s.head_dim)

@@ -28,9 +28,9 @@ def crosschip_register_backends():
 @hookimpl
 def crosschip_register_components():
     return [
-        ComponentImpl(NAME, "qkv_projection", lambda spec, ctx: _cls("CombinedQKV")(spec)),
-        ComponentImpl(NAME, "gated_mlp", lambda spec, ctx: _cls("GatedMLP")(spec)),
-        ComponentImpl(NAME, "out_projection", lambda spec, ctx: _cls("Linear")(spec)),
+        ComponentImpl(NAME, "qkv_projection", _qkv_projection),
+        ComponentImpl(NAME, "gated_mlp", _gated_mlp),
+        ComponentImpl(NAME, "out_projection", _out_projection),
         ComponentImpl(NAME, "attention", lambda spec, ctx: _cls("SDPAAttention")(spec)),
     ]
 
@@ -45,10 +45,47 @@ def crosschip_register_layouts():
 
 
 @hookimpl
+def crosschip_validate_runtime(runtime):
+    if runtime.parallel.tp != 1 or runtime.parallel.dp != 1 or runtime.parallel.sequence_parallel:
+        _parallel().check_runtime(runtime)
+
+
+@hookimpl
+def crosschip_parallelize_model(model, runtime):
+    return _parallel().parallelize(model, runtime)
+
+
+@hookimpl
 def crosschip_environment_info():
     import torch
 
     return {"torch": torch.__version__, "cuda": str(torch.cuda.is_available())}
+
+
+# Factories build the full (unsharded) module, with KV heads replicated when the TP degree
+# exceeds them; the parallel plan shards it after the weights are loaded.
+def _qkv_projection(spec, ctx):
+    return _cls("CombinedQKV")(_parallel().physical_qkv_spec(spec, _tp(ctx)))
+
+
+def _gated_mlp(spec, ctx):
+    _parallel().check_gated_mlp(spec, _tp(ctx))
+    return _cls("GatedMLP")(spec)
+
+
+def _out_projection(spec, ctx):
+    _parallel().check_out_projection(spec, _tp(ctx))
+    return _cls("Linear")(spec)
+
+
+def _tp(ctx) -> int:
+    return ctx.parallel.tp if ctx is not None else 1
+
+
+def _parallel():
+    import importlib
+
+    return importlib.import_module("crosschip_torch.parallel")
 
 
 def _cls(name: str):

@@ -55,6 +55,22 @@ def deinterleave_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
 
 
+def replicate_heads(x: torch.Tensor, num_heads: int, copies: int) -> torch.Tensor:
+    """Each of ``num_heads`` heads along dim 0 repeated ``copies`` times in place:
+    ``[h_0, h_0, h_1, h_1, ...]`` for two copies. Query heads of a group map to the replicas of
+    their KV head in this order, so the replicated model computes exactly the same function."""
+    rest = x.shape[1:]
+    return x.reshape(num_heads, -1, *rest).repeat_interleave(copies, dim=0).reshape(-1, *rest).contiguous()
+
+
+def first_replica(x: torch.Tensor, num_heads: int, copies: int) -> torch.Tensor:
+    """Inverse of :func:`replicate_heads`: the first copy of each head."""
+    rest = x.shape[1:]
+    if x.shape[0] % (num_heads * copies):
+        raise ValueError(f"cannot take {num_heads} heads from {copies} replicas of {x.shape[0]} rows")
+    return x.reshape(num_heads, copies, -1, *rest)[:, 0].reshape(-1, *rest).contiguous()
+
+
 def concat(tensors, dim: int = 0) -> torch.Tensor:
     return torch.cat(list(tensors), dim=dim).contiguous()
 
@@ -169,6 +185,26 @@ class InterleaveRows(Transform):
         [x], rest = _take(tensors, [self.target], "row de-interleave")
         a, b = deinterleave_rows(x)
         return {**rest, self.a: a, self.b: b}
+
+
+@dataclass(frozen=True)
+class ReplicateHeads(Transform):
+    """Replicate every head of the named tensors ``copies`` times (KV heads when the TP degree
+    exceeds them, so each rank holds whole groups); the inverse keeps the first replica. A
+    round trip from canonical is bitwise; the replicas' gradients must be summed by whoever
+    trains the replicated weights, or they drift apart."""
+
+    names: tuple[str, ...]
+    num_heads: int
+    copies: int
+
+    def apply(self, tensors):
+        return {k: replicate_heads(v, self.num_heads, self.copies) if k in self.names else v
+                for k, v in tensors.items()}
+
+    def invert(self, tensors):
+        return {k: first_replica(v, self.num_heads, self.copies) if k in self.names else v
+                for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.models import model_class
 from crosschip.plugins.resolution import BackendChoice
 from crosschip.runtime import Runtime
+from crosschip.specs import ParallelSpec
 from crosschip.sizes import check_config_sizes, check_fits
 from crosschip import weights
 
@@ -65,25 +66,43 @@ def from_pretrained(
     precision: str = "auto",
     fp8_recipe: str = "delayed",
     activation_checkpointing: str = "none",
+    tp: int = 1,
 ):
     """Load a local Hugging Face causal-LM directory (config.json + safetensors) on any backend.
 
     ``model.state_dict()`` then holds the backend's physical layout;
     ``model.save_pretrained(dir)`` writes the canonical Hugging Face layout back.
+
+    ``tp > 1``: tensor parallel over a launched process group of ``tp`` ranks (torchrun); every
+    rank calls this, loads the weights whole, and keeps its shard after the backend's parallel
+    plan is applied.
     """
     cls, config = load_config(path)
     if dtype is None:
         dtype = torch.float32
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
                       precision=precision, fp8_recipe=fp8_recipe,
-                      activation_checkpointing=activation_checkpointing)
+                      activation_checkpointing=activation_checkpointing, parallel=ParallelSpec(tp=tp))
     checkpoint = SafetensorsCheckpoint(path)
     model = build_model(cls, config, runtime, where=str(Path(path) / "config.json"))
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))
     checkpoint.close()
+    _parallelize(model, runtime)
     runtime.registry.call_on(sorted({b for d in runtime.report.decisions for b in [d.backend]}),
                              "crosschip_finalize_model", model=model, runtime=runtime)
     return model.eval()
+
+
+def _parallelize(model, runtime: Runtime) -> None:
+    """Apply the parallel plan of one owner: the plugin of the backend that built the attention
+    projections, whose layout the plan shards (two plugins sharding one model would conflict)."""
+    if runtime.parallel == ParallelSpec():
+        return
+    owners = sorted(runtime.report.backends_for("qkv_projection"))[:1]
+    applied = runtime.registry.call_on(owners, "crosschip_parallelize_model", model=model, runtime=runtime)
+    if not any(result is not None for result in applied):
+        raise ConfigurationError(
+            f"{runtime.parallel}: backend {', '.join(owners) or '-'} has no parallel plan")
 
 
 @contextlib.contextmanager

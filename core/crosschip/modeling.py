@@ -83,7 +83,23 @@ class CausalLM(nn.Module):
             if extra_files is not None:
                 extra_files(directory)
 
-        return write_checkpoint(path, sizes, weights.iter_canonical(self), write_extra, max_shard_size)
+        tensors = weights.iter_canonical(self)
+        if not self._parallel():
+            return write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
+        # Tensor parallel: every rank takes part in gathering each component's shards, rank 0
+        # writes, and no rank returns before the checkpoint is in place.
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
+        else:
+            for _ in tensors:
+                pass
+        dist.barrier()
+        return Path(path)
+
+    def _parallel(self) -> bool:
+        return self.runtime.parallel.tp > 1 and torch.distributed.is_initialized()
 
 
 class _DictSource:

@@ -128,6 +128,9 @@ class Runtime:
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = _parse_dtype(dtype)
         self.parallel = parallel or ParallelSpec()
+        #: The torch.distributed DeviceMesh of a parallel model, set by the backend that applies
+        #: the parallel plan (None for a single-process model).
+        self.device_mesh = None
         self.mode = mode
         if precision not in PRECISIONS:
             raise ConfigurationError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")

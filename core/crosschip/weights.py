@@ -103,19 +103,37 @@ def bindings(model: nn.Module) -> list[Binding]:
 EXTRA_STATE = "_extra_state"
 
 
+def _whole(tensor):
+    """A tensor-parallel (DTensor) weight or gradient gathered whole, since layouts and the
+    canonical form are global; a collective, so every rank of the mesh must call it."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _like(target, tensor: torch.Tensor):
+    """``tensor`` (whole) placed as ``target`` is: cast, and sharded like a DTensor target."""
+    if not torch.is_tensor(target):
+        return tensor
+    tensor = tensor.to(dtype=target.dtype)
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        tensor = distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements)
+    return tensor
+
+
 def _physical(binding: Binding, grads: bool) -> dict[str, torch.Tensor]:
     if grads:
-        return {n: p.grad for n, p in binding.module.named_parameters() if p.grad is not None}
+        return {n: _whole(p.grad) for n, p in binding.module.named_parameters() if p.grad is not None}
     # Extra state (Transformer Engine's FP8 scaling metadata) is runtime state of the module,
     # not a weight: it has no Hugging Face counterpart.
-    return {k: v for k, v in binding.module.state_dict().items() if not k.endswith(EXTRA_STATE)}
+    return {k: _whole(v) for k, v in binding.module.state_dict().items() if not k.endswith(EXTRA_STATE)}
 
 
 def _load_physical(binding: Binding, physical: dict[str, torch.Tensor]) -> None:
     targets = binding.module.state_dict()
     merged = {k: v for k, v in targets.items() if k.endswith(EXTRA_STATE)}  # keep the module's own
     for k, v in physical.items():
-        merged[k] = v.to(dtype=targets[k].dtype) if k in targets and torch.is_tensor(targets[k]) else v
+        merged[k] = _like(targets[k], v) if k in targets else v
     binding.module.load_state_dict(merged, strict=True)
 
 

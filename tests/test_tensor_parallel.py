@@ -1,0 +1,144 @@
+"""Tensor parallelism of the torch backend (DTensor on a gloo "tp" mesh, CPU) equals the
+single-process model: logits, loss, every gradient (mapped to Hugging Face names), a few AdamW
+steps, and the saved checkpoint, bitwise. Each launch spawns one process per rank and runs several
+checks, since starting processes dominates the cost on a small machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import crosschip
+from crosschip.errors import ConfigurationError
+from crosschip.layouts import ReplicateHeads
+from helpers import assert_rel_close, save_hf_llama
+
+TOL = 1e-5
+
+
+def _save_models(root: Path) -> None:
+    """Llama (GQA 4), Qwen2 (QKV bias) and Qwen3 (q/k norms over each head), all with 8 query
+    heads and 2 KV heads: tp=2 splits the KV heads, tp=4 replicates each twice. Two more whose
+    sizes no TP degree of 2 divides, for the errors."""
+    from transformers import Qwen2Config, Qwen3Config
+    from zoo import BASE, save_hf
+
+    save_hf_llama(root / "llama")
+    save_hf(root / "qwen2", Qwen2Config(**BASE))
+    save_hf(root / "qwen3", Qwen3Config(**BASE, head_dim=16))
+    save_hf_llama(root / "heads7", hidden_size=56, num_attention_heads=7, num_key_value_heads=1,
+                  head_dim=8)
+    save_hf_llama(root / "inter95", intermediate_size=95)
+
+
+def _step(model, ids):
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out
+
+
+def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    path = root / name
+    single = crosschip.from_pretrained(path, backend="torch").train()
+    model = crosschip.from_pretrained(path, backend="torch", tp=tp).train()
+    assert model.runtime.parallel.tp == tp and model.runtime.device_mesh.size() == tp
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    assert isinstance(qkv, DTensor) and qkv.to_local().shape[0] * tp == qkv.shape[0]
+
+    # Saving gathers the shards (and takes one KV replica): the same bytes as the single model.
+    saved = model.save_pretrained(root / f"{name}-tp{tp}")
+    if rank == 0:
+        single.save_pretrained(root / f"{name}-single")
+        ours = load_file(saved / "model.safetensors")
+        theirs = load_file(root / f"{name}-single" / "model.safetensors")
+        assert list(ours) == list(theirs)
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), f"{name} tp={tp}: saved {key} differs"
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (2, 16))
+    # The KV cache holds this rank's heads only; greedy tokens match.
+    prompt = ids[:, :5]
+    assert torch.equal(model.generate(prompt, max_new_tokens=4), single.generate(prompt, max_new_tokens=4))
+    # eps well above float32 rounding of the gradients: with the default 1e-8 Adam divides each
+    # gradient by its own magnitude, so an element near zero turns a rounding difference into a
+    # full-size step of either sign, and the two runs drift apart for reasons unrelated to TP.
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
+    for step in range(3):
+        expected, got = _step(single, ids), _step(model, ids)
+        where = f"{name} tp={tp} step {step}"
+        assert_rel_close(got.logits, expected.logits, TOL, f"{where} logits")
+        assert_rel_close(got.loss, expected.loss, TOL, f"{where} loss")
+        grads, expected_grads = model.hf_grads(), single.hf_grads()
+        assert set(grads) == set(expected_grads)
+        for key, grad in expected_grads.items():
+            assert_rel_close(grads[key], grad, TOL, f"{where} grad {key}")
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def _check_errors(root: Path, world: int) -> None:
+    with pytest.raises(ConfigurationError, match=f"tp={2 * world} does not match the world size {world}"):
+        crosschip.from_pretrained(root / "llama", backend="torch", tp=2 * world)
+    with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of query heads \(7\)"):
+        crosschip.from_pretrained(root / "heads7", backend="torch", tp=2)
+    with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the intermediate size \(95\)"):
+        crosschip.from_pretrained(root / "inter95", backend="torch", tp=2)
+
+
+def _worker(rank: int, world: int, root: str, cases) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    root = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{world}", rank=rank,
+                            world_size=world)
+    try:
+        for name, tp in cases:
+            if name == "errors":
+                _check_errors(root, world)
+            else:
+                _check_parity(root, name, tp, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(root: Path, world: int, cases) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(world, str(root), cases), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    _save_models(root)
+    return root
+
+
+def test_tp2_matches_single_process(checkpoints):
+    _launch(checkpoints, 2, [("llama", 2), ("qwen2", 2), ("qwen3", 2), ("errors", 0)])
+
+
+def test_tp4_replicating_kv_heads_matches_single_process(checkpoints):
+    _launch(checkpoints, 4, [("llama", 4), ("qwen2", 4)])
+
+
+def test_tp_without_process_group_is_a_configuration_error(checkpoints):
+    with pytest.raises(ConfigurationError, match="tp=2 needs a process group"):
+        crosschip.from_pretrained(checkpoints / "llama", backend="torch", tp=2)
+
+
+def test_kv_replication_round_trip_is_bitwise():
+    k = torch.randn(2 * 4, 16)
+    step = ReplicateHeads(("k.weight",), num_heads=2, copies=3)
+    physical = step.apply({"k.weight": k, "q.weight": k})
+    assert physical["k.weight"].shape == (2 * 3 * 4, 16) and physical["q.weight"] is k
+    assert torch.equal(physical["k.weight"][4:8], k[:4]) and torch.equal(physical["k.weight"][12:16], k[4:])
+    assert torch.equal(step.invert(physical)["k.weight"], k)
