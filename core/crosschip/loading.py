@@ -67,6 +67,8 @@ def from_pretrained(
     fp8_recipe: str = "delayed",
     activation_checkpointing: str = "none",
     tp: int = 1,
+    dp: int = 1,
+    sequence_parallel: bool = False,
 ):
     """Load a local Hugging Face causal-LM directory (config.json + safetensors) on any backend.
 
@@ -82,7 +84,7 @@ def from_pretrained(
         dtype = torch.float32
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
                       precision=precision, fp8_recipe=fp8_recipe,
-                      activation_checkpointing=activation_checkpointing, parallel=ParallelSpec(tp=tp))
+                      activation_checkpointing=activation_checkpointing, parallel=ParallelSpec(tp=tp, dp=dp, sequence_parallel=sequence_parallel))
     checkpoint = SafetensorsCheckpoint(path)
     model = build_model(cls, config, runtime, where=str(Path(path) / "config.json"))
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))
