@@ -82,3 +82,21 @@ def test_bad_precision_names():
         Runtime(precision="int4")
     with pytest.raises(ConfigurationError, match="fp8_recipe='fancy'"):
         Runtime(fp8_recipe="fancy")
+
+
+def test_fp8_projection_on_a_backend_without_fp8_warns_or_fails_in_strict():
+    """If an FP8 run's projection ends on a backend without FP8, it is never silent."""
+    from crosschip import CrosschipWarning, StrictFallbackError
+    from crosschip.plugins.descriptors import Probe
+
+    registry = get_registry()
+    te = registry.backend("te")
+    te._probe = Probe(True, "pretend available, to reach the build")
+    rt = Runtime("te", components={"out_projection": "torch"}, device="cpu", dtype="bf16", precision="fp8",
+                 registry=registry)
+    with pytest.warns(CrosschipWarning, match="out_projection .* was built by 'torch', which has no FP8"):
+        rt.out_projection(LinearSpec(16, 16))
+    strict = Runtime("te", components={"out_projection": "torch"}, device="cpu", dtype="bf16",
+                     precision="fp8", registry=registry, strict=True)
+    with pytest.raises(StrictFallbackError, match="computes in torch.bfloat16"):
+        strict.out_projection(LinearSpec(16, 16))

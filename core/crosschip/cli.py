@@ -49,7 +49,15 @@ def _backends_data(registry, backend=None) -> dict:
         _, chosen, chain, declines = runtime.select(component)
         resolved[component] = {"backend": chosen, "source": chain.source, "chain": list(chain.backends),
                                "passed_over": [{"backend": b, "reason": r} for b, r in declines]}
-    return {"device": str(runtime.device), "backends": plugins, "resolved": resolved}
+    environment = {}
+    for name in registry.backend_names():
+        try:
+            facts = registry.call_on([name], "crosschip_environment_info")
+        except Exception as exc:  # diagnostics must not break the listing
+            facts = [{"error": f"{type(exc).__name__}: {exc}"}]
+        environment[name] = {k: v for d in facts if d for k, v in d.items()}
+    return {"device": str(runtime.device), "backends": plugins, "resolved": resolved,
+            "environment": environment}
 
 
 def _print_backends(data: dict, out) -> None:
@@ -178,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except CrosschipError as exc:
         sys.stderr.write(f"crosschip: error: {exc}\n")
         return 2
+    except BrokenPipeError:  # `crosschip backends | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -90,9 +90,15 @@ def from_pretrained(
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))
     checkpoint.close()
     _parallelize(model, runtime)
-    runtime.registry.call_on(sorted({b for d in runtime.report.decisions for b in [d.backend]}),
-                             "crosschip_finalize_model", model=model, runtime=runtime)
+    finalize(model)
     return model.eval()
+
+
+def finalize(model) -> None:
+    """The last touch of every backend that built a component, once the weights are in."""
+    runtime = model.runtime
+    runtime.registry.call_on(sorted({d.backend for d in runtime.report.decisions}),
+                             "crosschip_finalize_model", model=model, runtime=runtime)
 
 
 def _parallelize(model, runtime: Runtime) -> None:

@@ -82,8 +82,9 @@ class Runtime:
     """Backend chain, device, dtype, parallel settings, mode, and the decision report.
 
     Args:
-        backend: a backend name, a comma-separated chain or list of names, ``"auto"`` or None.
-            Overrides the environment for every component.
+        backend: a backend name, a comma-separated chain or list of names, or None / ``"auto"``.
+            A name overrides the environment for every component; None and ``"auto"`` defer to
+            ``CROSSCHIP_BACKEND_<COMPONENT>``, then ``CROSSCHIP_BACKEND``, then priority.
         components: per-component overrides, ``{"attention": "reference"}``; beat ``backend``.
         device: where modules run; default CUDA when available, else CPU.
         dtype: parameter dtype; default float32.
@@ -91,6 +92,7 @@ class Runtime:
             errors; default from ``CROSSCHIP_STRICT``.
         parallel: tensor/data parallel degrees.
         mode: ``"train"`` or ``"inference"``.
+        registry: the plugin registry to resolve against (default: the process-wide one).
         precision: ``"auto"`` (compute in ``dtype``) or ``"fp8"`` (FP8 matmuls where a backend
             implements them; an error if none of the requested backends can).
         fp8_recipe: ``"delayed"``, ``"current"``, ``"block"`` or ``"mxfp8"`` scaling.
@@ -248,6 +250,7 @@ class Runtime:
             )
         if backend == REFERENCE and chain.accelerated and declines:
             self._fell_back(component, spec, declines)
+        self._check_fp8(component, spec, backend)
         module = resolve_callable(impl.factory)(spec, BuildContext(self, component, backend))
         if not isinstance(module, nn.Module):
             raise ComponentBuildError(
@@ -277,6 +280,24 @@ class Runtime:
             if reason:
                 return None, str(reason)
         return impl, None
+
+    _GEMM_COMPONENTS = ("qkv_projection", "out_projection", "gated_mlp")
+
+    def _check_fp8(self, component: str, spec, backend: str) -> None:
+        """Under ``precision="fp8"`` a projection built by a backend without FP8 runs in
+        ``dtype``: never silently (a warning), and an error in strict mode."""
+        if self.precision != "fp8" or component not in self._GEMM_COMPONENTS:
+            return
+        if "fp8" in self.registry.backend(backend).descriptor.precisions:
+            return
+        message = (f"precision='fp8': {component} for {describe(spec)} was built by {backend!r}, which "
+                   f"has no FP8, so it computes in {self.dtype}")
+        if self.strict:
+            raise StrictFallbackError(f"strict mode: {message}")
+        key = ("fp8", component, backend)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, CrosschipWarning, stacklevel=4)
 
     def _fell_back(self, component: str, spec, declines) -> None:
         reasons = "; ".join(f"{b}: {r}" for b, r in declines)

@@ -12,7 +12,7 @@ import torch
 
 from crosschip.errors import ConfigurationError
 from crosschip.init import init_weights
-from crosschip.loading import build_model, from_pretrained, load_config
+from crosschip.loading import build_model, finalize, from_pretrained
 from crosschip.models import model_class
 from crosschip.presets import preset_config
 from crosschip.runtime import Runtime
@@ -108,6 +108,7 @@ def _build(args: TrainArgs):
                           fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing)
         model = build_model(model_class(config.architectures[0]), config, runtime)
         init_weights(model, seed=args.seed, std=config.initializer_range)
+        finalize(model)
         tokenizer = ByteTokenizer()
     state = None
     if args.resume:

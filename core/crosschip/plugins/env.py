@@ -36,7 +36,9 @@ def flag(var: str, default: bool = False) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{var}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+    from crosschip.errors import ConfigurationError
+
+    raise ConfigurationError(f"{var}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
 
 
 def component_variable(component: str) -> str:

@@ -40,8 +40,10 @@ def crosschip_validate_runtime(runtime):
 
 @hookspec
 def crosschip_parallelize_model(model, runtime):
-    """Apply the parallel plan to a built model. Called only on the plugin owning the
-    runtime's primary backend."""
+    """Apply the parallel plan to a model built on the meta device, before its weights are
+    allocated and loaded; return the model (None means "no plan", an error when parallelism was
+    asked for). Called only on one owner: the plugin of the backend that built the model's
+    ``qkv_projection``, whose layouts the plan shards."""
 
 
 @hookspec
@@ -52,8 +54,9 @@ def crosschip_finalize_model(model, runtime):
 
 @hookspec
 def crosschip_autocast(runtime):
-    """Return a context manager the model's forward runs under (FP8 autocast, say), or None.
-    Called once per runtime on the plugins of backends that built a component."""
+    """Return a zero-argument callable that makes a fresh context manager for each forward
+    (FP8 autocast, say), or None. Called once per runtime, lazily at the first forward, on the
+    plugins of backends that built a component."""
 
 
 @hookspec
@@ -65,4 +68,5 @@ def crosschip_checkpoint_function(runtime):
 
 @hookspec
 def crosschip_environment_info():
-    """Return a dict of diagnostic facts (library versions, devices) for ``crosschip backends``."""
+    """Return a dict of diagnostic facts (library versions, devices); ``crosschip backends
+    --json`` lists them per backend under ``environment``."""
