@@ -49,6 +49,10 @@ def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
     assert model.runtime.parallel.tp == tp and model.runtime.device_mesh.size() == tp
     qkv = model.model.layers[0].self_attn.qkv_proj.weight
     assert isinstance(qkv, DTensor) and qkv.to_local().shape[0] * tp == qkv.shape[0]
+    # Streaming sharded load: each rank read from the checkpoint exactly the bytes it holds.
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in model.parameters())
+    assert model.checkpoint_bytes_read == held, (model.checkpoint_bytes_read, held)
+    assert held < single.checkpoint_bytes_read
 
     # Saving gathers the shards (and takes one KV replica): the same bytes as the single model.
     saved = model.save_pretrained(root / f"{name}-tp{tp}")

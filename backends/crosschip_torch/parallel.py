@@ -132,11 +132,22 @@ def parallelize(model, runtime):
         copies = kv_replicas(info.spec, tp) if info.component == "qkv_projection" else 1
         if copies > 1:
             replica_groups = replica_groups or _replica_groups(mesh, copies)
-            _sum_replica_grads(module, info.spec, mesh, replica_groups)
+            # Gradient hooks live on parameter objects, which allocation (to_empty) replaces:
+            # record what to attach, and attach_training_hooks() does it once weights are in.
+            module._crosschip_kv_replicas = (mesh, replica_groups)
     for norm in _per_head_norms(model):
         parallelize_module(norm, mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
     runtime.device_mesh = mesh
     return model
+
+
+def attach_training_hooks(model) -> None:
+    """Hooks that must sit on the final parameter objects (after allocation and loading)."""
+    for module in model.modules():
+        recorded = getattr(module, "_crosschip_kv_replicas", None)
+        if recorded is not None:
+            mesh, group = recorded
+            _sum_replica_grads(module, module.crosschip_component.spec, mesh, group)
 
 
 def _per_head_norms(model):

@@ -56,6 +56,12 @@ def crosschip_parallelize_model(model, runtime):
 
 
 @hookimpl
+def crosschip_finalize_model(model, runtime):
+    if runtime.parallel.tp > 1:
+        _parallel().attach_training_hooks(model)
+
+
+@hookimpl
 def crosschip_environment_info():
     import torch
 

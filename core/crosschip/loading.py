@@ -44,12 +44,14 @@ def load_config(path: str | Path):
 
 
 def build_model(cls, config, runtime: Runtime, where: str = "config"):
-    """Construct without initialising weights (meta device), check the sizes fit, then allocate
-    on the runtime device."""
+    """Construct without initialising weights (meta device), check the sizes fit, apply the
+    parallel plan while still on meta (so each rank allocates only its shards), then allocate on
+    the runtime device."""
     check_config_sizes(config, where)
     with torch.device("meta"), _default_dtype(runtime.dtype):
         model = cls(config, runtime)
     check_fits(model, runtime.device, where)
+    _parallelize(model, runtime)
     model.to_empty(device=runtime.device)
     model.reset_buffers()
     return model
@@ -88,8 +90,9 @@ def from_pretrained(
     checkpoint = SafetensorsCheckpoint(path)
     model = build_model(cls, config, runtime, where=str(Path(path) / "config.json"))
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))
+    #: Tensor bytes this process read from the checkpoint (a sharded load reads only its part).
+    model.checkpoint_bytes_read = checkpoint.bytes_read
     checkpoint.close()
-    _parallelize(model, runtime)
     finalize(model)
     return model.eval()
 

@@ -115,5 +115,8 @@ class _DictSource:
     def get(self, key):
         return self.tensors[key]
 
+    def get_slice(self, key, index):
+        return self.tensors[key][index]
+
     def describe(self, key):
         return "the given state dict"

@@ -52,6 +52,7 @@ class TensorSource(Protocol):
     def keys(self) -> list[str]: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
     def get(self, key: str) -> torch.Tensor: ...
+    def get_slice(self, key: str, index: tuple) -> torch.Tensor: ...
     def describe(self, key: str) -> str: ...
 
 
@@ -190,6 +191,15 @@ def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = fro
 
 @torch.no_grad()
 def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> None:
-    """Fill ``model`` from canonical tensors, streaming one component at a time."""
+    """Fill ``model`` from canonical tensors, streaming one component at a time. A sharded
+    (DTensor) component reads only its rank's rows and columns."""
+    from crosschip.sharded_load import load_local
+
     for b in check_source(model, source, ignored):
+        if _is_sharded(b.module) and load_local(b, source):
+            continue
         _load_physical(b, b.from_hf({key: source.get(key) for key in b.hf_shapes}))
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in module.parameters())

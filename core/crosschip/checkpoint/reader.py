@@ -21,6 +21,8 @@ class SafetensorsCheckpoint:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._handles: dict[Path, object] = {}
+        #: Tensor bytes returned so far (what a rank actually read, for load benchmarks).
+        self.bytes_read = 0
         index = self.directory / INDEX
         single = self.directory / SINGLE
         if index.is_file():
@@ -82,9 +84,21 @@ class SafetensorsCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         path = self.key_to_file[key]
         try:
-            return self._open(path).get_tensor(key)
+            tensor = self._open(path).get_tensor(key)
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {exc}") from exc
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def get_slice(self, key: str, index: tuple) -> torch.Tensor:
+        """Only ``index`` (a tuple of slices) of ``key``, read without the rest of the tensor."""
+        path = self.key_to_file[key]
+        try:
+            tensor = self._open(path).get_slice(key)[index]
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read {key!r}{list(index)} (truncated or corrupt?): {exc}") from exc
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()
