@@ -195,10 +195,12 @@ def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = f
     (DTensor) component reads only its rank's rows and columns."""
     from crosschip.sharded_load import load_local
 
+    release = getattr(source, "release", None)
     for b in check_source(model, source, ignored):
-        if _is_sharded(b.module) and load_local(b, source):
-            continue
-        _load_physical(b, b.from_hf({key: source.get(key) for key in b.hf_shapes}))
+        if not (_is_sharded(b.module) and load_local(b, source)):
+            _load_physical(b, b.from_hf({key: source.get(key) for key in b.hf_shapes}))
+        if release is not None:
+            release()  # unmap what this component touched, so file pages do not pile up
 
 
 def _is_sharded(module: nn.Module) -> bool:

@@ -100,5 +100,8 @@ class SafetensorsCheckpoint:
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Drop the open files (and their memory maps); they reopen on the next read."""
         self._handles.clear()
+
+    close = release
