@@ -102,6 +102,10 @@ def cmd_train(args) -> int:
 
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if hasattr(args, k)}
     result = train(TrainArgs(**fields), progress=not args.quiet)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
           f"{result.tokens_per_second:,.0f} tokens/s on {result.model.runtime.device}")
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp8: FP8 matmuls on a backend that implements them (te); an error elsewhere")
     train.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current", "block", "mxfp8"])
     train.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    train.add_argument("--tp", type=int, default=1,
+                       help="tensor parallel degree; launch with torchrun --nproc_per_node TP")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
     train.add_argument("--stop-after", type=int, default=None,
                        help="stop and save after this many steps of this run; continue with --resume")

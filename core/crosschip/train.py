@@ -3,8 +3,12 @@ save a Hugging Face checkpoint with everything needed to resume."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,9 +20,11 @@ from crosschip.loading import build_model, finalize, from_pretrained
 from crosschip.models import model_class
 from crosschip.presets import preset_config
 from crosschip.runtime import Runtime
+from crosschip.specs import ParallelSpec
 from crosschip.tokenizer import ByteTokenizer, load_tokenizer
 
-STATE_FILE = "training_state.pt"
+STATE_DIR = "training_state"  # torch.distributed.checkpoint of model and optimizer, any layout
+STATE_META = "meta.json"
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TrainArgs:
     text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
     warmup: int | None = None
     stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
+    tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -98,24 +105,26 @@ def _build(args: TrainArgs):
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
-                                activation_checkpointing=args.activation_checkpointing)
+                                activation_checkpointing=args.activation_checkpointing, tp=args.tp)
         tokenizer = load_tokenizer(source)
     elif args.resume:
         raise ConfigurationError(f"--resume {args.resume}: not a directory")
     else:
         config = preset_config(args.model)
         runtime = Runtime(args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
-                          fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing)
+                          fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing,
+                          parallel=ParallelSpec(tp=args.tp))
         model = build_model(model_class(config.architectures[0]), config, runtime)
         init_weights(model, seed=args.seed, std=config.initializer_range)
         finalize(model)
         tokenizer = ByteTokenizer()
     state = None
     if args.resume:
-        state_file = Path(args.resume) / STATE_FILE
-        if not state_file.is_file():
-            raise ConfigurationError(f"--resume {args.resume}: {STATE_FILE} missing (not a training checkpoint)")
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        meta_file = Path(args.resume) / STATE_DIR / STATE_META
+        if not meta_file.is_file():
+            raise ConfigurationError(f"--resume {args.resume}: {STATE_DIR}/{STATE_META} missing (not a training "
+                                     "checkpoint, or its save did not finish)")
+        state = json.loads(meta_file.read_text())
         backends = _backends(model)
         if state["backends"] != backends:
             raise ConfigurationError(
@@ -133,6 +142,7 @@ def _backends(model) -> dict[str, list[str]]:
 
 def train(args: TrainArgs, progress: bool = True) -> TrainResult:
     args.check()
+    _ensure_process_group(args)
     torch.manual_seed(args.seed)
     model, tokenizer, state = _build(args)
     device = model.runtime.device
@@ -142,7 +152,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
                                   fused=device.type == "cuda")
     start, losses = 0, []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR)
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
@@ -150,7 +160,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
     from tqdm.auto import tqdm
 
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress,
+    bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress or _rank() != 0,
                desc="train", unit="step", dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
     for step in bar:
@@ -160,7 +170,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
         # Labels are the inputs: the loss component shifts them, as transformers does.
         loss = model(batch, labels=batch, return_logits=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -169,10 +179,108 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
     bar.close()
 
-    def extras(directory: Path) -> None:
-        tokenizer.save_pretrained(directory)
-        torch.save({"step": end, "losses": losses, "optimizer": optimizer.state_dict(),
-                    "args": asdict(args), "backends": _backends(model)}, directory / STATE_FILE)
-
-    out = model.save_pretrained(args.out, extra_files=extras)
+    out = model.save_pretrained(args.out, extra_files=tokenizer.save_pretrained)
+    _save_training_state(model, optimizer, out / STATE_DIR, {
+        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model), "tp": args.tp})
     return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), out, model)
+
+
+def clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """Scale gradients to a total 2-norm of at most ``max_norm``. With tensor parallelism some
+    gradients are DTensor shards and others plain replicated tensors, which torch's
+    ``clip_grad_norm_`` cannot mix: a shard's squares are summed over its mesh, a replicated
+    gradient counts once. (KV-head replicas beyond the KV heads count once per replica.)"""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if hasattr(g, "device_mesh")]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    plain = [g for g in grads if not hasattr(g, "device_mesh")]
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if plain else sharded[0].to_local().device)
+    for g in plain:
+        total += g.float().pow(2).sum()
+    by_mesh: dict = {}
+    for g in sharded:
+        square = g.to_local().float().pow(2).sum()
+        if any(isinstance(p, Shard) for p in g.placements):
+            by_mesh.setdefault(g.device_mesh, []).append(square)
+        else:
+            total += square
+    for mesh, squares in by_mesh.items():
+        part = torch.stack(squares).sum()
+        dist.all_reduce(part, group=mesh.get_group())
+        total += part
+    norm = total.sqrt()
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype) if not hasattr(g, "device_mesh") else scale.item())
+    return norm
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _ensure_process_group(args: TrainArgs) -> None:
+    """Under torchrun (``--tp > 1``), join the process group torchrun describes."""
+    if args.tp == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ConfigurationError(f"--tp {args.tp} needs one process per rank: launch with "
+                                     f"`torchrun --nproc_per_node {args.tp} -m crosschip.cli train ...`")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
+    """Model and optimizer through torch.distributed.checkpoint (each rank writes its shards; a
+    later run may load them at another layout), then the metadata, written last: a save that did
+    not finish has no meta.json and is refused on resume."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_is_intended():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    if _rank() == 0:
+        (directory / STATE_META).write_text(json.dumps(meta, indent=1) + "\n")
+    _barrier()
+
+
+def _load_training_state(model, optimizer, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(directory))
+    except Exception as exc:
+        raise ConfigurationError(f"--resume {directory.parent}: the saved training state does not fit this "
+                                 f"model and layout: {exc}") from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """torch.distributed.checkpoint warns when no process group exists; one process is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
