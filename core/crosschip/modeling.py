@@ -18,6 +18,9 @@ from crosschip.runtime import Runtime
 
 @dataclass
 class CausalLMOutput:
+    """``logits`` ``[batch, seq, vocab]`` (None when not asked for) and the mean next-token
+    ``loss`` (None without labels)."""
+
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 

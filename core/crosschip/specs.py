@@ -44,6 +44,8 @@ class NormSpec:
 
 @dataclass(frozen=True)
 class EmbeddingSpec:
+    """Token embedding ``[vocab_size, hidden_size]``; ``padding_idx`` gets no gradient."""
+
     vocab_size: int
     hidden_size: int
     padding_idx: int | None = None
@@ -90,6 +92,9 @@ class QKVSpec:
 
 @dataclass(frozen=True)
 class LinearSpec:
+    """A projection ``in_features -> out_features``; ``parallel`` says how tensor parallelism
+    splits it (``"row"`` for the attention output projection)."""
+
     in_features: int
     out_features: int
     bias: bool = False
@@ -175,6 +180,9 @@ class LossSpec:
 
 @dataclass(frozen=True)
 class ParallelSpec:
+    """Parallel degrees: tensor parallel ``tp``, data parallel ``dp``, and whether norms and
+    residuals are sharded along the sequence (``sequence_parallel``)."""
+
     tp: int = 1
     dp: int = 1
     sequence_parallel: bool = False

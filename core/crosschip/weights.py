@@ -154,6 +154,7 @@ def iter_canonical(model: nn.Module, grads: bool = False) -> Iterator[tuple[str,
 
 
 def canonical_state_dict(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """All canonical weights (or gradients) by Hugging Face key."""
     return dict(iter_canonical(model, grads))
 
 

@@ -9,12 +9,14 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register_model(cls):
+    """Class decorator: load ``cls`` for each Hugging Face architecture name it lists."""
     for name in cls.architectures:
         _REGISTRY[name] = cls
     return cls
 
 
 def model_class(architecture: str, where: str = "config.json"):
+    """The model class for a Hugging Face ``architectures`` name; an error lists the supported."""
     _load_builtin()
     try:
         return _REGISTRY[architecture]
@@ -26,6 +28,7 @@ def model_class(architecture: str, where: str = "config.json"):
 
 
 def supported_architectures() -> list[str]:
+    """Every Hugging Face architecture name the zoo loads."""
     _load_builtin()
     return sorted(_REGISTRY)
 

@@ -27,6 +27,9 @@ from crosschip.specs import (
 
 @dataclass(frozen=True)
 class DecoderOptions:
+    """Everything that distinguishes one pre-norm decoder architecture from another, read from
+    its Hugging Face config by the model file."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int

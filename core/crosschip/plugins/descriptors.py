@@ -38,8 +38,9 @@ class Probe:
 @dataclass(frozen=True)
 class BackendDescriptor:
     """What a backend is. ``probe`` must be cheap and must never initialise a device: it runs
-    whenever backends are listed or resolved. ``fallbacks`` names backends to try (when
-    available) before ``reference`` if this one declines a component."""
+    whenever backends are listed or resolved. ``fallbacks`` names backends placed right after
+    this one in its chain (before ``reference``); like any chain member they are skipped when
+    unavailable."""
 
     name: str
     priority: int

@@ -12,6 +12,8 @@ logger = logging.getLogger("crosschip.runtime")
 
 @dataclass(frozen=True)
 class Decision:
+    """One component build: who built it, where the chain came from, who declined and why."""
+
     component: str
     spec: str  # short description of the spec
     backend: str  # who built it
@@ -28,6 +30,8 @@ class Decision:
 
 @dataclass
 class DecisionReport:
+    """Every decision of a runtime (``runtime.report``); ``str()`` lists the distinct ones."""
+
     decisions: list[Decision] = field(default_factory=list)
     _logged: set = field(default_factory=set, repr=False)
 

@@ -23,6 +23,8 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class Chain:
+    """The backends that may build a component, in order, and where that order came from."""
+
     backends: tuple[str, ...]
     source: str
 
@@ -54,6 +56,7 @@ def check_environment() -> None:
 
 
 def auto_order(registry: Registry) -> list[str]:
+    """Available non-reference backends by descending priority (ties by name)."""
     available = [
         rec for name, rec in registry.backends.items() if name != REFERENCE and rec.probe().available
     ]
@@ -80,6 +83,7 @@ def resolve_chain(
     backend: BackendChoice = None,
     components: Mapping[str, BackendChoice] | None = None,
 ) -> Chain:
+    """The chain for ``component``: see the module docstring for the precedence."""
     check_component_name(component)
     per_component = (components or {}).get(component)
     var = env.component_variable(component)
