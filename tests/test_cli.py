@@ -58,7 +58,8 @@ def test_json_lists_every_backend_and_the_resolved_choice(plugin_site):
     assert resolved["rms_norm"] == {"backend": "template", "source": "auto",
                                     "chain": ["torch", "template", "reference"], "passed_over": []}
     assert resolved["qkv_projection"]["backend"] == "torch"
-    assert resolved["embedding"]["backend"] == "reference"
+    assert resolved["embedding"]["backend"] == "torch"
+    assert resolved["rotary"]["backend"] == "reference"
     # The failures are logged once each, and the command still succeeds.
     for name in ("broken_import", "wrong_api", "unknown_hook"):
         assert f"crosschip plugin {name!r}" in result.stderr

@@ -129,9 +129,9 @@ def test_every_other_backend_keeps_working(installed, tiny_llama, backend):
         assert_rel_close(model(ids).logits, expected, 2e-5, "logits")
     built = {d.component: d.backend for d in model.runtime.report.decisions}
     if backend is None:  # auto: torch builds what it implements, the template its rms_norm
-        assert built == {"embedding": "reference", "qkv_projection": "torch", "attention": "torch",
+        assert built == {"embedding": "torch", "qkv_projection": "torch", "attention": "torch",
                          "out_projection": "torch", "gated_mlp": "torch", "rms_norm": "template",
-                         "rotary": "reference", "lm_head": "reference", "loss": "reference"}
+                         "rotary": "reference", "lm_head": "torch", "loss": "torch"}
     else:
         assert built["rms_norm"] == "reference" and built["qkv_projection"] == backend
 

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.masks import AttentionMask, allowed
-from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, QKVSpec
+from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, LossSpec, QKVSpec
 
 try:
     from torch.distributed.tensor import DTensor
@@ -89,3 +89,103 @@ class SDPAAttention(nn.Module):
             enable_gqa=q.shape[1] != k.shape[1],
         )
         return out.transpose(1, 2).reshape(batch, q_len, -1)
+
+
+# -- vocabulary: embedding, LM head, loss --------------------------------------------------------
+# nn.Embedding and a linear-like LM head, so torch's parallel styles (RowwiseParallel on the
+# embedding: vocab rows; ColwiseParallel on the head: vocab rows, logits sharded on the vocab dim)
+# apply to them unchanged. Single-process math is exactly the reference backend's.
+class Embedding(nn.Embedding):
+    def __init__(self, spec: EmbeddingSpec):
+        super().__init__(spec.vocab_size, spec.hidden_size, padding_idx=spec.padding_idx)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)  # as the reference backend (no zeroed padding row)
+
+
+class LMHead(nn.Module):
+    """``hidden @ weight.T (+ bias)``, divided by ``logits_divisor``; a tied head reads the
+    embedding module's weight (``tie_weights``) at every call, so it follows that weight when a
+    parallel plan or ``to_empty`` replaces it."""
+
+    def __init__(self, spec: LMHeadSpec):
+        super().__init__()
+        self.spec = spec
+        self._tied_to: list[nn.Module] = []  # a list, so the embedding is not a submodule
+        if not spec.tied:
+            self.weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size))
+            nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(spec.vocab_size)) if spec.bias else None
+
+    def tie_weights(self, embedding: nn.Module) -> None:
+        self._tied_to[:] = [embedding]
+
+    def output_weight(self) -> torch.Tensor:
+        if self.spec.tied:
+            if not self._tied_to:
+                raise RuntimeError("tied lm_head used before tie_weights(embedding) was called")
+            return self._tied_to[0].weight
+        return self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.output_weight(), self.bias)
+        if self.spec.logits_divisor != 1.0:
+            logits = logits / self.spec.logits_divisor
+        return logits
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over non-ignored labels, in float32, labels shifted here.
+    Logits sharded on the vocab dim (a DTensor from the vocab-parallel LM head) are never
+    gathered: the loss runs under ``loss_parallel`` (see :class:`_LossParallel`)."""
+
+    def __init__(self, spec: LossSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, hidden, labels, lm_head, logits=None) -> torch.Tensor:
+        if logits is None:
+            logits = lm_head(hidden)
+        shifted = F.pad(labels, (0, 1), value=self.spec.ignore_index)[..., 1:]
+        if isinstance(logits, DTensor):
+            return _LossParallel.apply(logits.to_local(), shifted.to(logits.device), logits.device_mesh,
+                                       logits.placements, logits.shape, logits.stride(), self.spec.ignore_index)
+        logits = logits.float()
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1).to(logits.device),
+            ignore_index=self.spec.ignore_index,
+        )
+
+
+class _LossParallel(torch.autograd.Function):
+    """Cross-entropy of vocab-sharded logits under ``torch.distributed.tensor.parallel.
+    loss_parallel``, which must be active in the backward pass too, while the caller's
+    ``loss.backward()`` runs wherever the caller puts it. So the forward records its own small
+    graph (this rank's logits shard -> loss) and the backward replays it under the context.
+    Only per-token statistics (max, sum of exponentials, target logit) cross ranks."""
+
+    @staticmethod
+    def forward(ctx, local, target, mesh, placements, shape, stride, ignore_index):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        with torch.enable_grad():
+            leaf = local.detach().requires_grad_()
+            logits = DTensor.from_local(leaf, mesh, placements, run_check=False, shape=shape, stride=stride)
+            logits = logits.float()
+            with loss_parallel():
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=ignore_index)
+            loss = loss.to_local()
+        ctx.graph = (leaf, loss)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        leaf, loss = ctx.graph
+        del ctx.graph
+        with loss_parallel():
+            (local_grad,) = torch.autograd.grad(loss, leaf, grad)
+        return local_grad, None, None, None, None, None, None

@@ -4,11 +4,15 @@ component, so every model built from these components gets it.
 
 Sharded: the combined QKV and gate/up projections column-wise (their interleaved row orders make a
 dim-0 shard hold whole KV groups and matching gate/up pairs), ``o_proj`` and ``down_proj``
-row-wise. Everything else (embedding, norms, rotary, attention, LM head, loss) stays replicated:
-every rank holds and computes it whole on the replicated residual stream, so its gradients agree
-across ranks without communication. Attention needs no style: it receives this rank's heads as
-plain local tensors and derives head counts from their shapes. Per-head norms (Qwen3's q/k norms)
-are the one replicated weight that sees sharded activations; see :func:`_per_head_norms`.
+row-wise, the embedding and the LM head (tied or not) on the vocab; the loss runs on the
+vocab-sharded logits (``loss_parallel``), which are gathered only when the model returns them.
+Norms, rotary and attention hold replicated weights. Without ``sequence_parallel`` every rank
+computes the norms whole on the replicated residual stream, so their gradients agree without
+communication; with it the stream and the norms on it are sharded on the sequence dim and the
+norms' partial weight gradients are summed (see :func:`_gradient_like`). Attention needs no
+style: it receives this rank's heads as plain local tensors and derives head counts from their
+shapes. Per-head norms (Qwen3's q/k norms) see head-sharded activations, never sequence-sharded
+ones; see :func:`_per_head_norms`.
 """
 
 from __future__ import annotations
@@ -63,10 +67,14 @@ def check_out_projection(spec, tp: int) -> None:
 def check_runtime(runtime) -> None:
     """Parallel settings this backend can honour, checked before anything is built."""
     parallel = runtime.parallel
-    if parallel.dp != 1 or parallel.sequence_parallel:
+    if parallel.dp != 1:
         raise ConfigurationError(
-            f"{parallel}: the torch backend implements tensor parallelism (tp) only so far; "
-            "data and sequence parallelism are not available yet")
+            f"{parallel}: the torch backend implements tensor and sequence parallelism (tp, "
+            "sequence_parallel) only so far; data parallelism (dp) is not available yet")
+    if parallel.sequence_parallel and parallel.tp == 1:
+        raise ConfigurationError(
+            f"{parallel}: sequence_parallel=True shards the sequence over the tensor-parallel "
+            "ranks, so it needs tp > 1")
     if parallel.tp == 1:
         return
     import torch.distributed as dist
@@ -77,8 +85,8 @@ def check_runtime(runtime) -> None:
             f"`torchrun --nproc_per_node {parallel.tp} ...` (or init_process_group) first")
     if dist.get_world_size() != parallel.tp:
         raise ConfigurationError(
-            f"tp={parallel.tp} does not match the world size {dist.get_world_size()}: tensor "
-            "parallelism is the only parallelism so far, so every process must be one TP rank")
+            f"tp={parallel.tp} does not match the world size {dist.get_world_size()}: without data "
+            "parallelism (not available yet) every process must be one TP rank")
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -94,18 +102,59 @@ def _styles():
         def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
             return outputs
 
-    return ColwiseHeads, ColwiseParallel, RowwiseParallel
+    class VocabColwise(ColwiseParallel):
+        """Column-parallel for the LM head, an ``nn.Module`` rather than an ``nn.Linear``: its
+        own weight and bias (absent when tied: it then reads the embedding's weight, already
+        sharded on the vocab dim by the embedding's style) are sharded on dim 0, the vocab."""
+
+        def _apply(self, module, device_mesh):
+            from functools import partial
+
+            from torch.distributed.tensor import distribute_module
+
+            return distribute_module(
+                module, device_mesh, self._partition_linear_fn,
+                partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+    return ColwiseHeads, VocabColwise, ColwiseParallel, RowwiseParallel
 
 
-def plan() -> dict:
+def plan(sequence_parallel: bool = False, loss_parallel: bool = True) -> dict:
     """Component name -> the style ``parallelize_module`` applies to each module of that component
-    (a style, or a dict of styles for its submodules)."""
-    colwise_heads, colwise, rowwise = _styles()
+    (a style, or a dict of styles for its submodules).
+
+    Vocab parallel: the embedding is sharded on its vocab rows (each rank looks up the ids it
+    holds, the partial results are summed); the LM head on its vocab rows, leaving the logits
+    sharded on the vocab dim for the loss (``loss_parallel``: the loss component is this
+    backend's) and gathered only where logits are returned.
+
+    Sequence parallel (torchtitan's Llama plan): the residual stream and the norms on it are
+    sharded on the sequence dim (dim 1); each column-parallel projection all-gathers its input
+    sequence, each row-parallel one reduce-scatters its output back onto it.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    colwise_heads, vocab_colwise, colwise, rowwise = _styles()
+    # The residual stream: plain (replicated) tensors, or sequence-sharded DTensors, which carry
+    # their global shape, so a sequence that tp does not divide (a decode step) still works.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    local = not sequence_parallel
     return {
-        "qkv_projection": colwise_heads(),
-        "gated_mlp": {"gate_up_proj": colwise(), "down_proj": rowwise()},
-        "out_projection": rowwise(),
+        "embedding": rowwise(input_layouts=Replicate(), output_layouts=stream, use_local_output=local),
+        "qkv_projection": colwise_heads(input_layouts=stream),
+        "gated_mlp": {"gate_up_proj": colwise(input_layouts=stream),
+                      "down_proj": rowwise(output_layouts=stream, use_local_output=local)},
+        "out_projection": rowwise(output_layouts=stream, use_local_output=local),
+        "lm_head": vocab_colwise(input_layouts=stream,
+                                 output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                 use_local_output=not loss_parallel),
     }
+
+
+#: Components the plan may leave replicated when another backend built them (they then compute
+#: whole on every rank, as before vocab parallelism); without sequence parallelism only.
+_OPTIONAL = ("embedding", "lm_head")
 
 
 def parallelize(model, runtime):
@@ -116,14 +165,19 @@ def parallelize(model, runtime):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
+    sp = runtime.parallel.sequence_parallel
     mesh = init_device_mesh(runtime.device.type, (tp,), mesh_dim_names=(TP_DIM,))
-    styles = plan()
-    targets = [(path, m) for path, m in model.named_modules()
-               if getattr(m, "crosschip_component", None) is not None
-               and m.crosschip_component.component in styles]
+    components = [(path, m) for path, m in model.named_modules()
+                  if getattr(m, "crosschip_component", None) is not None]
+    vocab = _vocab_parallel(components, sp, tp)
+    styles = plan(sp, loss_parallel=vocab == "loss")
+    if not vocab:
+        styles = {k: v for k, v in styles.items() if k not in _OPTIONAL}
     replica_groups = None
-    for path, module in targets:
+    for path, module in components:
         info = module.crosschip_component
+        if info.component not in styles:
+            continue
         if info.backend != "torch":
             raise ConfigurationError(
                 f"tp={tp}: {info.component} at {path} was built by backend {info.backend!r}; the torch "
@@ -135,19 +189,62 @@ def parallelize(model, runtime):
             # Gradient hooks live on parameter objects, which allocation (to_empty) replaces:
             # record what to attach, and attach_training_hooks() does it once weights are in.
             module._crosschip_kv_replicas = (mesh, replica_groups)
-    for norm in _per_head_norms(model):
-        parallelize_module(norm, mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
+    per_head = {id(n) for n in _per_head_norms(model)}
+    for path, norm in components:
+        if id(norm) in per_head:
+            parallelize_module(norm, mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
+        elif sp and norm.crosschip_component.component == "rms_norm":
+            # A norm on the residual stream: each rank normalises its part of the sequence.
+            parallelize_module(norm, mesh, SequenceParallel(sequence_dim=1))
     runtime.device_mesh = mesh
     return model
 
 
+def _vocab_parallel(components, sp: bool, tp: int):
+    """``"loss"`` when the embedding, LM head and loss are this backend's (vocab parallel, logits
+    left sharded for the loss), ``"head"`` when only the loss is not (the head gathers its
+    logits), None when the embedding or head is another backend's (both stay replicated; an
+    error under sequence parallelism, whose residual stream they must shard and gather)."""
+    built = {m.crosschip_component.component: (path, m.crosschip_component.backend)
+             for path, m in components if m.crosschip_component.component in (*_OPTIONAL, "loss")}
+    foreign = [f"{c} at {p} (backend {b!r})" for c, (p, b) in built.items() if c in _OPTIONAL and b != "torch"]
+    if foreign:
+        if sp:
+            raise ConfigurationError(
+                f"tp={tp}, sequence_parallel=True: the torch backend's plan shards the sequence at "
+                f"the embedding and gathers it at the LM head, but {', '.join(foreign)} is another "
+                "backend's")
+        return None
+    return "loss" if built.get("loss", (None, "torch"))[1] == "torch" else "head"
+
+
 def attach_training_hooks(model) -> None:
     """Hooks that must sit on the final parameter objects (after allocation and loading)."""
+    for param in model.parameters():
+        if hasattr(param, "device_mesh"):
+            param.register_hook(_gradient_like(param))
     for module in model.modules():
         recorded = getattr(module, "_crosschip_kv_replicas", None)
         if recorded is not None:
             mesh, group = recorded
             _sum_replica_grads(module, module.crosschip_component.spec, mesh, group)
+
+
+def _gradient_like(param):
+    """DTensor leaves its own placement on some gradients: a replicated (sequence-parallel) norm
+    weight gets a ``Partial`` sum, the vocab-sharded embedding a ``Replicate`` whole (its backward
+    has no row-sharded rule). Put every gradient in its parameter's placement, once, before it is
+    accumulated: the partial sums are all-reduced here rather than by every optimizer op that
+    touches them (or never, by code that reads the local tensor), and a sharded parameter keeps
+    only its shard of the gradient (a local slice, no communication)."""
+    placements = param.placements
+
+    def hook(grad):
+        if hasattr(grad, "placements") and grad.placements != placements:
+            grad = grad.redistribute(placements=placements)
+        return grad
+
+    return hook
 
 
 def _per_head_norms(model):

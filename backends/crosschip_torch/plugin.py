@@ -21,7 +21,8 @@ def crosschip_register_backends():
         priority=100,
         device_types=("cpu", "cuda"),
         probe=probe,
-        description="combined QKV / gate_up projections, SDPA attention, DTensor parallelism",
+        description="combined QKV / gate_up projections, SDPA attention, vocab-parallel embedding, "
+                    "LM head and loss, DTensor parallelism",
     )]
 
 
@@ -32,6 +33,9 @@ def crosschip_register_components():
         ComponentImpl(NAME, "gated_mlp", _gated_mlp),
         ComponentImpl(NAME, "out_projection", _out_projection),
         ComponentImpl(NAME, "attention", lambda spec, ctx: _cls("SDPAAttention")(spec)),
+        ComponentImpl(NAME, "embedding", lambda spec, ctx: _cls("Embedding")(spec)),
+        ComponentImpl(NAME, "lm_head", lambda spec, ctx: _cls("LMHead")(spec)),
+        ComponentImpl(NAME, "loss", lambda spec, ctx: _cls("CausalLMLoss")(spec)),
     ]
 
 
@@ -41,6 +45,8 @@ def crosschip_register_layouts():
         LayoutImpl(NAME, "qkv_projection", f"{_LAYOUT}:qkv_layout"),
         LayoutImpl(NAME, "gated_mlp", f"{_LAYOUT}:gated_mlp_layout"),
         LayoutImpl(NAME, "out_projection", f"{_LAYOUT}:identity_layout"),
+        LayoutImpl(NAME, "embedding", f"{_LAYOUT}:identity_layout"),
+        LayoutImpl(NAME, "lm_head", f"{_LAYOUT}:identity_layout"),
     ]
 
 
