@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 _KEY_SHIFT = 32
+#: Largest piece read at once: bounds the temporary memory of a load.
+CHUNK_BYTES = 16 * 2**20
 
 
 def row_sources(binding) -> dict[str, torch.Tensor] | None:
@@ -69,16 +71,23 @@ def load_local(binding, source) -> bool:
     if sources is None or set(sources) != set(targets):
         return False
     keys = list(binding.hf_shapes)
+    plan = []
     for name, target in targets.items():
         region = local_region(target)
-        rows = sources[name][region[0][0]:region[0][1]]
-        columns = tuple(slice(a, b) for a, b in region[1:])
-        pieces = []
-        for key_id, start, stop in _runs(rows):
-            if tuple(binding.hf_shapes[keys[key_id]][1:]) != tuple(target.shape[1:]):
-                return False  # columns are not carried over unchanged: not a row permutation
-            pieces.append(source.get_slice(keys[key_id], (slice(start, stop), *columns)))
-        local = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        runs = list(_runs(sources[name][region[0][0]:region[0][1]]))
+        if any(tuple(binding.hf_shapes[keys[k]][1:]) != tuple(target.shape[1:]) for k, _, _ in runs):
+            return False  # columns are not carried over unchanged: not a row permutation
+        plan.append((target, runs, tuple(slice(a, b) for a, b in region[1:])))
+    for target, runs, columns in plan:
         dest = target.to_local() if hasattr(target, "device_mesh") else target
-        dest.copy_(local.to(dtype=dest.dtype).reshape(dest.shape))
+        rows_view = dest.reshape(dest.shape[0], -1) if dest.dim() > 1 else dest  # a view: contiguous
+        step = max(1, CHUNK_BYTES // max(1, rows_view[:1].numel() * dest.element_size()))
+        offset = 0
+        for key_id, start, stop in runs:
+            # Bounded pieces copied straight into place: no whole-shard temporary.
+            for first in range(start, stop, step):
+                last = min(stop, first + step)
+                into = rows_view[offset:offset + last - first]
+                into.copy_(source.get_slice(keys[key_id], (slice(first, last), *columns)).reshape(into.shape))
+                offset += last - first
     return True
