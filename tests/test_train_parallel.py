@@ -25,9 +25,10 @@ def _worker(rank: int, world: int, root: str) -> None:
         half = train(TrainArgs(out=str(root / "tp-half"), tp=world, stop_after=4, **ARGS), progress=False)
         resumed = train(TrainArgs(out=str(root / "tp-resumed"), tp=world, resume=str(root / "tp-half"), **ARGS),
                         progress=False)
+        sp = train(TrainArgs(out=str(root / "tp-sp"), tp=world, sequence_parallel=True, **ARGS), progress=False)
         if rank == 0:
             (root / "losses.json").write_text(json.dumps(
-                {"full": full.losses, "half": half.losses, "resumed": resumed.losses}))
+                {"full": full.losses, "half": half.losses, "resumed": resumed.losses, "sp": sp.losses}))
     finally:
         dist.destroy_process_group()
 
@@ -41,6 +42,8 @@ def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
     for a, b in zip(losses["full"], single.losses):
         assert abs(a - b) <= 1e-5 * abs(b), (losses["full"], single.losses)
     assert losses["half"] == losses["full"][:4]
+    for a, b in zip(losses["sp"], losses["full"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses["sp"], losses["full"])
     assert losses["resumed"] == losses["full"], "interrupted + resumed run differs from the uninterrupted one"
     # The tp=2 state resumes in a single process (DCP reshards model and optimizer state).
     other_layout = train(TrainArgs(out=str(tmp_path / "tp1-resumed"), resume=str(tmp_path / "tp-half"), **ARGS),

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     train.add_argument("--tp", type=int, default=1,
                        help="tensor parallel degree; launch with torchrun --nproc_per_node TP")
+    train.add_argument("--sequence-parallel", action="store_true",
+                       help="with --tp: shard norms and residuals along the sequence")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
     train.add_argument("--stop-after", type=int, default=None,
                        help="stop and save after this many steps of this run; continue with --resume")

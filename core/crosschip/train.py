@@ -47,6 +47,7 @@ class TrainArgs:
     warmup: int | None = None
     stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp)
+    sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -105,7 +106,8 @@ def _build(args: TrainArgs):
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
-                                activation_checkpointing=args.activation_checkpointing, tp=args.tp)
+                                activation_checkpointing=args.activation_checkpointing, tp=args.tp,
+                                sequence_parallel=args.sequence_parallel)
         tokenizer = load_tokenizer(source)
     elif args.resume:
         raise ConfigurationError(f"--resume {args.resume}: not a directory")
@@ -113,7 +115,7 @@ def _build(args: TrainArgs):
         config = preset_config(args.model)
         runtime = Runtime(args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
                           fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing,
-                          parallel=ParallelSpec(tp=args.tp))
+                          parallel=ParallelSpec(tp=args.tp, sequence_parallel=args.sequence_parallel))
         model = build_model(model_class(config.architectures[0]), config, runtime)
         init_weights(model, seed=args.seed, std=config.initializer_range)
         finalize(model)
