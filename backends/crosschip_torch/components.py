@@ -10,6 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.masks import AttentionMask, allowed
+from crosschip.reference.components import LMHead as ReferenceLMHead
 from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, LossSpec, QKVSpec
 
 try:
@@ -103,35 +104,11 @@ class Embedding(nn.Embedding):
         nn.init.normal_(self.weight, std=0.02)  # as the reference backend (no zeroed padding row)
 
 
-class LMHead(nn.Module):
-    """``hidden @ weight.T (+ bias)``, divided by ``logits_divisor``; a tied head reads the
-    embedding module's weight (``tie_weights``) at every call, so it follows that weight when a
-    parallel plan or ``to_empty`` replaces it."""
-
-    def __init__(self, spec: LMHeadSpec):
-        super().__init__()
-        self.spec = spec
-        self._tied_to: list[nn.Module] = []  # a list, so the embedding is not a submodule
-        if not spec.tied:
-            self.weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size))
-            nn.init.normal_(self.weight, std=0.02)
-        self.bias = nn.Parameter(torch.zeros(spec.vocab_size)) if spec.bias else None
-
-    def tie_weights(self, embedding: nn.Module) -> None:
-        self._tied_to[:] = [embedding]
-
-    def output_weight(self) -> torch.Tensor:
-        if self.spec.tied:
-            if not self._tied_to:
-                raise RuntimeError("tied lm_head used before tie_weights(embedding) was called")
-            return self._tied_to[0].weight
-        return self.weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.output_weight(), self.bias)
-        if self.spec.logits_divisor != 1.0:
-            logits = logits / self.spec.logits_divisor
-        return logits
+class LMHead(ReferenceLMHead):
+    """``hidden @ weight.T (+ bias)``, divided by ``logits_divisor``: the reference math (a tied
+    head reads the embedding module's weight at every call, so it follows that weight when a
+    parallel plan or ``to_empty`` replaces it). Its own class so the torch backend's parallel
+    plan, which shards only torch-built modules, can take it over."""
 
 
 class CausalLMLoss(nn.Module):
