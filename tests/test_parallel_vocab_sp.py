@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import crosschip
 from crosschip.errors import ConfigurationError
+from gloo_spawn import spawn
 from helpers import assert_rel_close, save_hf_llama
 
 TOL = 1e-5
@@ -144,27 +145,12 @@ def _check_mixed_backends(root: Path, tp: int) -> None:
                                   components={"embedding": "reference"})
 
 
-def _worker(rank: int, world: int, root: str, cases) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    root = Path(root)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{world}", rank=rank,
-                            world_size=world)
-    try:
-        for name, sp in cases:
-            if name == "mixed":
-                _check_mixed_backends(root, world)
-            else:
-                _check_parity(root, name, world, sp)
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(root: Path, world: int, cases) -> None:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(world, str(root), cases), nprocs=world, join=True)
+def _run(rank: int, world: int, root: Path, cases) -> None:
+    for name, sp in cases:
+        if name == "mixed":
+            _check_mixed_backends(root, world)
+        else:
+            _check_parity(root, name, world, sp)
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +161,12 @@ def checkpoints(tmp_path_factory):
 
 
 def test_vocab_and_sequence_parallel_tp2_match_single_process(checkpoints):
-    _launch(checkpoints, 2, [(name, sp) for name in ("llama", "llama-tied", "qwen2") for sp in (False, True)]
+    spawn(2, checkpoints, _run, [(name, sp) for name in ("llama", "llama-tied", "qwen2") for sp in (False, True)]
             + [("qwen3", True), ("mixed", False)])
 
 
 def test_sequence_parallel_tp4_replicating_kv_heads_matches_single_process(checkpoints):
-    _launch(checkpoints, 4, [("llama-tied", True)])
+    spawn(4, checkpoints, _run, [("llama-tied", True)])
 
 
 def test_sequence_parallel_needs_tensor_parallelism(checkpoints):

@@ -13,6 +13,7 @@ import torch
 import crosschip
 from crosschip.errors import ConfigurationError
 from crosschip.layouts import ReplicateHeads
+from gloo_spawn import spawn
 from helpers import assert_rel_close, save_hf_llama
 
 TOL = 1e-5
@@ -96,27 +97,12 @@ def _check_errors(root: Path, world: int) -> None:
         crosschip.from_pretrained(root / "inter95", backend="torch", tp=2)
 
 
-def _worker(rank: int, world: int, root: str, cases) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    root = Path(root)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{world}", rank=rank,
-                            world_size=world)
-    try:
-        for name, tp in cases:
-            if name == "errors":
-                _check_errors(root, world)
-            else:
-                _check_parity(root, name, tp, rank)
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(root: Path, world: int, cases) -> None:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(world, str(root), cases), nprocs=world, join=True)
+def _run(rank: int, world: int, root: Path, cases) -> None:
+    for name, tp in cases:
+        if name == "errors":
+            _check_errors(root, world)
+        else:
+            _check_parity(root, name, tp, rank)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +113,11 @@ def checkpoints(tmp_path_factory):
 
 
 def test_tp2_matches_single_process(checkpoints):
-    _launch(checkpoints, 2, [("llama", 2), ("qwen2", 2), ("qwen3", 2), ("errors", 0)])
+    spawn(2, checkpoints, _run, [("llama", 2), ("qwen2", 2), ("qwen3", 2), ("errors", 0)])
 
 
 def test_tp4_replicating_kv_heads_matches_single_process(checkpoints):
-    _launch(checkpoints, 4, [("llama", 4), ("qwen2", 4)])
+    spawn(4, checkpoints, _run, [("llama", 4), ("qwen2", 4)])
 
 
 def test_tp_without_process_group_is_a_configuration_error(checkpoints):

@@ -7,37 +7,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from crosschip.train import TrainArgs, train
+from gloo_spawn import spawn
 
 ARGS = dict(steps=8, batch_size=4, seq_len=32, lr=3e-3, seed=5)
 
 
-def _worker(rank: int, world: int, root: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    root = Path(root)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
-    try:
-        full = train(TrainArgs(out=str(root / "tp-full"), tp=world, **ARGS), progress=False)
-        half = train(TrainArgs(out=str(root / "tp-half"), tp=world, stop_after=4, **ARGS), progress=False)
-        resumed = train(TrainArgs(out=str(root / "tp-resumed"), tp=world, resume=str(root / "tp-half"), **ARGS),
-                        progress=False)
-        sp = train(TrainArgs(out=str(root / "tp-sp"), tp=world, sequence_parallel=True, **ARGS), progress=False)
-        if rank == 0:
-            (root / "losses.json").write_text(json.dumps(
-                {"full": full.losses, "half": half.losses, "resumed": resumed.losses, "sp": sp.losses}))
-    finally:
-        dist.destroy_process_group()
+def _run(rank: int, world: int, root: Path) -> None:
+    """Every rank trains; rank 0 reports the losses."""
+    full = train(TrainArgs(out=str(root / "tp-full"), tp=world, **ARGS), progress=False)
+    half = train(TrainArgs(out=str(root / "tp-half"), tp=world, stop_after=4, **ARGS), progress=False)
+    resumed = train(TrainArgs(out=str(root / "tp-resumed"), tp=world, resume=str(root / "tp-half"), **ARGS),
+                    progress=False)
+    sp = train(TrainArgs(out=str(root / "tp-sp"), tp=world, sequence_parallel=True, **ARGS), progress=False)
+    if rank == 0:
+        (root / "losses.json").write_text(json.dumps(
+            {"full": full.losses, "half": half.losses, "resumed": resumed.losses, "sp": sp.losses}))
 
 
 def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
-    import torch.multiprocessing as mp
-
     single = train(TrainArgs(out=str(tmp_path / "single"), **ARGS), progress=False)
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn(2, tmp_path, _run)
     losses = json.loads((tmp_path / "losses.json").read_text())
     for a, b in zip(losses["full"], single.losses):
         assert abs(a - b) <= 1e-5 * abs(b), (losses["full"], single.losses)

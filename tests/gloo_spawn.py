@@ -1,0 +1,30 @@
+"""Running a test body in separate processes joined by a gloo process group (CPU)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+_launches = itertools.count()
+
+
+def _entry(rank: int, world: int, root: str, rendezvous: str, body, args) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two cores shared by every rank
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        body(rank, world, Path(root), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, root: Path, body, *args) -> None:
+    """``body(rank, world, root, *args)`` in ``world`` processes; a failure in any rank fails the
+    caller with that rank's traceback. ``body`` must be a module-level function (it is pickled)."""
+    import torch.multiprocessing as mp
+
+    rendezvous = Path(root) / f"rendezvous-{world}-{next(_launches)}"
+    mp.spawn(_entry, args=(world, str(root), str(rendezvous), body, args), nprocs=world, join=True)
