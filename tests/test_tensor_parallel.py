@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import crosschip
-from crosschip.errors import ConfigurationError
+from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.layouts import ReplicateHeads
 from gloo_spawn import spawn
 from helpers import assert_rel_close, save_hf_llama
@@ -88,6 +88,29 @@ def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
             optimizer.zero_grad()
 
 
+def _check_failed_save(root: Path, rank: int) -> None:
+    """A save that fails on rank 0 raises on every rank (none waits forever) and leaves the
+    previous checkpoint in place."""
+    import crosschip.checkpoint.writer as writer
+
+    model = crosschip.from_pretrained(root / "llama", backend="torch", tp=2)
+    target = root / "failed-save"
+    model.save_pretrained(target)
+    before = (target / "model.safetensors").read_bytes()
+    real = writer.save_file
+    if rank == 0:
+        def failing(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        writer.save_file = failing
+    try:
+        with pytest.raises(CheckpointError, match="failed on rank 0: .*No space left on device"):
+            model.save_pretrained(target)
+    finally:
+        writer.save_file = real
+    assert (target / "model.safetensors").read_bytes() == before
+
+
 def _check_errors(root: Path, world: int) -> None:
     with pytest.raises(ConfigurationError, match=f"tp={2 * world} does not match the world size {world}"):
         crosschip.from_pretrained(root / "llama", backend="torch", tp=2 * world)
@@ -101,6 +124,8 @@ def _run(rank: int, world: int, root: Path, cases) -> None:
     for name, tp in cases:
         if name == "errors":
             _check_errors(root, world)
+        elif name == "failed-save":
+            _check_failed_save(root, rank)
         else:
             _check_parity(root, name, tp, rank)
 
@@ -113,7 +138,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_tp2_matches_single_process(checkpoints):
-    spawn(2, checkpoints, _run, [("llama", 2), ("qwen2", 2), ("qwen3", 2), ("errors", 0)])
+    spawn(2, checkpoints, _run, [("llama", 2), ("qwen2", 2), ("qwen3", 2), ("errors", 0), ("failed-save", 0)])
 
 
 def test_tp4_replicating_kv_heads_matches_single_process(checkpoints):

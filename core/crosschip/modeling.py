@@ -12,6 +12,7 @@ from torch import nn
 
 from crosschip import weights
 from crosschip.checkpoint import write_checkpoint
+from crosschip.errors import CheckpointError
 from crosschip.layouts import IDENTITY, Transform
 from crosschip.runtime import Runtime
 
@@ -93,12 +94,19 @@ class CausalLM(nn.Module):
         # writes, and no rank returns before the checkpoint is in place.
         import torch.distributed as dist
 
+        failure = None
         if dist.get_rank() == 0:
-            write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
-        else:
-            for _ in tensors:
-                pass
-        dist.barrier()
+            try:
+                write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
+            except Exception as exc:  # reported to every rank below, so none waits forever
+                failure = f"{type(exc).__name__}: {exc}"
+        # Every rank takes part in every remaining gather, whatever happened on rank 0.
+        for _ in tensors:
+            pass
+        outcome = [failure]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise CheckpointError(f"saving {path} failed on rank 0: {outcome[0]}")
         return Path(path)
 
     def _parallel(self) -> bool:
