@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 
 from crosschip.masks import AttentionMask, allowed
 from crosschip.reference.components import LMHead as ReferenceLMHead
-from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, LossSpec, QKVSpec
+from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, LossSpec, QKVSpec
 
 try:
     from torch.distributed.tensor import DTensor

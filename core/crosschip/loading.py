@@ -20,7 +20,6 @@ from crosschip import weights
 
 def load_config(path: str | Path):
     """The Hugging Face config of a local directory, with errors that name the file."""
-    from transformers import AutoConfig
 
     directory = Path(path)
     config_file = directory / "config.json"
