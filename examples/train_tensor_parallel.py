@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import crosschip
+from crosschip.distributed import shutdown
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(f"step {step}: loss {loss.item():.4f}")
     model.save_pretrained(args.out)  # gathered one component at a time; rank 0 writes
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ def _entry(rank: int, world: int, root: str, rendezvous: str, body, args) -> Non
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         body(rank, world, Path(root), *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # a failed rank must not wait on a barrier its peers skip
+        raise
+    from crosschip.distributed import shutdown
+
+    shutdown()
 
 
 def spawn(world: int, root: Path, body, *args) -> None:

@@ -98,17 +98,22 @@ def cmd_backends(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch.distributed as dist
+
+    from crosschip.distributed import shutdown
     from crosschip.train import TrainArgs, train
 
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if hasattr(args, k)}
     result = train(TrainArgs(**fields), progress=not args.quiet)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    device = result.model.runtime.device
+    result.model = None  # the model holds the mesh; the group is torn down below, in order
+    shutdown()
+    if rank != 0:
         return 0
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
-          f"{result.tokens_per_second:,.0f} tokens/s on {result.model.runtime.device}")
+          f"{result.tokens_per_second:,.0f} tokens/s on {device}")
     print(f"saved a Hugging Face checkpoint to {result.out}")
     print("load it with:")
     print(f"  python -c \"import crosschip; m = crosschip.from_pretrained('{result.out}')\"")
