@@ -112,7 +112,7 @@ def _check_failed_save(root: Path, rank: int) -> None:
 
 
 def _check_errors(root: Path, world: int) -> None:
-    with pytest.raises(ConfigurationError, match=f"tp={2 * world} does not match the world size {world}"):
+    with pytest.raises(ConfigurationError, match=f"tp={2 * world} x dp=1 = {2 * world} ranks does not match the world size {world}"):
         crosschip.from_pretrained(root / "llama", backend="torch", tp=2 * world)
     with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of query heads \(7\)"):
         crosschip.from_pretrained(root / "heads7", backend="torch", tp=2)
@@ -146,7 +146,7 @@ def test_tp4_replicating_kv_heads_matches_single_process(checkpoints):
 
 
 def test_tp_without_process_group_is_a_configuration_error(checkpoints):
-    with pytest.raises(ConfigurationError, match="tp=2 needs a process group"):
+    with pytest.raises(ConfigurationError, match="tp=2 x dp=1 needs a process group of 2 ranks"):
         crosschip.from_pretrained(checkpoints / "llama", backend="torch", tp=2)
 
 

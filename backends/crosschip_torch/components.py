@@ -26,10 +26,16 @@ class CombinedQKV(nn.Linear):
         rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         super().__init__(spec.hidden_size, rows, bias=spec.bias)
         self.spec = spec
+        #: Set by the parallel plan when this rank's KV heads are replicas (tp > KV heads).
+        self.kv_replicas = None
 
     def forward(self, hidden: torch.Tensor):
         s = self.spec
-        out = super().forward(hidden)
+        weight, bias = self.weight, self.bias
+        if self.kv_replicas is not None:
+            weight = self.kv_replicas.sum_grads(weight)
+            bias = self.kv_replicas.sum_grads(bias) if bias is not None else None
+        out = F.linear(hidden, weight, bias)
         if isinstance(out, DTensor):
             # Column-parallel: split this rank's shard (whole KV groups) into its own heads.
             out = out.to_local()

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from crosschip.errors import ConfigurationError
 from crosschip.specs import QKVSpec
 
 TP_DIM = "tp"
+DP_DIM = "dp"
 
 
 # -- what the layout and the modules need to know about the TP degree --------------------------
@@ -67,26 +70,48 @@ def check_out_projection(spec, tp: int) -> None:
 def check_runtime(runtime) -> None:
     """Parallel settings this backend can honour, checked before anything is built."""
     parallel = runtime.parallel
-    if parallel.dp != 1:
-        raise ConfigurationError(
-            f"{parallel}: the torch backend implements tensor and sequence parallelism (tp, "
-            "sequence_parallel) only so far; data parallelism (dp) is not available yet")
     if parallel.sequence_parallel and parallel.tp == 1:
         raise ConfigurationError(
             f"{parallel}: sequence_parallel=True shards the sequence over the tensor-parallel "
             "ranks, so it needs tp > 1")
-    if parallel.tp == 1:
+    if parallel.size == 1:
         return
     import torch.distributed as dist
 
+    layout = f"tp={parallel.tp} x dp={parallel.dp}"
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigurationError(
-            f"tp={parallel.tp} needs a process group: launch with "
-            f"`torchrun --nproc_per_node {parallel.tp} ...` (or init_process_group) first")
-    if dist.get_world_size() != parallel.tp:
+            f"{layout} needs a process group of {parallel.size} ranks: launch with "
+            f"`torchrun --nproc_per_node {parallel.size} ...` (or init_process_group) first")
+    if dist.get_world_size() != parallel.size:
         raise ConfigurationError(
-            f"tp={parallel.tp} does not match the world size {dist.get_world_size()}: without data "
-            "parallelism (not available yet) every process must be one TP rank")
+            f"{layout} = {parallel.size} ranks does not match the world size {dist.get_world_size()}: "
+            "every process must be exactly one rank of the (dp, tp) mesh")
+    _check_mesh_device(runtime.device, layout)
+
+
+#: Device types a DeviceMesh of this backend can live on, with the process-group backends
+#: able to run their collectives.
+_MESH_DEVICES = {"cpu": ("gloo",), "cuda": ("nccl", "gloo")}
+
+
+def _check_mesh_device(device, layout: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    kind = device.type
+    if kind not in _MESH_DEVICES:
+        raise ConfigurationError(
+            f"{layout} on device {device}: the torch backend builds its DeviceMesh on "
+            f"{' or '.join(_MESH_DEVICES)} only, not on device type {kind!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"{layout} on device {device}: CUDA is not available on this machine")
+    backend = str(dist.get_backend()).lower()
+    usable = [b for b in _MESH_DEVICES[kind] if b in backend]
+    if not usable:
+        raise ConfigurationError(
+            f"{layout} on device {device}: the process group's backend {backend!r} cannot run "
+            f"collectives on {kind!r} tensors (expected {' or '.join(_MESH_DEVICES[kind])})")
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -158,15 +183,52 @@ _OPTIONAL = ("embedding", "lm_head")
 
 
 def parallelize(model, runtime):
-    """Build the ``"tp"`` mesh and apply :func:`plan` to every planned component of ``model``."""
-    tp = runtime.parallel.tp
-    if tp == 1:
+    """Build the ``("dp", "tp")`` mesh, apply :func:`plan` on its ``"tp"`` dimension, then shard
+    over ``"dp"`` with FSDP2 (each block, then the rest), as torchtitan composes them."""
+    parallel = runtime.parallel
+    if parallel.size == 1:
         return None
+    mesh = _mesh(runtime)
+    if parallel.tp > 1:
+        _tensor_parallel(model, runtime, mesh)
+    if parallel.dp > 1:
+        _data_parallel(model, parallel, _dim(mesh, DP_DIM))
+    runtime.device_mesh = mesh
+    return model
+
+
+def _mesh(runtime):
     from torch.distributed.device_mesh import init_device_mesh
+
+    p = runtime.parallel
+    dims = [(DP_DIM, p.dp), (TP_DIM, p.tp)]
+    dims = [(name, size) for name, size in dims if size > 1]
+    return init_device_mesh(runtime.device.type, tuple(size for _, size in dims),
+                            mesh_dim_names=tuple(name for name, _ in dims))
+
+
+def _dim(mesh, name: str):
+    return mesh[name] if mesh.ndim > 1 else mesh
+
+
+def _data_parallel(model, parallel, dp_mesh) -> None:
+    """FSDP2 over ``dp_mesh``: every block is one unit (its parameters are gathered for its
+    forward and backward, then freed), the root holds the rest (embedding, final norm, LM head).
+    Gradients are averaged over the data-parallel ranks, each of which ran its own batch."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype)
+    for block in model.blocks():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def _tensor_parallel(model, runtime, mesh) -> None:
+    tp = runtime.parallel.tp
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
     sp = runtime.parallel.sequence_parallel
-    mesh = init_device_mesh(runtime.device.type, (tp,), mesh_dim_names=(TP_DIM,))
+    tp_mesh = _dim(mesh, TP_DIM)
     components = [(path, m) for path, m in model.named_modules()
                   if getattr(m, "crosschip_component", None) is not None]
     vocab = _vocab_parallel(components, sp, tp)
@@ -182,22 +244,18 @@ def parallelize(model, runtime):
             raise ConfigurationError(
                 f"tp={tp}: {info.component} at {path} was built by backend {info.backend!r}; the torch "
                 "backend's parallel plan shards only its own modules")
-        parallelize_module(module, mesh, styles[info.component])
+        parallelize_module(module, tp_mesh, styles[info.component])
         copies = kv_replicas(info.spec, tp) if info.component == "qkv_projection" else 1
         if copies > 1:
             replica_groups = replica_groups or _replica_groups(mesh, copies)
-            # Gradient hooks live on parameter objects, which allocation (to_empty) replaces:
-            # record what to attach, and attach_training_hooks() does it once weights are in.
-            module._crosschip_kv_replicas = (mesh, replica_groups)
+            module.kv_replicas = KVReplicas(info.spec.num_heads // tp * info.spec.head_dim, replica_groups)
     per_head = {id(n) for n in _per_head_norms(model)}
     for path, norm in components:
         if id(norm) in per_head:
-            parallelize_module(norm, mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
+            parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
         elif sp and norm.crosschip_component.component == "rms_norm":
             # A norm on the residual stream: each rank normalises its part of the sequence.
-            parallelize_module(norm, mesh, SequenceParallel(sequence_dim=1))
-    runtime.device_mesh = mesh
-    return model
+            parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=1))
 
 
 def _vocab_parallel(components, sp: bool, tp: int):
@@ -219,15 +277,14 @@ def _vocab_parallel(components, sp: bool, tp: int):
 
 
 def attach_training_hooks(model) -> None:
-    """Hooks that must sit on the final parameter objects (after allocation and loading)."""
+    """Hooks that must sit on the final parameter objects (after allocation and loading). Under
+    FSDP2 (dp > 1) gradients reach the gathered parameters, not these, and FSDP2 itself puts
+    each gradient in its parameter's tensor-parallel placement before reducing it."""
+    if model.runtime.parallel.dp > 1:
+        return
     for param in model.parameters():
         if hasattr(param, "device_mesh"):
             param.register_hook(_gradient_like(param))
-    for module in model.modules():
-        recorded = getattr(module, "_crosschip_kv_replicas", None)
-        if recorded is not None:
-            mesh, group = recorded
-            _sum_replica_grads(module, module.crosschip_component.spec, mesh, group)
 
 
 def _gradient_like(param):
@@ -261,32 +318,55 @@ def _per_head_norms(model):
 
 # -- KV-head replication: replicas must train as one weight ---------------------------------------
 def _replica_groups(mesh, copies: int):
-    """One process group per KV head, over the ranks holding its replicas (consecutive ranks, as
-    :func:`crosschip.layouts.replicate_heads` orders them). Every rank creates every group."""
+    """One process group per KV head and data-parallel replica, over the TP ranks holding its
+    copies (consecutive TP ranks, as :class:`crosschip.layouts.ReplicateHeads` orders them).
+    Every rank creates every group, in the same order, as ``new_group`` requires."""
     import torch.distributed as dist
 
-    ranks = mesh.mesh.flatten().tolist()
-    groups = [dist.new_group(ranks[i:i + copies]) for i in range(0, len(ranks), copies)]
-    return groups[mesh.get_local_rank() // copies]
+    rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()  # one row of TP ranks per dp rank
+    mine = None
+    for row in rows:
+        for i in range(0, len(row), copies):
+            group = dist.new_group(row[i:i + copies])
+            if dist.get_rank() in row[i:i + copies]:
+                mine = group
+    return mine
 
 
-def _sum_replica_grads(module, spec: QKVSpec, mesh, group) -> None:
-    """The loss depends on a KV head through each of its replicas, so the head's gradient is the
-    sum of the replicas' gradients; every replica gets that sum and they stay equal under any
-    optimizer. A tensor hook (before accumulation) keeps gradient accumulation right."""
+@dataclasses.dataclass(frozen=True)
+class KVReplicas:
+    """Where this rank's KV rows start in its QKV shard (after its query heads), and the group
+    of ranks holding copies of the same KV head."""
+
+    q_rows: int
+    group: object
+
+    def sum_grads(self, weight):
+        """``weight`` unchanged, whose gradient's KV rows are summed over the replicas: the loss
+        depends on a KV head through each copy, so the head's gradient is the sum, and every
+        copy gets it and stays equal under any optimizer. Applied where the weight is used, so
+        it acts on whichever parameter object carries the gradient (FSDP2 gathers a new one)."""
+        return _SumReplicaGrads.apply(weight, self)
+
+
+def _sum_replica_kv(grad, replicas: KVReplicas):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    # Each rank holds one group: this rank's query heads, then one K and one V replica.
-    q_rows = spec.num_heads // mesh.size() * spec.head_dim
+    local = grad.to_local().clone()
+    kv = local[replicas.q_rows:].contiguous()
+    dist.all_reduce(kv, group=replicas.group)
+    local[replicas.q_rows:] = kv
+    return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
+                              shape=grad.shape, stride=grad.stride())
 
-    def hook(grad):
-        local = grad.to_local().clone()
-        kv = local[q_rows:].contiguous()
-        dist.all_reduce(kv, group=group)
-        local[q_rows:] = kv
-        return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
-                                  shape=grad.shape, stride=grad.stride())
 
-    for param in module.parameters():
-        param.register_hook(hook)
+class _SumReplicaGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, replicas):
+        ctx.replicas = replicas
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sum_replica_kv(grad, ctx.replicas), None

@@ -70,22 +70,29 @@ def from_pretrained(
     tp: int = 1,
     dp: int = 1,
     sequence_parallel: bool = False,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
 ):
     """Load a local Hugging Face causal-LM directory (config.json + safetensors) on any backend.
 
     ``model.state_dict()`` then holds the backend's physical layout;
     ``model.save_pretrained(dir)`` writes the canonical Hugging Face layout back.
 
-    ``tp > 1``: tensor parallel over a launched process group of ``tp`` ranks (torchrun); every
-    rank calls this, loads the weights whole, and keeps its shard after the backend's parallel
-    plan is applied.
+    ``tp > 1`` and/or ``dp > 1``: a launched process group of ``tp * dp`` ranks (torchrun) on a
+    ``("dp", "tp")`` DeviceMesh; every rank calls this and reads from the checkpoint only the
+    part of each weight it holds. ``tp`` shards each layer's projections (tensor parallel,
+    optionally ``sequence_parallel``); ``dp`` shards parameters, gradients and optimizer state
+    over the data-parallel ranks (FSDP2), which gather them to ``param_dtype`` for compute and
+    average gradients in ``reduce_dtype``.
     """
     cls, config = load_config(path)
     if dtype is None:
         dtype = torch.float32
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
                       precision=precision, fp8_recipe=fp8_recipe,
-                      activation_checkpointing=activation_checkpointing, parallel=ParallelSpec(tp=tp, dp=dp, sequence_parallel=sequence_parallel))
+                      activation_checkpointing=activation_checkpointing,
+                      parallel=ParallelSpec(tp=tp, dp=dp, sequence_parallel=sequence_parallel,
+                                            param_dtype=param_dtype, reduce_dtype=reduce_dtype))
     checkpoint = SafetensorsCheckpoint(path)
     model = build_model(cls, config, runtime, where=str(Path(path) / "config.json"))
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))

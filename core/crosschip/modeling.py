@@ -51,6 +51,11 @@ class CausalLM(nn.Module):
         Hugging Face checkpoint itself stores fused tensors (Phi-3's ``qkv_proj``)."""
         return IDENTITY
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (decoder layers): the units a data-parallel plan shards and
+        gathers one at a time, so only one block's full parameters exist at once."""
+        return []
+
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (rotary frequencies) after ``to_empty``."""
         for module in self.modules():
@@ -90,7 +95,7 @@ class CausalLM(nn.Module):
         tensors = weights.iter_canonical(self)
         if not self._parallel():
             return write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
-        # Tensor parallel: every rank takes part in gathering each component's shards, rank 0
+        # Parallel: every rank takes part in gathering each component's shards, rank 0
         # writes, and no rank returns before the checkpoint is in place.
         import torch.distributed as dist
 
@@ -110,7 +115,7 @@ class CausalLM(nn.Module):
         return Path(path)
 
     def _parallel(self) -> bool:
-        return self.runtime.parallel.tp > 1 and torch.distributed.is_initialized()
+        return self.runtime.parallel.size > 1 and torch.distributed.is_initialized()
 
 
 class _DictSource:

@@ -180,16 +180,29 @@ class LossSpec:
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    """Parallel degrees: tensor parallel ``tp``, data parallel ``dp``, and whether norms and
-    residuals are sharded along the sequence (``sequence_parallel``)."""
+    """Parallel degrees: tensor parallel ``tp``, data parallel ``dp`` (FSDP2: parameters,
+    gradients and optimizer state sharded over the ``dp`` ranks, each of which takes its own
+    part of the batch), and whether norms and residuals are sharded along the sequence
+    (``sequence_parallel``).
+
+    Mixed precision of the data-parallel shards: ``param_dtype`` is the dtype parameters are
+    gathered to and computed in (None: their stored dtype), ``reduce_dtype`` the dtype gradients
+    are averaged in across the ``dp`` ranks (None: the gradients' own)."""
 
     tp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    param_dtype: Any = None
+    reduce_dtype: Any = None
 
     def __post_init__(self):
         _positive("ParallelSpec.tp", self.tp)
         _positive("ParallelSpec.dp", self.dp)
+
+    @property
+    def size(self) -> int:
+        """Processes the layout needs: ``tp * dp``."""
+        return self.tp * self.dp
 
 
 def describe(spec: Any) -> str:

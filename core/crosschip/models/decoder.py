@@ -155,6 +155,9 @@ class DecoderForCausalLM(CausalLM):
             self.lm_head.tie_weights(self.model.embed_tokens)
         self.loss_fn = runtime.loss(LossSpec(o.vocab_size))
 
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
     #: A tied checkpoint may still carry its lm_head copy; it is not loaded.
     ignored_checkpoint_keys = frozenset({"lm_head.weight"})
 
