@@ -1,13 +1,15 @@
-"""`crosschip train --tp 2` (gloo, CPU): the same losses as one process, an interrupted and
-resumed run reproduces them, and its training state (torch.distributed.checkpoint) resumes at
-another layout."""
+"""`crosschip train --tp 2` and `--tp 2 --dp 2` (gloo, CPU): the same losses as one process, an
+interrupted and resumed run reproduces them, and its training state (torch.distributed.checkpoint)
+resumes at another layout."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 
+from crosschip.errors import ConfigurationError
 from crosschip.train import TrainArgs, train
 from gloo_spawn import spawn
 
@@ -41,3 +43,54 @@ def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
                          progress=False)
     for a, b in zip(other_layout.losses, losses["full"]):
         assert abs(a - b) <= 1e-5 * abs(b), (other_layout.losses, losses["full"])
+
+    # The sharded state in the directory of a different model: refused, naming the shapes.
+    import shutil
+
+    from helpers import save_hf_llama
+
+    save_hf_llama(tmp_path / "narrow", vocab_size=300, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    other = train(TrainArgs(model=str(tmp_path / "narrow"), out=str(tmp_path / "narrow-out"),
+                            **{**ARGS, "steps": 1}), progress=False)
+    shutil.rmtree(other.out / "training_state")
+    shutil.copytree(tmp_path / "tp-half" / "training_state", other.out / "training_state")
+    with pytest.raises(ConfigurationError, match=r"training_state: this training state was saved by a different "
+                                                 r"model: model\.embed_tokens\.weight has shape \(258, 128\) "
+                                                 r"there, \(300, 32\) in this model"):
+        train(TrainArgs(out=str(tmp_path / "never"), resume=str(other.out), **ARGS), progress=False)
+
+
+def _run_dp(rank: int, world: int, root: Path) -> None:
+    layout = dict(tp=2, dp=2)
+    full = train(TrainArgs(out=str(root / "dp-full"), **layout, **ARGS), progress=False)
+    half = train(TrainArgs(out=str(root / "dp-half"), stop_after=4, **layout, **ARGS), progress=False)
+    resumed = train(TrainArgs(out=str(root / "dp-resumed"), resume=str(root / "dp-half"), **layout, **ARGS),
+                    progress=False)
+    # The tp=2 x dp=2 state resumed as dp=4 (FSDP2 alone).
+    as_dp4 = train(TrainArgs(out=str(root / "dp4-resumed"), resume=str(root / "dp-half"), dp=4, **ARGS),
+                   progress=False)
+    if rank == 0:
+        (root / "losses.json").write_text(json.dumps(
+            {"full": full.losses, "half": half.losses, "resumed": resumed.losses, "dp4": as_dp4.losses}))
+
+
+def test_tp_dp_training_matches_and_resumes_at_other_layouts(tmp_path):
+    single = train(TrainArgs(out=str(tmp_path / "single"), **ARGS), progress=False)
+    spawn(4, tmp_path, _run_dp)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    for a, b in zip(losses["full"], single.losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses["full"], single.losses)
+    assert losses["half"] == losses["full"][:4]
+    assert losses["resumed"] == losses["full"], "interrupted + resumed run differs from the uninterrupted one"
+    for a, b in zip(losses["dp4"], losses["full"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses["dp4"], losses["full"])
+    # ... and in a single process.
+    alone = train(TrainArgs(out=str(tmp_path / "alone"), resume=str(tmp_path / "dp-half"), **ARGS), progress=False)
+    for a, b in zip(alone.losses, losses["full"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (alone.losses, losses["full"])
+
+
+def test_batch_that_dp_does_not_divide_is_an_error(tmp_path):
+    with pytest.raises(ConfigurationError, match="--batch-size 6 is not divisible by --dp 4"):
+        train(TrainArgs(out=str(tmp_path / "x"), **{**ARGS, "batch_size": 6}, dp=4), progress=False)

@@ -21,11 +21,10 @@ import dataclasses
 
 import torch
 
+from crosschip.distributed import DP_DIM, TP_DIM
 from crosschip.errors import ConfigurationError
 from crosschip.specs import QKVSpec
 
-TP_DIM = "tp"
-DP_DIM = "dp"
 
 
 # -- what the layout and the modules need to know about the TP degree --------------------------

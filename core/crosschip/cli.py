@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current", "block", "mxfp8"])
     train.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     train.add_argument("--tp", type=int, default=1,
-                       help="tensor parallel degree; launch with torchrun --nproc_per_node TP")
+                       help="tensor parallel degree; launch with torchrun --nproc_per_node TP*DP")
+    train.add_argument("--dp", type=int, default=1,
+                       help="data parallel degree (FSDP2: parameters, gradients and optimizer state "
+                            "sharded; each rank takes batch-size/DP sequences)")
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and residuals along the sequence")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gc
 
+#: Names of the DeviceMesh dimensions every backend's parallel plan uses: ``(dp, tp)``.
+DP_DIM = "dp"
+TP_DIM = "tp"
+
 
 def shutdown() -> None:
     """Leave the default process group cleanly: wait for every rank, destroy the group, and free

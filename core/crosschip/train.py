@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from crosschip.distributed import DP_DIM
 from crosschip.errors import ConfigurationError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
@@ -46,7 +47,8 @@ class TrainArgs:
     text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
     warmup: int | None = None
     stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
-    tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp)
+    tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
+    dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
 
     def check(self) -> None:
@@ -57,6 +59,11 @@ class TrainArgs:
             raise ConfigurationError(f"--stop-after must be positive, found {self.stop_after}")
         if not self.lr > 0:
             raise ConfigurationError(f"--lr must be positive, found {self.lr}")
+        if self.tp <= 0 or self.dp <= 0:
+            raise ConfigurationError(f"--tp and --dp must be positive, found --tp {self.tp} --dp {self.dp}")
+        if self.batch_size % self.dp:
+            raise ConfigurationError(f"--batch-size {self.batch_size} is not divisible by --dp {self.dp}: each "
+                                     "data-parallel rank trains on an equal part of every batch")
 
 
 @dataclass
@@ -107,7 +114,7 @@ def _build(args: TrainArgs):
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
                                 activation_checkpointing=args.activation_checkpointing, tp=args.tp,
-                                sequence_parallel=args.sequence_parallel)
+                                dp=args.dp, sequence_parallel=args.sequence_parallel)
         tokenizer = load_tokenizer(source)
     elif args.resume:
         raise ConfigurationError(f"--resume {args.resume}: not a directory")
@@ -115,7 +122,8 @@ def _build(args: TrainArgs):
         config = preset_config(args.model)
         runtime = Runtime(args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
                           fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing,
-                          parallel=ParallelSpec(tp=args.tp, sequence_parallel=args.sequence_parallel))
+                          parallel=ParallelSpec(tp=args.tp, dp=args.dp,
+                                                sequence_parallel=args.sequence_parallel))
         model = build_model(model_class(config.architectures[0]), config, runtime)
         init_weights(model, seed=args.seed, std=config.initializer_range)
         finalize(model)
@@ -166,7 +174,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
                desc="train", unit="step", dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
     for step in bar:
-        batch = batch_for_step(tokens, step, args).to(device)
+        batch = _data_parallel_part(batch_for_step(tokens, step, args), model).to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         # Labels are the inputs: the loss component shifts them, as transformers does.
@@ -175,44 +183,49 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
         clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        seen += batch.numel()
+        losses.append(_mean_over_data_parallel(loss.detach(), model).item())
+        seen += batch.numel() * args.dp  # every data-parallel rank ran its own part
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
     bar.close()
 
     out = model.save_pretrained(args.out, extra_files=tokenizer.save_pretrained)
     _save_training_state(model, optimizer, out / STATE_DIR, {
-        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model), "tp": args.tp})
+        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model), "tp": args.tp,
+        "dp": args.dp})
     return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), out, model)
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
-    """Scale gradients to a total 2-norm of at most ``max_norm``. With tensor parallelism some
-    gradients are DTensor shards and others plain replicated tensors, which torch's
-    ``clip_grad_norm_`` cannot mix: a shard's squares are summed over its mesh, a replicated
-    gradient counts once. (KV-head replicas beyond the KV heads count once per replica.)"""
+    """Scale gradients to a total 2-norm of at most ``max_norm``. Under tensor or data
+    parallelism gradients are DTensors on a ``(dp, tp)`` mesh, sharded on some of its dims and
+    replicated on others, possibly beside plain replicated tensors, which torch's
+    ``clip_grad_norm_`` cannot mix. Each gradient's local squares are summed over the whole mesh
+    and divided by the number of ranks holding the same values (the product of its replicated
+    dims); a plain gradient counts once. (KV-head replicas beyond the KV heads count once per
+    replica.)"""
     grads = [p.grad for p in params if p.grad is not None]
     sharded = [g for g in grads if hasattr(g, "device_mesh")]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     import torch.distributed as dist
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate
 
     plain = [g for g in grads if not hasattr(g, "device_mesh")]
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if plain else sharded[0].to_local().device)
+    total = torch.zeros((), dtype=torch.float32, device=sharded[0].to_local().device)
     for g in plain:
         total += g.float().pow(2).sum()
     by_mesh: dict = {}
     for g in sharded:
-        square = g.to_local().float().pow(2).sum()
-        if any(isinstance(p, Shard) for p in g.placements):
-            by_mesh.setdefault(g.device_mesh, []).append(square)
-        else:
-            total += square
+        copies = 1
+        for dim, placement in enumerate(g.placements):
+            if isinstance(placement, Replicate):
+                copies *= g.device_mesh.size(dim)
+        by_mesh.setdefault(g.device_mesh, []).append(g.to_local().float().pow(2).sum() / copies)
     for mesh, squares in by_mesh.items():
         part = torch.stack(squares).sum()
-        dist.all_reduce(part, group=mesh.get_group())
+        for dim in range(mesh.ndim):  # summed along each dim in turn: over every rank of the mesh
+            dist.all_reduce(part, group=mesh.get_group(dim))
         total += part
     norm = total.sqrt()
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -227,16 +240,38 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _data_parallel_part(batch: torch.Tensor, model) -> torch.Tensor:
+    """This data-parallel rank's equal share of the global batch (all of it without dp)."""
+    dp = model.runtime.parallel.dp
+    if dp == 1:
+        return batch
+    rank = model.runtime.device_mesh.get_local_rank(DP_DIM)
+    return batch.chunk(dp)[rank]
+
+
+def _mean_over_data_parallel(loss: torch.Tensor, model) -> torch.Tensor:
+    """The global batch's loss: the mean of the data-parallel ranks' (equal-sized) batch losses."""
+    if model.runtime.parallel.dp == 1:
+        return loss
+    import torch.distributed as dist
+
+    mesh = model.runtime.device_mesh
+    loss = loss.clone()
+    dist.all_reduce(loss, group=mesh.get_group(DP_DIM))
+    return loss / model.runtime.parallel.dp
+
+
 def _ensure_process_group(args: TrainArgs) -> None:
-    """Under torchrun (``--tp > 1``), join the process group torchrun describes."""
-    if args.tp == 1:
+    """Under torchrun (``--tp`` or ``--dp`` > 1), join the process group torchrun describes."""
+    size = args.tp * args.dp
+    if size == 1:
         return
     import torch.distributed as dist
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
-            raise ConfigurationError(f"--tp {args.tp} needs one process per rank: launch with "
-                                     f"`torchrun --nproc_per_node {args.tp} -m crosschip.cli train ...`")
+            raise ConfigurationError(f"--tp {args.tp} --dp {args.dp} needs {size} processes, one per rank: "
+                                     f"launch with `torchrun --nproc_per_node {size} -m crosschip.cli train ...`")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -263,6 +298,7 @@ def _load_training_state(model, optimizer, directory: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
+    _check_state_fits(model_state, directory)
     state = {"model": model_state, "optim": optim_state}
     try:
         with _single_process_is_intended():
@@ -271,6 +307,30 @@ def _load_training_state(model, optimizer, directory: Path) -> None:
         raise ConfigurationError(f"--resume {directory.parent}: the saved training state does not fit this "
                                  f"model and layout: {exc}") from exc
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _check_state_fits(model_state: dict, directory: Path) -> None:
+    """The saved model state must have this model's weights at this model's (global) shapes,
+    whatever layout either was sharded in; otherwise say which, with both shapes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise ConfigurationError(f"{directory}: not a readable training state: {exc}") from exc
+    saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+    problems = []
+    for name, tensor in model_state.items():
+        entry = saved.get(name)
+        if entry is None:
+            problems.append(f"{name} is missing there")
+        elif hasattr(entry, "size") and tuple(entry.size) != tuple(tensor.shape):
+            problems.append(f"{name} has shape {tuple(entry.size)} there, {tuple(tensor.shape)} in this model")
+    problems += [f"{name} is there but not in this model" for name in saved if name not in model_state]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConfigurationError(f"{directory}: this training state was saved by a different model: "
+                                 f"{'; '.join(problems[:3])}{more}")
 
 
 @contextlib.contextmanager

@@ -118,7 +118,10 @@ def _like(target, tensor: torch.Tensor):
     if hasattr(target, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
-        tensor = distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements)
+        # Every rank holds the same whole tensor (read from the checkpoint or initialised from
+        # one seed): each keeps its own part, no rank sends anything (src_data_rank=None).
+        tensor = distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements,
+                                   src_data_rank=None)
     return tensor
 
 
