@@ -32,7 +32,18 @@ def _status_mib() -> dict[str, float]:
     return out
 
 
-def make_checkpoint(path: Path) -> int:
+def _reset_peak() -> bool:
+    """Restart VmHWM at the current RSS (Linux: ``5`` to ``/proc/self/clear_refs``), so the peak
+    seen afterwards is the load's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_checkpoint(path: Path, config: dict = CONFIG) -> int:
     from transformers import LlamaConfig
 
     from crosschip.init import init_weights
@@ -40,13 +51,20 @@ def make_checkpoint(path: Path) -> int:
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
-    model = build_model(model_class("LlamaForCausalLM"), LlamaConfig(**CONFIG), Runtime("reference", device="cpu"))
+    model = build_model(model_class("LlamaForCausalLM"), LlamaConfig(**config), Runtime("reference", device="cpu"))
     init_weights(model, seed=0)
     model.save_pretrained(path)
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def worker(rank: int, world: int, path: str, out: str) -> None:
+#: A small model of the same architecture, loaded first: the modules a load imports lazily
+#: (transformers' config classes, DTensor, the parallel plan) and the process group's buffers
+#: are then in place, so the measurement sees what loading the large checkpoint itself costs.
+WARMUP = dict(CONFIG, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2)
+
+
+def worker(rank: int, world: int, path: str, warmup: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -54,13 +72,19 @@ def worker(rank: int, world: int, path: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
+    small = crosschip.from_pretrained(warmup, backend="torch", tp=world)
+    del small
+    import gc
+
+    gc.collect()
+    peak_reset = _reset_peak()
     before = _status_mib()
     model = crosschip.from_pretrained(path, backend="torch", tp=world)
     after = _status_mib()
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                for p in model.parameters())
     result = dict(rank=rank, before_load_mib=before, after_load_mib=after,
-                  peak_rss_mib=after["VmHWM"], baseline_rss_mib=before["VmRSS"],
+                  peak_rss_mib=after["VmHWM"], baseline_rss_mib=before["VmRSS"], peak_reset=peak_reset,
                   load_anon_increase_mib=after["RssAnon"] - before["RssAnon"],
                   bytes_read=model.checkpoint_bytes_read, bytes_held=held)
     with open(f"{out}.rank{rank}", "w") as fh:
@@ -79,8 +103,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt"
         size = make_checkpoint(path)
+        make_checkpoint(Path(tmp) / "warmup", WARMUP)
         stem = str(Path(tmp) / "result")
-        mp.spawn(worker, args=(args.tp, str(path), stem), nprocs=args.tp, join=True)
+        mp.spawn(worker, args=(args.tp, str(path), str(Path(tmp) / "warmup"), stem), nprocs=args.tp, join=True)
         ranks = [json.load(open(f"{stem}.rank{r}")) for r in range(args.tp)]
     mib = size / 2**20
     for r in ranks:
@@ -94,7 +119,8 @@ def main() -> int:
               f"{r['load_anon_fraction_of_checkpoint']:.2f}, the rest mapped file pages); read "
               f"{r['bytes_read_fraction_of_checkpoint']:.2f} of the checkpoint, holds {r['bytes_held'] / 2**20:.0f} MiB")
     report = dict(command="python " + " ".join(sys.argv), checkpoint_bytes=size, tp=args.tp, config=CONFIG,
-                  ranks=ranks, note=("peak RSS (VmHWM) includes the Python/torch baseline and the safetensors mmap's "
+                  ranks=ranks, note=("a small model is loaded first (imports, process group); VmHWM is then reset, so "
+                  "peak RSS minus the baseline is the load's own. Peak RSS (VmHWM) includes the Python/torch baseline and the safetensors mmap's "
                   "file pages (shared page cache); RssAnon is the memory the rank owns"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
