@@ -100,3 +100,100 @@ def test_fp8_projection_on_a_backend_without_fp8_warns_or_fails_in_strict():
                      precision="fp8", registry=registry, strict=True)
     with pytest.raises(StrictFallbackError, match="computes in torch.bfloat16"):
         strict.out_projection(LinearSpec(16, 16))
+
+
+# -- tensor parallelism: layouts and checks (pure functions; the 2-GPU parity test is in
+# -- tests/test_te_tensor_parallel.py) ------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(blocks=st.sampled_from([1, 2, 3, 4]), per_block=st.integers(1, 4), cols=st.sampled_from([(), (3,), (2, 5)]))
+def test_block_interleave_round_trip_is_bitwise(blocks, per_block, cols):
+    from crosschip.layouts import InterleaveBlocks, deinterleave_blocks, interleave_blocks
+
+    a, b = (torch.randn(blocks * per_block, *cols) for _ in range(2))
+    x = interleave_blocks(a, b, blocks)
+    for r in range(blocks):  # block r of the result is [a_r; b_r]
+        pair = x[2 * r * per_block:2 * (r + 1) * per_block]
+        assert torch.equal(pair[:per_block], a[r * per_block:(r + 1) * per_block])
+        assert torch.equal(pair[per_block:], b[r * per_block:(r + 1) * per_block])
+    back = deinterleave_blocks(x, blocks)
+    assert torch.equal(back[0], a) and torch.equal(back[1], b)
+    step = InterleaveBlocks("a", "b", "ab", blocks)
+    out = step.invert(step.apply({"a": a, "b": b, "other": a}))
+    assert set(out) == {"a", "b", "other"} and torch.equal(out["a"], a) and torch.equal(out["b"], b)
+
+
+def test_block_interleave_refuses_uneven_blocks():
+    from crosschip.layouts import deinterleave_blocks, interleave_blocks
+
+    with pytest.raises(ValueError, match="cannot cut 6 rows into 4 equal blocks"):
+        interleave_blocks(torch.zeros(6, 2), torch.zeros(6, 2), 4)
+    with pytest.raises(ValueError, match="cannot cut 6 rows into 2 pairs"):
+        deinterleave_blocks(torch.zeros(6, 2), 2)
+
+
+class _Ctx:
+    def __init__(self, tp=1, dp=1, sequence_parallel=False):
+        from crosschip.specs import ParallelSpec
+
+        self.parallel = ParallelSpec(tp=tp, dp=dp, sequence_parallel=sequence_parallel)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tp=st.sampled_from([1, 2, 4]), per_rank=st.integers(1, 3), bias=st.booleans())
+def test_gated_mlp_fc1_shard_of_each_rank_is_its_gate_then_up(tp, per_rank, bias):
+    """Under TP, TE's SwiGLU halves each rank's local fc1 output: rank r's dim-0 shard of fc1 must
+    be [gate rows of r; up rows of r]. The layout round-trips bitwise at every degree."""
+    inter, hidden = tp * per_rank, 8
+    spec = GatedMLPSpec(hidden, inter, bias=bias, input_norm=NormSpec(hidden))
+    layout = resolve_callable(get_registry().layouts[("te", "gated_mlp")].transform)(spec, _Ctx(tp))
+    canonical = _random(canonical_shapes("gated_mlp", spec, fuses_input_norm=True))
+    physical = layout.apply(canonical)
+    names = [("weight", "mlp.fc1_weight")] + ([("bias", "mlp.fc1_bias")] if bias else [])
+    for role, name in names:
+        shards = physical[name].chunk(tp, dim=0)
+        for r, shard in enumerate(shards):
+            rows = slice(r * per_rank, (r + 1) * per_rank)
+            assert torch.equal(shard[:per_rank], canonical[f"gate.{role}"][rows])
+            assert torch.equal(shard[per_rank:], canonical[f"up.{role}"][rows])
+    back = layout.invert(physical)
+    assert set(back) == set(canonical) and all(torch.equal(back[k], canonical[k]) for k in canonical)
+
+
+def test_te_tensor_parallel_configuration_errors():
+    from crosschip_te import parallel
+
+    with pytest.raises(ConfigurationError, match="te backend does not implement sequence parallelism"):
+        parallel.tp_degree(_Ctx(tp=2, sequence_parallel=True))
+    with pytest.raises(ConfigurationError, match=r"data parallelism \(dp\) runs on backend='torch'"):
+        parallel.tp_degree(_Ctx(tp=2, dp=2))
+    assert parallel.tp_degree(_Ctx(tp=4)) == 4 and parallel.tp_degree(None) == 1
+    with pytest.raises(ConfigurationError, match=r"tp=4 does not divide the number of KV heads \(2\).*"
+                                                 r"does not replicate them"):
+        parallel.check_qkv(QKVSpec(64, 8, 2, 8), 4)
+    with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of query heads \(7\)"):
+        parallel.check_qkv(QKVSpec(56, 7, 7, 8), 2)
+    with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the intermediate size \(95\)"):
+        parallel.check_gated_mlp(GatedMLPSpec(64, 95, input_norm=NormSpec(64)), 2)
+    with pytest.raises(ConfigurationError, match=r"tp=3 does not divide the input features .* \(64\)"):
+        parallel.check_linear(LinearSpec(64, 64, parallel="row"), 3)
+    parallel.check_qkv(QKVSpec(56, 7, 1, 8), 1)  # tp=1: anything goes
+    assert parallel.linear_mode(LinearSpec(8, 8, parallel="row"), 2) == "row"
+    assert parallel.linear_mode(LinearSpec(8, 8, parallel="row"), 1) is None
+    assert parallel.linear_mode(LinearSpec(8, 8), 2) is None
+
+
+def test_te_shard_dims_follow_each_module_parallel_mode():
+    """Which TE parameters are shards, read off the module's own mode (stand-in objects with
+    TE's attribute names; TE itself is not installed here)."""
+    from types import SimpleNamespace as NS
+
+    from crosschip_te.parallel import shard_dims
+
+    column = NS(tp_size=2, parallel_mode="column", weight_names=["weight"], bias_names=["bias"])
+    assert shard_dims(column) == {"weight": 0, "bias": 0}
+    row = NS(tp_size=2, parallel_mode="row", weight_names=["weight"], bias_names=["bias"])
+    assert shard_dims(row) == {"weight": 1}  # TE adds the row-parallel bias after the all-reduce
+    mlp = NS(tp_size=2, fc1_weight=None, set_parallel_mode=True)
+    assert shard_dims(mlp) == {"fc1_weight": 0, "fc1_bias": 0, "fc2_weight": 1}
+    assert shard_dims(NS(tp_size=1, parallel_mode="column", weight_names=["weight"])) == {}
+    assert shard_dims(NS(tp_size=2, parallel_mode=None, weight_names=["weight"])) == {}

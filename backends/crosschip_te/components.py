@@ -1,5 +1,8 @@
 """Transformer Engine modules behind the core component contracts. Imported only when a
-component is built (never by registration), so CPU machines never import transformer_engine."""
+component is built (never by registration), so CPU machines never import transformer_engine.
+
+Under tensor parallelism every module is built with ``tp_size`` and allocates only this rank's
+shard; the TP group is handed over once the model is built (see :mod:`crosschip_te.parallel`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from torch import nn
 
 from crosschip.masks import AttentionMask, allowed
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
+from crosschip_te import parallel
 
 
 def _device(ctx) -> torch.device:
@@ -19,13 +23,17 @@ def _device(ctx) -> torch.device:
 class QKVProjection(nn.Module):
     """RMSNorm fused into the QKV matmul (``te.LayerNormLinear``) when the spec carries an input
     norm, else ``te.Linear``. Output rows are grouped ``[Q_g | K_g | V_g]`` per KV head, as the
-    torch backend's, so a column shard holds whole KV groups."""
+    torch backend's, so a column shard holds whole KV groups; each rank splits its own output
+    (head counts follow from the width)."""
 
     def __init__(self, spec: QKVSpec, ctx):
         super().__init__()
         self.spec = spec
+        tp = parallel.tp_degree(ctx)
+        parallel.check_qkv(spec, tp)
         rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-        common = dict(bias=spec.bias, params_dtype=ctx.dtype, device=_device(ctx))
+        common = dict(bias=spec.bias, params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
+                      parallel_mode="column" if tp > 1 else None)
         if spec.input_norm is not None:
             self.proj = te.LayerNormLinear(spec.hidden_size, rows, eps=spec.input_norm.eps,
                                            normalization="RMSNorm", **common)
@@ -46,9 +54,12 @@ class GatedMLP(nn.Module):
 
     def __init__(self, spec: GatedMLPSpec, ctx):
         super().__init__()
+        tp = parallel.tp_degree(ctx)
+        parallel.check_gated_mlp(spec, tp)
         self.mlp = te.LayerNormMLP(spec.hidden_size, spec.intermediate_size, eps=spec.input_norm.eps,
                                    bias=spec.bias, normalization="RMSNorm", activation="swiglu",
-                                   params_dtype=ctx.dtype, device=_device(ctx))
+                                   params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
+                                   set_parallel_mode=tp > 1)
 
     def forward(self, x):
         return self.mlp(x)
@@ -57,8 +68,11 @@ class GatedMLP(nn.Module):
 class Linear(nn.Module):
     def __init__(self, spec: LinearSpec, ctx):
         super().__init__()
+        tp = parallel.tp_degree(ctx)
+        parallel.check_linear(spec, tp)
         self.proj = te.Linear(spec.in_features, spec.out_features, bias=spec.bias,
-                              params_dtype=ctx.dtype, device=_device(ctx))
+                              params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
+                              parallel_mode=parallel.linear_mode(spec, tp))
 
     def forward(self, x):
         return self.proj(x)
@@ -82,8 +96,10 @@ class DotProductAttention(nn.Module):
         super().__init__()
         self.spec = spec
         window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
+        # Global head counts and tp_size: TE takes this rank's share of each.
         self.attn = te.DotProductAttention(
             num_attention_heads=spec.num_heads, kv_channels=spec.head_dim, num_gqa_groups=spec.num_kv_heads,
+            tp_size=parallel.tp_degree(ctx),
             attention_dropout=spec.dropout, qkv_format="bshd",
             attn_mask_type="causal" if spec.causal else "no_mask",
             window_size=window, softmax_scale=spec.softmax_scale)

@@ -3,7 +3,7 @@ reached from canonical roles by reversible transforms (plain tensor functions, t
 
 from __future__ import annotations
 
-from crosschip.layouts import Chain, Concat, InterleaveQKV, Rename
+from crosschip.layouts import Chain, InterleaveBlocks, InterleaveQKV, Rename
 from crosschip.specs import GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 
 
@@ -17,11 +17,13 @@ def qkv_layout(spec: QKVSpec, ctx=None):
 
 
 def gated_mlp_layout(spec: GatedMLPSpec, ctx=None):
-    i = spec.intermediate_size
-    # TE's SwiGLU gates the first half of fc1's output: fc1 = [gate; up], not interleaved.
+    # TE's SwiGLU gates the first half of fc1's output, and under tensor parallelism it halves
+    # each rank's local output: so fc1 is [gate_r; up_r] per rank, concatenated over the ranks
+    # (a dim-0 shard then holds its own pair). At tp=1 that is plain [gate; up].
+    tp = ctx.parallel.tp if ctx is not None else 1
     return Chain.of(
-        Concat(("gate.weight", "up.weight"), "mlp.fc1_weight", (i, i)),
-        Concat(("gate.bias", "up.bias"), "mlp.fc1_bias", (i, i)),
+        InterleaveBlocks("gate.weight", "up.weight", "mlp.fc1_weight", tp),
+        InterleaveBlocks("gate.bias", "up.bias", "mlp.fc1_bias", tp),
         Rename.of(**{"down.weight": "mlp.fc2_weight", "down.bias": "mlp.fc2_bias",
                      "norm.weight": "mlp.layer_norm_weight"}),
     )

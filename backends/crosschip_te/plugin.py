@@ -101,7 +101,28 @@ def crosschip_autocast(runtime):
     import transformer_engine.pytorch as te
 
     recipe = _recipe(runtime.fp8_recipe)
-    return lambda: te.autocast(enabled=True, recipe=recipe)
+    # Under tensor parallelism, FP8 scaling factors are agreed over the TP group (amaxes reduced
+    # at the end of each step), so ranks holding the same tensor quantize it alike.
+    mesh = runtime.device_mesh
+    group = mesh.get_group("tp") if mesh is not None and "tp" in (mesh.mesh_dim_names or ()) else None
+    return lambda: te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
+
+
+@hookimpl
+def crosschip_parallelize_model(model, runtime):
+    return _parallel().parallelize(model, runtime)
+
+
+@hookimpl
+def crosschip_finalize_model(model, runtime):
+    if runtime.parallel.tp > 1:
+        _parallel().attach_training_hooks(model, runtime)
+
+
+def _parallel():
+    import importlib
+
+    return importlib.import_module("crosschip_te.parallel")
 
 
 @hookimpl

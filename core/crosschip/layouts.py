@@ -55,6 +55,30 @@ def deinterleave_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
 
 
+def interleave_blocks(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``[a_0; b_0; a_1; b_1; ...]`` along dim 0, ``a_r`` and ``b_r`` the r-th of ``blocks`` equal
+    row blocks. A dim-0 shard over ``blocks`` ranks then holds ``[a_r; b_r]``: the layout of a
+    fused projection that each rank splits in halves locally (Transformer Engine's SwiGLU fc1
+    under tensor parallelism, neuronx-distributed's ``stride=2``). ``blocks=1`` is a plain
+    concatenation; one block per row is :func:`interleave_rows`."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot interleave blocks of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if blocks < 1 or a.shape[0] % blocks:
+        raise ValueError(f"cannot cut {a.shape[0]} rows into {blocks} equal blocks")
+    rest = a.shape[1:]
+    pair = torch.stack([a.reshape(blocks, -1, *rest), b.reshape(blocks, -1, *rest)], dim=1)
+    return pair.reshape(-1, *rest).contiguous()
+
+
+def deinterleave_blocks(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`interleave_blocks`."""
+    if blocks < 1 or x.shape[0] % (2 * blocks):
+        raise ValueError(f"cannot cut {x.shape[0]} rows into {blocks} pairs of equal blocks")
+    pairs = x.reshape(blocks, 2, -1, *x.shape[1:])
+    rest = x.shape[1:]
+    return pairs[:, 0].reshape(-1, *rest).contiguous(), pairs[:, 1].reshape(-1, *rest).contiguous()
+
+
 def replicate_heads(x: torch.Tensor, num_heads: int, copies: int) -> torch.Tensor:
     """Each of ``num_heads`` heads along dim 0 repeated ``copies`` times in place:
     ``[h_0, h_0, h_1, h_1, ...]`` for two copies. Query heads of a group map to the replicas of
@@ -184,6 +208,29 @@ class InterleaveRows(Transform):
             return dict(tensors)
         [x], rest = _take(tensors, [self.target], "row de-interleave")
         a, b = deinterleave_rows(x)
+        return {**rest, self.a: a, self.b: b}
+
+
+@dataclass(frozen=True)
+class InterleaveBlocks(Transform):
+    """a, b -> ``[a_0; b_0; a_1; b_1; ...]`` in ``blocks`` row blocks (:func:`interleave_blocks`)."""
+
+    a: str
+    b: str
+    target: str
+    blocks: int = 1
+
+    def apply(self, tensors):
+        if self.a not in tensors:
+            return dict(tensors)
+        (a, b), rest = _take(tensors, [self.a, self.b], f"block interleave into {self.target}")
+        return {**rest, self.target: interleave_blocks(a, b, self.blocks)}
+
+    def invert(self, tensors):
+        if self.target not in tensors:
+            return dict(tensors)
+        [x], rest = _take(tensors, [self.target], "block de-interleave")
+        a, b = deinterleave_blocks(x, self.blocks)
         return {**rest, self.a: a, self.b: b}
 
 

@@ -1,0 +1,184 @@
+"""Tensor parallelism of the te backend with Transformer Engine's own tensor-parallel groups.
+
+The factories build every TE module with ``tp_size`` (so it allocates only this rank's shard):
+the QKV projection column-parallel (``parallel_mode="column"``, whole KV groups per rank), the
+attention output projection row-parallel, ``LayerNormMLP`` with ``set_parallel_mode`` (fc1
+column, fc2 row) and ``DotProductAttention`` over this rank's heads. :func:`parallelize` then
+creates the 1-D ``"tp"`` DeviceMesh, hands its process group to every TE module
+(``set_tensor_parallel_group``, TE's deferred form) and declares which parameters are shards
+(:mod:`crosschip.local_shards`), so checkpoints load, save and report gradients as for the torch
+backend. TE does the communication itself: the row-parallel GEMMs all-reduce their output, the
+column-parallel ones all-reduce the input gradient (before the fused norm's backward, so the
+replicated norm weights get whole, equal gradients on every rank).
+
+Left replicated: norms, and the embedding, LM head and loss, which te does not build.
+Not implemented on te: sequence parallelism, data parallelism, and KV-head replication when
+``tp`` does not divide the KV heads (the torch backend does all three).
+"""
+
+from __future__ import annotations
+
+from crosschip.errors import ConfigurationError
+
+TP_DIM = "tp"
+#: Components whose te modules hold shards; under te TP no other backend may build them.
+SHARDED = ("qkv_projection", "out_projection", "gated_mlp")
+
+
+def tp_degree(ctx) -> int:
+    """The TP degree a te factory builds for, after checking the settings te can honour."""
+    if ctx is None:
+        return 1
+    parallel = ctx.parallel
+    if parallel.sequence_parallel:
+        raise ConfigurationError(
+            f"{parallel}: the te backend does not implement sequence parallelism; use "
+            "sequence_parallel=False (TE's own layers still shard the weights with tp), or "
+            "backend='torch' for sequence parallelism")
+    if parallel.dp != 1:
+        raise ConfigurationError(
+            f"{parallel}: the te backend implements tensor parallelism (tp) only; data "
+            "parallelism (dp) runs on backend='torch'")
+    return parallel.tp
+
+
+def _divides(tp: int, size: int, what: str) -> None:
+    if size % tp:
+        raise ConfigurationError(f"te backend: tensor parallel degree tp={tp} does not divide the {what} ({size})")
+
+
+def check_qkv(spec, tp: int) -> None:
+    if tp == 1:
+        return
+    _divides(tp, spec.num_heads, "number of query heads")
+    if spec.num_kv_heads % tp:
+        raise ConfigurationError(
+            f"te backend: tensor parallel degree tp={tp} does not divide the number of KV heads "
+            f"({spec.num_kv_heads}); te splits whole KV heads over the ranks and does not replicate "
+            "them (backend='torch' does)")
+
+
+def check_gated_mlp(spec, tp: int) -> None:
+    if tp > 1:
+        _divides(tp, spec.intermediate_size, "intermediate size")
+
+
+def check_linear(spec, tp: int) -> None:
+    if tp > 1 and spec.parallel == "row":
+        _divides(tp, spec.in_features, "input features of the row-parallel projection")
+    if tp > 1 and spec.parallel == "column":
+        _divides(tp, spec.out_features, "output features of the column-parallel projection")
+
+
+def linear_mode(spec, tp: int) -> str | None:
+    """TE's ``parallel_mode`` for a linear spec: None (replicated) at tp=1."""
+    return spec.parallel if tp > 1 and spec.parallel in ("column", "row") else None
+
+
+# -- applied after construction (the "parallelize" hook) ------------------------------------------
+def check_process_group(runtime) -> None:
+    import torch.distributed as dist
+
+    tp = runtime.parallel.tp
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigurationError(
+            f"tp={tp} needs a process group: launch with `torchrun --nproc_per_node {tp} ...` "
+            "(or init_process_group) first")
+    if dist.get_world_size() != tp:
+        raise ConfigurationError(
+            f"tp={tp} does not match the world size {dist.get_world_size()}: on the te backend "
+            "every process is one TP rank")
+
+
+def parallelize(model, runtime):
+    tp = runtime.parallel.tp
+    if tp == 1:
+        return None
+    check_process_group(runtime)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    components = [(path, m) for path, m in model.named_modules()
+                  if getattr(m, "crosschip_component", None) is not None]
+    for path, module in components:
+        info = module.crosschip_component
+        if info.component in SHARDED and info.backend != "te":
+            raise ConfigurationError(
+                f"tp={tp}: {info.component} at {path} was built by backend {info.backend!r}; under the "
+                "te backend's tensor parallelism the projections must all be te's (choose the same "
+                "backend for qkv_projection, out_projection and gated_mlp)")
+    mesh = init_device_mesh(runtime.device.type, (tp,), mesh_dim_names=(TP_DIM,))
+    group = mesh.get_group()
+    for _, module in components:
+        if module.crosschip_component.backend == "te":
+            _bind(module, mesh, group)
+    runtime.device_mesh = mesh
+    return model
+
+
+def _bind(component, mesh, group) -> None:
+    """Give every TE module in ``component`` the TP group and declare its sharded parameters."""
+    from torch.distributed.tensor import Shard
+
+    from crosschip.local_shards import declare
+
+    shards = {}
+    for prefix, sub in component.named_modules():
+        if not hasattr(sub, "set_tensor_parallel_group"):
+            continue
+        sub.set_tensor_parallel_group(group)
+        own = dict(sub.named_parameters(recurse=False))
+        for name, dim in shard_dims(sub).items():
+            if name in own:
+                shards[f"{prefix}.{name}" if prefix else name] = (mesh, (Shard(dim),))
+    if shards:
+        declare(component, shards)
+
+
+def shard_dims(te_module) -> dict[str, int]:
+    """Parameter name -> the dim a TE module shards it on, read off the module's own TP mode.
+    (TE's ``partition_dim`` attributes mark weights even of non-parallel modules, so the mode
+    decides.) Unlisted parameters (norm weights, a row-parallel bias) are replicated."""
+    if getattr(te_module, "tp_size", 1) == 1:
+        return {}
+    if hasattr(te_module, "fc1_weight"):  # LayerNormMLP: fc1 column-, fc2 row-parallel
+        return {"fc1_weight": 0, "fc1_bias": 0, "fc2_weight": 1} if te_module.set_parallel_mode else {}
+    mode = getattr(te_module, "parallel_mode", None)
+    weights = getattr(te_module, "weight_names", [])
+    if mode == "column":
+        return {n: 0 for n in (*weights, *getattr(te_module, "bias_names", []))}
+    if mode == "row":
+        return {n: 1 for n in weights}
+    return {}
+
+
+# -- after loading (the "finalize" hook) ------------------------------------------------------------
+def attach_training_hooks(model, runtime) -> None:
+    """Per-head norms beside a te QKV projection (Qwen3's q_norm / k_norm) see only this rank's
+    heads, so their replicated weights get partial gradients: sum them over the TP group. A
+    tensor hook (before accumulation) keeps gradient accumulation right."""
+    norms = list(_per_head_norms(model)) if runtime.parallel.tp > 1 else []
+    if not norms:
+        return
+    group = runtime.device_mesh.get_group(TP_DIM)
+    for norm in norms:
+        for param in norm.parameters():
+            param.register_hook(_summed_over(group))
+
+
+def _summed_over(group):
+    import torch.distributed as dist
+
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    return hook
+
+
+def _per_head_norms(model):
+    for parent in model.modules():
+        children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
+        if any(c.crosschip_component.component == "qkv_projection" and c.crosschip_component.backend == "te"
+               for c in children):
+            yield from (c for c in children if c.crosschip_component.component == "rms_norm")

@@ -1,0 +1,225 @@
+"""Tensor parallelism of the te backend (Transformer Engine's own TP groups, NCCL, two GPUs)
+equals the single-process te model: float32 logits, loss, every gradient under Hugging Face names
+and a few AdamW steps; the saved checkpoint bitwise; each rank reads only its share of the
+checkpoint. bf16 (TE's fused attention over this rank's heads) within a budget derived from the
+single model's own bf16 error, and an FP8 step. One launch runs several checks: starting the
+processes dominates the cost."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import crosschip
+from crosschip.errors import ConfigurationError
+
+pytestmark = [pytest.mark.cuda, pytest.mark.multigpu]
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+# TE runs float32 GEMMs on TF32 tensor cores (unit roundoff 2**-11) whatever torch's TF32 flags
+# say, and TP splits the row-parallel GEMMs' sums over the ranks: a few TF32 roundings apart.
+TOL = 4 * 2**-11
+GRAD_TOL = 8 * 2**-11
+_launches = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _needs_te():
+    if HAVE_TE:
+        return
+    if "cuda" in os.environ.get("CROSSCHIP_REQUIRE_HARDWARE", ""):
+        pytest.fail("CROSSCHIP_REQUIRE_HARDWARE=cuda but transformer_engine is not installed", pytrace=False)
+    pytest.skip("transformer_engine is not installed")
+
+
+def norm_rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _config(kind: str, **extra):
+    import transformers
+
+    kwargs = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(extra)
+    return getattr(transformers, kind)(**kwargs)
+
+
+def _save_models(root: Path) -> None:
+    """Llama (tied embeddings), Qwen2 (QKV bias), Qwen3 (q/k norms over each head: partial
+    gradients under TP); 8 query heads and 2 KV heads, so tp=2 gives each rank one KV group."""
+    from zoo import save_hf
+
+    save_hf(root / "llama", _config("LlamaConfig", tie_word_embeddings=True))
+    save_hf(root / "qwen2", _config("Qwen2Config"))
+    save_hf(root / "qwen3", _config("Qwen3Config", head_dim=32))
+    save_hf(root / "kv1", _config("LlamaConfig", num_key_value_heads=1))
+
+
+def _entry(rank: int, world: int, root: str, rendezvous: str, body, args) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        body(rank, world, Path(root), *args)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    from crosschip.distributed import shutdown
+
+    shutdown()
+
+
+def _spawn(root: Path, body, *args) -> None:
+    import torch.multiprocessing as mp
+
+    rendezvous = root / f"rendezvous-{next(_launches)}"
+    mp.spawn(_entry, args=(2, str(root), str(rendezvous), body, args), nprocs=2, join=True)
+
+
+def _report(root: Path, rank: int, **numbers) -> None:
+    """Measured errors, printed (``pytest -s``) and kept beside the checkpoints."""
+    if rank == 0:
+        line = json.dumps(numbers)
+        print("te-tp:", line, flush=True)
+        with open(root / "measured.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.float(), out.loss.float(), model.hf_grads()
+
+
+def _check_fp32(root: Path, name: str, rank: int) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    path = root / name
+    single = crosschip.from_pretrained(path, backend="te", device="cuda", strict=True).train()
+    model = crosschip.from_pretrained(path, backend="te", device="cuda", tp=2, strict=True).train()
+    for component in ("qkv_projection", "out_projection", "gated_mlp"):
+        assert model.runtime.report.backends_for(component) == {"te"}, component
+    qkv, whole = model.model.layers[0].self_attn.qkv_proj.proj, single.model.layers[0].self_attn.qkv_proj.proj
+    assert qkv.tp_size == 2 and qkv.parallel_mode == "column" and 2 * qkv.weight.shape[0] == whole.weight.shape[0]
+    assert model.runtime.device_mesh.size() == 2
+    # Streaming sharded load: this rank read exactly the bytes it holds (replicated ones whole).
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert model.checkpoint_bytes_read == held < single.checkpoint_bytes_read, (model.checkpoint_bytes_read, held)
+
+    # Saving only gathers the shards: the same bytes as the single-process model's save.
+    saved = model.save_pretrained(root / f"{name}-tp2")
+    if rank == 0:
+        single.save_pretrained(root / f"{name}-single")
+        ours, theirs = load_file(saved / "model.safetensors"), load_file(root / f"{name}-single" / "model.safetensors")
+        assert list(ours) == list(theirs)
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: saved {key} differs"
+
+    torch.manual_seed(1)
+    ids = torch.randint(1, 256, (2, 64)).cuda()
+    # eps well above float32 rounding of the gradients (see tests/test_tensor_parallel.py).
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
+    worst = {"logits": 0.0, "loss": 0.0, "grad": 0.0}
+    for step in range(3):
+        expected, got = _step(single, ids), _step(model, ids)
+        where = f"{name} step {step}"
+        worst["logits"] = max(worst["logits"], norm_rel(got[0], expected[0]))
+        worst["loss"] = max(worst["loss"], norm_rel(got[1], expected[1]))
+        assert norm_rel(got[0], expected[0]) < TOL, f"{where} logits"
+        assert norm_rel(got[1], expected[1]) < TOL, f"{where} loss"
+        assert set(got[2]) == set(expected[2])
+        for key, grad in expected[2].items():
+            err = norm_rel(got[2][key], grad)
+            worst["grad"] = max(worst["grad"], err)
+            assert err < GRAD_TOL, f"{where} grad {key}: {err:.3g}"
+        for optimizer in optimizers:
+            optimizer.step()
+    # Replicated weights stay identical on every rank (their gradients agree exactly).
+    norm = model.model.layers[0].mlp.mlp.layer_norm_weight.detach()
+    copies = [torch.empty_like(norm) for _ in range(2)]
+    dist.all_gather(copies, norm)
+    assert torch.equal(copies[0], copies[1])
+    _report(root, rank, check="fp32", model=name, **worst)
+
+
+def _check_bf16_and_fp8(root: Path, rank: int) -> None:
+    """TE's fused attention runs over this rank's heads (bf16). The tp=2 model's error against
+    the float32 single model stays within twice the single bf16 model's own error (+ one bf16
+    ulp of headroom). FP8 (delayed scaling, amaxes reduced over the TP group) trains a step."""
+    path, ids = root / "qwen2", _ids()
+    ref = _step(crosschip.from_pretrained(path, backend="te", device="cuda").train(), ids)
+    single = _step(crosschip.from_pretrained(path, backend="te", device="cuda", dtype="bf16").train(), ids)
+    model = crosschip.from_pretrained(path, backend="te", device="cuda", dtype="bf16", tp=2, strict=True).train()
+    assert model.runtime.report.backends_for("attention") == {"te"}
+    got = _step(model, ids)
+    numbers = {}
+    for what, i in (("logits", 0), ("loss", 1)):
+        numbers[what] = (norm_rel(got[i], ref[i]), norm_rel(single[i], ref[i]))
+        assert numbers[what][0] <= 2 * numbers[what][1] + 4e-3, what
+    for key, g32 in ref[2].items():
+        budget = 2 * norm_rel(single[2][key], g32) + 4e-3
+        assert norm_rel(got[2][key], g32) <= budget, key
+    fp8 = crosschip.from_pretrained(path, backend="te", device="cuda", dtype="bf16", tp=2,
+                                    precision="fp8", fp8_recipe="delayed").train()
+    losses = []
+    optimizer = torch.optim.AdamW(fp8.parameters(), lr=1e-4)
+    for _ in range(2):
+        _, loss, grads = _step(fp8, ids)
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        losses.append(loss.item())
+        optimizer.step()
+    numbers["fp8_loss_vs_bf16"] = abs(losses[0] - got[1].item()) / got[1].item()
+    assert numbers["fp8_loss_vs_bf16"] < 0.05
+    _report(root, rank, check="bf16+fp8", model="qwen2", **numbers)
+
+
+def _ids():
+    torch.manual_seed(2)
+    return torch.randint(1, 256, (2, 64)).cuda()
+
+
+def _check_errors(root: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of KV heads \(1\)"):
+        crosschip.from_pretrained(root / "kv1", backend="te", device="cuda", tp=2)
+    with pytest.raises(ConfigurationError, match="te backend does not implement sequence parallelism"):
+        crosschip.from_pretrained(root / "llama", backend="te", device="cuda", tp=2, sequence_parallel=True)
+    with pytest.raises(ConfigurationError, match="gated_mlp at model.layers.0.mlp was built by backend 'torch'"):
+        crosschip.from_pretrained(root / "llama", backend="te", components={"gated_mlp": "torch"},
+                                  device="cuda", tp=2)
+
+
+def _run(rank: int, world: int, root: Path, cases) -> None:
+    for case in cases:
+        if case == "errors":
+            _check_errors(root)
+        elif case == "bf16":
+            _check_bf16_and_fp8(root, rank)
+        else:
+            _check_fp32(root, case, rank)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("te-tp")
+    _save_models(root)
+    return root
+
+
+def test_te_tp2_matches_single_process(checkpoints):
+    _spawn(checkpoints, _run, ["llama", "qwen2", "qwen3", "errors"])
+
+
+def test_te_tp2_bf16_attention_and_fp8(checkpoints):
+    _spawn(checkpoints, _run, ["bf16"])
