@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import crosschip
+from crosschip.train import clip_gradients
 from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.layouts import ReplicateHeads
 from gloo_spawn import spawn
@@ -83,6 +84,10 @@ def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
         assert set(grads) == set(expected_grads)
         for key, grad in expected_grads.items():
             assert_rel_close(grads[key], grad, TOL, f"{where} grad {key}")
+        # The total gradient norm (KV replicas counted once) is the single model's.
+        norm = clip_gradients(list(model.parameters()), float("inf"))
+        assert_rel_close(norm, torch.nn.utils.clip_grad_norm_(single.parameters(), float("inf")), TOL,
+                         f"{where} gradient norm")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()

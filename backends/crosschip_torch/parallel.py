@@ -247,7 +247,8 @@ def _tensor_parallel(model, runtime, mesh) -> None:
         copies = kv_replicas(info.spec, tp) if info.component == "qkv_projection" else 1
         if copies > 1:
             replica_groups = replica_groups or _replica_groups(mesh, copies)
-            module.kv_replicas = KVReplicas(info.spec.num_heads // tp * info.spec.head_dim, replica_groups)
+            local = info.spec.num_heads // tp * info.spec.head_dim
+            module.kv_replicas = KVReplicas(local, replica_groups, local + 2 * info.spec.head_dim, copies)
     per_head = {id(n) for n in _per_head_norms(model)}
     for path, norm in components:
         if id(norm) in per_head:
@@ -276,9 +277,14 @@ def _vocab_parallel(components, sp: bool, tp: int):
 
 
 def attach_training_hooks(model) -> None:
-    """Hooks that must sit on the final parameter objects (after allocation and loading). Under
-    FSDP2 (dp > 1) gradients reach the gathered parameters, not these, and FSDP2 itself puts
-    each gradient in its parameter's tensor-parallel placement before reducing it."""
+    """Hooks and tags that must sit on the final parameter objects (after allocation and
+    loading). Under FSDP2 (dp > 1) gradients reach the gathered parameters, not these, and FSDP2
+    itself puts each gradient in its parameter's tensor-parallel placement before reducing it."""
+    for module in model.modules():
+        replicas = getattr(module, "kv_replicas", None)
+        if replicas is not None:
+            for param in module.parameters():
+                param.crosschip_row_copies = replicas.row_copies
     if model.runtime.parallel.dp > 1:
         return
     for param in model.parameters():
@@ -339,6 +345,14 @@ class KVReplicas:
 
     q_rows: int
     group: object
+    rows_per_rank: int
+    copies: int
+
+    def row_copies(self, rows):
+        """How many rows of the (global, physical) parameter hold the same values as each of
+        ``rows``: ``copies`` for a replicated KV row, 1 for a query row. A gradient norm divides
+        each row's squares by it, so a KV head counts once, as in the unreplicated model."""
+        return torch.where(rows % self.rows_per_rank >= self.q_rows, self.copies, 1)
 
     def sum_grads(self, weight):
         """``weight`` unchanged, whose gradient's KV rows are summed over the replicas: the loss

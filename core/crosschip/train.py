@@ -202,9 +202,13 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
     replicated on others, possibly beside plain replicated tensors, which torch's
     ``clip_grad_norm_`` cannot mix. Each gradient's local squares are summed over the whole mesh
     and divided by the number of ranks holding the same values (the product of its replicated
-    dims); a plain gradient counts once. (KV-head replicas beyond the KV heads count once per
-    replica.)"""
+    dims); a plain gradient counts once. A parameter whose rows replicate one another (KV heads
+    copied where tp exceeds them) carries ``crosschip_row_copies(global_rows) -> copies``, and
+    each row counts once."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
+    copies_of = {id(p.grad): p.crosschip_row_copies for p in params
+                 if p.grad is not None and hasattr(p, "crosschip_row_copies")}
     sharded = [g for g in grads if hasattr(g, "device_mesh")]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -221,7 +225,7 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
         for dim, placement in enumerate(g.placements):
             if isinstance(placement, Replicate):
                 copies *= g.device_mesh.size(dim)
-        by_mesh.setdefault(g.device_mesh, []).append(g.to_local().float().pow(2).sum() / copies)
+        by_mesh.setdefault(g.device_mesh, []).append(_squares(g, copies_of.get(id(g))) / copies)
     for mesh, squares in by_mesh.items():
         part = torch.stack(squares).sum()
         for dim in range(mesh.ndim):  # summed along each dim in turn: over every rank of the mesh
@@ -232,6 +236,18 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
     for g in grads:
         g.mul_(scale.to(g.dtype) if not hasattr(g, "device_mesh") else scale.item())
     return norm
+
+
+def _squares(grad, row_copies) -> torch.Tensor:
+    """Sum of squares of this rank's part of ``grad``, each row divided by its number of copies."""
+    local = grad.to_local().float()
+    if row_copies is None:
+        return local.pow(2).sum()
+    from crosschip.sharded_load import local_region
+
+    (start, stop), *_ = local_region(grad)
+    per_row = local.pow(2).reshape(local.shape[0], -1).sum(dim=1)
+    return (per_row / row_copies(torch.arange(start, stop, device=per_row.device))).sum()
 
 
 def _rank() -> int:
