@@ -66,7 +66,7 @@ def _check(rank: int, world: int, root) -> None:
     # Gradients: plain local tensors, presented as DTensor views sharing their storage.
     x = torch.ones(4, 3)
     module.row(module.column(x)).sum().backward()
-    grads = local_shards.gradients(module, list(module.parameters()))
+    grads = local_shards.gradients(module.parameters())
     kinds = [isinstance(g, DTensor) for g in grads]
     assert kinds == [True, True, True, False]  # column.weight, column.bias, row.weight, row.bias
     assert grads[0].placements == (Shard(0),) and grads[2].shape == (3, 2 * world)
@@ -75,6 +75,36 @@ def _check(rank: int, world: int, root) -> None:
     assert torch.equal(module.column.weight.grad, before * 0.5)
     named = local_shards.global_views(module, {n: p.grad for n, p in module.named_parameters()})
     assert isinstance(named["row.weight"], DTensor) and not isinstance(named["row.bias"], DTensor)
+    _check_optimizer_state(module, root, rank, world)
+
+
+def _check_optimizer_state(module, root, rank: int, world: int) -> None:
+    """A distributed checkpoint of the optimizer state saves every rank's part of each shard's
+    moments and loads each rank's own part back in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    optimizer.step()
+    _, optim_state = get_state_dict(module, optimizer)
+    views = local_shards.optimizer_state_views(module, optim_state)
+    moment = views["state"]["column.weight"]["exp_avg"]
+    assert isinstance(moment, DTensor) and moment.shape == (2 * world, 3)
+    assert not isinstance(views["state"]["row.bias"]["exp_avg"], DTensor)
+    assert not isinstance(views["state"]["column.weight"]["step"], DTensor)
+    expected = {k: {n: v.clone() for n, v in e.items()} for k, e in optim_state["state"].items()}
+    dcp.save({"optim": views}, checkpoint_id=str(root / "optim"))
+
+    fresh = torch.optim.AdamW(module.parameters(), lr=0.1)
+    fresh.step()  # state of the right shapes, to be overwritten
+    for entry in fresh.state.values():
+        entry["exp_avg"].fill_(-1.0)
+    _, fresh_state = get_state_dict(module, fresh)
+    dcp.load({"optim": local_shards.optimizer_state_views(module, fresh_state)}, checkpoint_id=str(root / "optim"))
+    set_state_dict(module, fresh, model_state_dict={}, optim_state_dict=fresh_state)  # filled in place
+    for fqn, entry in expected.items():
+        assert torch.equal(fresh.state[module.get_parameter(fqn)]["exp_avg"], entry["exp_avg"]), fqn
 
 
 def test_local_shards_look_like_dtensors(tmp_path):

@@ -153,9 +153,13 @@ def shard_dims(te_module) -> dict[str, int]:
 
 # -- after loading (the "finalize" hook) ------------------------------------------------------------
 def attach_training_hooks(model, runtime) -> None:
-    """Per-head norms beside a te QKV projection (Qwen3's q_norm / k_norm) see only this rank's
-    heads, so their replicated weights get partial gradients: sum them over the TP group. A
-    tensor hook (before accumulation) keeps gradient accumulation right."""
+    """On the final parameter objects: the shard marks (for gradient clipping), and, for
+    per-head norms beside a te QKV projection (Qwen3's q_norm / k_norm), which see only this
+    rank's heads so that their replicated weights get partial gradients, a sum over the TP group.
+    A tensor hook (before accumulation) keeps gradient accumulation right."""
+    from crosschip.local_shards import mark_parameters
+
+    mark_parameters(model)
     norms = list(_per_head_norms(model)) if runtime.parallel.tp > 1 else []
     if not norms:
         return

@@ -8,10 +8,12 @@ sees those weights as DTensors, exactly like the torch backend's: ``state_dict()
 ``DTensor.from_local`` views (no copy), so saving gathers them with ``full_tensor()``, a sharded
 load finds each rank's rows and columns from the placements and writes straight into the
 parameter, and ``load_state_dict`` accepts DTensors (or the local shards themselves). Gradients
-are plain local tensors too; :func:`global_views` and :func:`gradients` present them the same way.
+and optimizer state are plain local tensors too; :func:`global_views`, :func:`gradients` and
+:func:`optimizer_state_views` present them the same way.
 
-The declaration lives on the module (parameter objects are replaced when a model is allocated
-from the meta device, and would lose anything set on them).
+The declaration lives on the module, since parameter objects are replaced when a model is
+allocated from the meta device and would lose anything set on them; :func:`mark_parameters`
+copies it onto the final parameter objects, for code that sees parameters only (clipping).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 _ATTR = "_crosschip_local_shards"
+_PARAM_ATTR = "crosschip_local_shard"
 
 
 def declare(module: nn.Module, shards: Mapping[str, tuple]) -> None:
@@ -38,6 +41,15 @@ def declare(module: nn.Module, shards: Mapping[str, tuple]) -> None:
         module.register_state_dict_post_hook(_globalize_state_dict)
         module.register_load_state_dict_pre_hook(_localize_state_dict)
     known.update({name: (mesh, tuple(placements)) for name, (mesh, placements) in shards.items()})
+    mark_parameters(module)
+
+
+def mark_parameters(model: nn.Module) -> None:
+    """Put every declaration under ``model`` on its current parameter object (call again once
+    the model is allocated and loaded: allocation from meta replaces the objects)."""
+    for module in model.modules():
+        for name, shard in declared(module).items():
+            setattr(module.get_parameter(name), _PARAM_ATTR, shard)
 
 
 def declared(module: nn.Module) -> dict[str, tuple]:
@@ -61,19 +73,34 @@ def global_views(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict
             for k, v in tensors.items()}
 
 
-def gradients(model: nn.Module, params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
-    """The gradients of ``params`` (those that have one), declared shards as DTensor views that
-    share storage with ``param.grad`` (so scaling them in place scales the gradient)."""
-    views: dict[int, tuple] = {}
-    for module in model.modules():
-        for name, (mesh, placements) in declared(module).items():
-            views[id(module.get_parameter(name))] = (mesh, placements)
+def gradients(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients of ``params`` (those that have one); a marked shard's as a DTensor view that
+    shares storage with ``param.grad`` (so scaling it in place scales the gradient)."""
     out = []
     for p in params:
-        if p.grad is None:
-            continue
-        out.append(as_global(p.grad, *views[id(p)]) if id(p) in views else p.grad)
+        if p.grad is not None:
+            shard = getattr(p, _PARAM_ATTR, None)
+            out.append(as_global(p.grad, *shard) if shard is not None else p.grad)
     return out
+
+
+def optimizer_state_views(model: nn.Module, optim_state: dict) -> dict:
+    """An optimizer state dict keyed by parameter names (``torch.distributed.checkpoint.
+    state_dict.get_state_dict``'s) with each declared shard's per-parameter tensors (Adam's
+    moments) as DTensor views, so a distributed checkpoint saves every rank's part and loads
+    each rank's part back in place. Scalars (``step``) and everything else pass through."""
+    shards = {}
+    for path, module in model.named_modules():
+        for name, shard in declared(module).items():
+            shards[f"{path}.{name}" if path else name] = (tuple(module.get_parameter(name).shape), shard)
+    state = {}
+    for fqn, entry in optim_state.get("state", {}).items():
+        if fqn in shards:
+            shape, (mesh, placements) = shards[fqn]
+            entry = {k: as_global(v, mesh, placements) if torch.is_tensor(v) and tuple(v.shape) == shape else v
+                     for k, v in entry.items()}
+        state[fqn] = entry
+    return {**optim_state, "state": state}
 
 
 def _is_dtensor(tensor) -> bool:
