@@ -51,3 +51,17 @@ def assert_training_parity(model, hf, ids, tol: float) -> None:
     assert set(grads) == set(hf_grads)
     for key, grad in hf_grads.items():
         assert_rel_close(grads[key], grad, tol, f"grad {key}")
+
+
+def assert_parallel_grads_match(model, single, tol: float, where: str) -> None:
+    """After a backward of both: every gradient of a parallel ``model``, gathered and mapped to
+    Hugging Face names, and its total gradient norm (replicas counted once) equal ``single``'s."""
+    from crosschip.train import clip_gradients
+
+    grads, expected = model.hf_grads(), single.hf_grads()
+    assert set(grads) == set(expected)
+    for key, grad in expected.items():
+        assert_rel_close(grads[key], grad, tol, f"{where} grad {key}")
+    norm = clip_gradients(list(model.parameters()), float("inf"))
+    assert_rel_close(norm, torch.nn.utils.clip_grad_norm_(single.parameters(), float("inf")), tol,
+                     f"{where} gradient norm")

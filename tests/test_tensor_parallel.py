@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import crosschip
-from crosschip.train import clip_gradients
 from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.layouts import ReplicateHeads
 from gloo_spawn import spawn
-from helpers import assert_rel_close, save_hf_llama
+from helpers import assert_parallel_grads_match, assert_rel_close, save_hf_llama
 
 TOL = 1e-5
 
@@ -80,14 +79,7 @@ def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
         where = f"{name} tp={tp} step {step}"
         assert_rel_close(got.logits, expected.logits, TOL, f"{where} logits")
         assert_rel_close(got.loss, expected.loss, TOL, f"{where} loss")
-        grads, expected_grads = model.hf_grads(), single.hf_grads()
-        assert set(grads) == set(expected_grads)
-        for key, grad in expected_grads.items():
-            assert_rel_close(grads[key], grad, TOL, f"{where} grad {key}")
-        # The total gradient norm (KV replicas counted once) is the single model's.
-        norm = clip_gradients(list(model.parameters()), float("inf"))
-        assert_rel_close(norm, torch.nn.utils.clip_grad_norm_(single.parameters(), float("inf")), TOL,
-                         f"{where} gradient norm")
+        assert_parallel_grads_match(model, single, TOL, where)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
