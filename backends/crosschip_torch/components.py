@@ -57,8 +57,10 @@ class GatedMLP(nn.Module):
         self.act_fn = ACT2FN[spec.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pairs = self.gate_up_proj(x).unflatten(-1, (-1, 2))
-        return self.down_proj(self.act_fn(pairs[..., 0]) * pairs[..., 1])
+        # unbind, not two selects: its backward writes both halves' gradients into one tensor
+        # (a stack), where each select's would zero-fill a full-size tensor and then add them.
+        gate, up = self.gate_up_proj(x).unflatten(-1, (-1, 2)).unbind(-1)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class Linear(nn.Linear):
