@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from crosschip import local_shards
 from crosschip.distributed import DP_DIM
 from crosschip.errors import ConfigurationError
 from crosschip.init import init_weights
@@ -136,6 +137,13 @@ def _build(args: TrainArgs):
                                      "checkpoint, or its save did not finish)")
         state = json.loads(meta_file.read_text())
         backends = _backends(model)
+        if any("te" in names for names in backends.values()) and state.get("tp", 1) != args.tp:
+            # The training state holds physical layouts, and te's fused gate/up rows are ordered
+            # per TP rank: another tp would read them permuted.
+            raise ConfigurationError(
+                f"--resume {args.resume}: a te training state resumes only at the tp it was saved at "
+                f"(tp={state.get('tp', 1)}), this run has tp={args.tp}; to change tp, start from the "
+                "Hugging Face checkpoint in that directory (--model) without its training state")
         if state["backends"] != backends:
             raise ConfigurationError(
                 f"--resume {args.resume}: optimizer state was saved with backends {state['backends']}, "
@@ -205,10 +213,10 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
     dims); a plain gradient counts once. A parameter whose rows replicate one another (KV heads
     copied where tp exceeds them) carries ``crosschip_row_copies(global_rows) -> copies``, and
     each row counts once."""
-    params = list(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    copies_of = {id(p.grad): p.crosschip_row_copies for p in params
-                 if p.grad is not None and hasattr(p, "crosschip_row_copies")}
+    params = [p for p in params if p.grad is not None]
+    grads = local_shards.gradients(params)  # a backend's local shards as DTensor views
+    copies_of = {id(g): p.crosschip_row_copies for p, g in zip(params, grads)
+                 if hasattr(p, "crosschip_row_copies")}
     sharded = [g for g in grads if hasattr(g, "device_mesh")]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -303,7 +311,8 @@ def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
 
     model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_is_intended():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+        dcp.save({"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)},
+                 checkpoint_id=str(directory))
     if _rank() == 0:
         (directory / STATE_META).write_text(json.dumps(meta, indent=1) + "\n")
     _barrier()
@@ -315,14 +324,15 @@ def _load_training_state(model, optimizer, directory: Path) -> None:
 
     model_state, optim_state = get_state_dict(model, optimizer)
     _check_state_fits(model_state, directory)
-    state = {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=str(directory))
     except Exception as exc:
         raise ConfigurationError(f"--resume {directory.parent}: the saved training state does not fit this "
                                  f"model and layout: {exc}") from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # optim_state was filled in place through the views.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
 
 
 def _check_state_fits(model_state: dict, directory: Path) -> None:

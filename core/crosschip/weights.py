@@ -19,6 +19,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
+from crosschip import local_shards
 from crosschip.errors import CheckpointError
 from crosschip.layouts import IDENTITY, Transform, canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
@@ -127,7 +128,8 @@ def _like(target, tensor: torch.Tensor):
 
 def _physical(binding: Binding, grads: bool) -> dict[str, torch.Tensor]:
     if grads:
-        return {n: _whole(p.grad) for n, p in binding.module.named_parameters() if p.grad is not None}
+        local = {n: p.grad for n, p in binding.module.named_parameters() if p.grad is not None}
+        return {n: _whole(g) for n, g in local_shards.global_views(binding.module, local).items()}
     # Extra state (Transformer Engine's FP8 scaling metadata) is runtime state of the module,
     # not a weight: it has no Hugging Face counterpart.
     return {k: _whole(v) for k, v in binding.module.state_dict().items() if not k.endswith(EXTRA_STATE)}
@@ -208,4 +210,4 @@ def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = f
 
 
 def _is_sharded(module: nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in module.parameters())
+    return bool(local_shards.declared(module)) or any(hasattr(p, "device_mesh") for p in module.parameters())
