@@ -162,8 +162,11 @@ def test_gated_mlp_fc1_shard_of_each_rank_is_its_gate_then_up(tp, per_rank, bias
 def test_te_tensor_parallel_configuration_errors():
     from crosschip_te import parallel
 
-    with pytest.raises(ConfigurationError, match="te backend does not implement sequence parallelism"):
-        parallel.tp_degree(_Ctx(tp=2, sequence_parallel=True))
+    with pytest.raises(ConfigurationError, match="sequence_parallel=True shards the sequence .* needs tp > 1"):
+        parallel.tp_degree(_Ctx(tp=1, sequence_parallel=True))
+    assert parallel.tp_degree(_Ctx(tp=2, sequence_parallel=True)) == 2
+    assert parallel.sequence_parallel(_Ctx(tp=2, sequence_parallel=True), 2)
+    assert not parallel.sequence_parallel(_Ctx(tp=2), 2)
     with pytest.raises(ConfigurationError, match=r"data parallelism \(dp\) runs on backend='torch'"):
         parallel.tp_degree(_Ctx(tp=2, dp=2))
     assert parallel.tp_degree(_Ctx(tp=4)) == 4 and parallel.tp_degree(None) == 1

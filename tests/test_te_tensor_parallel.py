@@ -1,5 +1,5 @@
-"""Tensor parallelism of the te backend (Transformer Engine's own TP groups, NCCL, two GPUs)
-equals the single-process te model: float32 logits, loss, every gradient under Hugging Face names
+"""Tensor parallelism of the te backend (Transformer Engine's own TP groups, NCCL, two GPUs), with
+and without sequence parallelism, equals the single-process te model: float32 logits, loss, every gradient under Hugging Face names
 and a few AdamW steps; the saved checkpoint bitwise; each rank reads only its share of the
 checkpoint. bf16 (TE's fused attention over this rank's heads) within a budget derived from the
 single model's own bf16 error, and an FP8 step. One launch runs several checks: starting the
@@ -102,13 +102,15 @@ def _step(model, ids):
     return out.logits.float(), out.loss.float(), model.hf_grads()
 
 
-def _check_fp32(root: Path, name: str, rank: int) -> None:
+def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
+    """tp=2 (with ``sp``: sequence parallel too) against one process, in float32."""
     import torch.distributed as dist
     from safetensors.torch import load_file
 
     path = root / name
     single = crosschip.from_pretrained(path, backend="te", device="cuda", strict=True).train()
-    model = crosschip.from_pretrained(path, backend="te", device="cuda", tp=2, strict=True).train()
+    model = crosschip.from_pretrained(path, backend="te", device="cuda", tp=2, sequence_parallel=sp,
+                                      strict=True).train()
     for component in ("qkv_projection", "out_projection", "gated_mlp"):
         assert model.runtime.report.backends_for(component) == {"te"}, component
     qkv, whole = model.model.layers[0].self_attn.qkv_proj.proj, single.model.layers[0].self_attn.qkv_proj.proj
@@ -119,7 +121,7 @@ def _check_fp32(root: Path, name: str, rank: int) -> None:
     assert model.checkpoint_bytes_read == held < single.checkpoint_bytes_read, (model.checkpoint_bytes_read, held)
 
     # Saving only gathers the shards: the same bytes as the single-process model's save.
-    saved = model.save_pretrained(root / f"{name}-tp2")
+    saved = model.save_pretrained(root / f"{name}-tp2{'-sp' if sp else ''}")
     if rank == 0:
         single.save_pretrained(root / f"{name}-single")
         ours, theirs = load_file(saved / "model.safetensors"), load_file(root / f"{name}-single" / "model.safetensors")
@@ -134,7 +136,7 @@ def _check_fp32(root: Path, name: str, rank: int) -> None:
     worst = {"logits": 0.0, "loss": 0.0, "grad": 0.0}
     for step in range(3):
         expected, got = _step(single, ids), _step(model, ids)
-        where = f"{name} step {step}"
+        where = f"{name} sp={sp} step {step}"
         worst["logits"] = max(worst["logits"], norm_rel(got[0], expected[0]))
         worst["loss"] = max(worst["loss"], norm_rel(got[1], expected[1]))
         assert norm_rel(got[0], expected[0]) < TOL, f"{where} logits"
@@ -151,7 +153,10 @@ def _check_fp32(root: Path, name: str, rank: int) -> None:
     copies = [torch.empty_like(norm) for _ in range(2)]
     dist.all_gather(copies, norm)
     assert torch.equal(copies[0], copies[1])
-    _report(root, rank, check="fp32", model=name, **worst)
+    if sp:  # decode steps have one position, which tp=2 cannot split
+        with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the sequence length \(5\)"):
+            model.generate(ids[:, :5], max_new_tokens=1)
+    _report(root, rank, check="fp32-sp" if sp else "fp32", model=name, **worst)
 
 
 def _check_bf16_and_fp8(root: Path, rank: int) -> None:
@@ -193,8 +198,6 @@ def _ids():
 def _check_errors(root: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of KV heads \(1\)"):
         crosschip.from_pretrained(root / "kv1", backend="te", device="cuda", tp=2)
-    with pytest.raises(ConfigurationError, match="te backend does not implement sequence parallelism"):
-        crosschip.from_pretrained(root / "llama", backend="te", device="cuda", tp=2, sequence_parallel=True)
     with pytest.raises(ConfigurationError, match="gated_mlp at model.layers.0.mlp was built by backend 'torch'"):
         crosschip.from_pretrained(root / "llama", backend="te", components={"gated_mlp": "torch"},
                                   device="cuda", tp=2)
@@ -224,6 +227,8 @@ def _run(rank: int, world: int, root: Path, cases) -> None:
             _check_errors(root)
         elif case == "bf16":
             _check_bf16_and_fp8(root, rank)
+        elif case.endswith("-sp"):
+            _check_fp32(root, case[:-len("-sp")], rank, sp=True)
         else:
             _check_fp32(root, case, rank)
 
@@ -236,7 +241,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_te_tp2_matches_single_process(checkpoints):
-    _spawn(checkpoints, _run, ["llama", "qwen2", "qwen3", "errors"])
+    _spawn(checkpoints, _run, ["llama", "qwen2", "qwen3", "llama-sp", "qwen3-sp", "errors"])
 
 
 def test_te_tp2_bf16_attention_and_fp8(checkpoints):

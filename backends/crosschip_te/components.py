@@ -32,8 +32,11 @@ class QKVProjection(nn.Module):
         tp = parallel.tp_degree(ctx)
         parallel.check_qkv(spec, tp)
         rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        #: Sequence parallel: the input is this rank's ``[seq / tp, batch, hidden]`` part of the
+        #: stream, which TE gathers (see :mod:`crosschip_te.sequence_parallel`).
+        self.sequence_parallel = parallel.sequence_parallel(ctx, tp)
         common = dict(bias=spec.bias, params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
-                      parallel_mode="column" if tp > 1 else None)
+                      parallel_mode="column" if tp > 1 else None, sequence_parallel=self.sequence_parallel)
         if spec.input_norm is not None:
             self.proj = te.LayerNormLinear(spec.hidden_size, rows, eps=spec.input_norm.eps,
                                            normalization="RMSNorm", **common)
@@ -43,6 +46,8 @@ class QKVProjection(nn.Module):
     def forward(self, hidden):
         s = self.spec
         out = self.proj(hidden)
+        if self.sequence_parallel:
+            out = out.transpose(0, 1)  # gathered [seq, batch, rows] -> [batch, seq, rows]
         groups = out.shape[-1] // ((s.group_size + 2) * s.head_dim)
         grouped = out.view(*out.shape[:-1], groups, (s.group_size + 2) * s.head_dim)
         q, k, v = grouped.split([s.group_size * s.head_dim, s.head_dim, s.head_dim], dim=-1)
@@ -59,7 +64,8 @@ class GatedMLP(nn.Module):
         self.mlp = te.LayerNormMLP(spec.hidden_size, spec.intermediate_size, eps=spec.input_norm.eps,
                                    bias=spec.bias, normalization="RMSNorm", activation="swiglu",
                                    params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
-                                   set_parallel_mode=tp > 1)
+                                   set_parallel_mode=tp > 1,
+                                   sequence_parallel=parallel.sequence_parallel(ctx, tp))
 
     def forward(self, x):
         return self.mlp(x)
@@ -70,11 +76,18 @@ class Linear(nn.Module):
         super().__init__()
         tp = parallel.tp_degree(ctx)
         parallel.check_linear(spec, tp)
+        mode = parallel.linear_mode(spec, tp)
+        #: Sequence parallel (row-parallel only: the attention output projection): the whole
+        #: ``[batch, seq, in]`` input goes in sequence-first, and TE reduce-scatters the output
+        #: onto this rank's ``[seq / tp, batch, out]`` part of the stream.
+        self.sequence_parallel = mode == "row" and parallel.sequence_parallel(ctx, tp)
         self.proj = te.Linear(spec.in_features, spec.out_features, bias=spec.bias,
                               params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
-                              parallel_mode=parallel.linear_mode(spec, tp))
+                              parallel_mode=mode, sequence_parallel=self.sequence_parallel)
 
     def forward(self, x):
+        if self.sequence_parallel:
+            x = x.transpose(0, 1).contiguous()
         return self.proj(x)
 
 

@@ -12,8 +12,9 @@ column-parallel ones all-reduce the input gradient (before the fused norm's back
 replicated norm weights get whole, equal gradients on every rank).
 
 Left replicated: norms, and the embedding, LM head and loss, which te does not build.
-Not implemented on te: sequence parallelism, data parallelism, and KV-head replication when
-``tp`` does not divide the KV heads (the torch backend does all three).
+With ``sequence_parallel=True`` TE's layers also shard the residual stream along the sequence
+(:mod:`crosschip_te.sequence_parallel`). Not implemented on te: data parallelism, and KV-head
+replication when ``tp`` does not divide the KV heads (the torch backend does both).
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ def tp_degree(ctx) -> int:
     if ctx is None:
         return 1
     parallel = ctx.parallel
-    if parallel.sequence_parallel:
+    if parallel.sequence_parallel and parallel.tp == 1:
         raise ConfigurationError(
-            f"{parallel}: the te backend does not implement sequence parallelism; use "
-            "sequence_parallel=False (TE's own layers still shard the weights with tp), or "
-            "backend='torch' for sequence parallelism")
+            f"{parallel}: sequence_parallel=True shards the sequence over the tensor-parallel "
+            "ranks, so it needs tp > 1")
     if parallel.dp != 1:
         raise ConfigurationError(
             f"{parallel}: the te backend implements tensor parallelism (tp) only; data "
             "parallelism (dp) runs on backend='torch'")
     return parallel.tp
+
+
+def sequence_parallel(ctx, tp: int) -> bool:
+    """Whether te modules run sequence parallel (TE's ``sequence_parallel`` flag)."""
+    return tp > 1 and ctx is not None and ctx.parallel.sequence_parallel
 
 
 def _divides(tp: int, size: int, what: str) -> None:
@@ -111,6 +116,10 @@ def parallelize(model, runtime):
     for _, module in components:
         if module.crosschip_component.backend == "te":
             _bind(module, mesh, group)
+    if runtime.parallel.sequence_parallel:
+        from crosschip_te.sequence_parallel import install
+
+        install(model, group)
     runtime.device_mesh = mesh
     return model
 
@@ -160,13 +169,17 @@ def attach_training_hooks(model, runtime) -> None:
     from crosschip.local_shards import mark_parameters
 
     mark_parameters(model)
-    norms = list(_per_head_norms(model)) if runtime.parallel.tp > 1 else []
-    if not norms:
+    if runtime.parallel.tp == 1:
         return
+    norms = list(_per_head_norms(model))
+    partial = [p for norm in norms for p in norm.parameters()]
+    if runtime.parallel.sequence_parallel:
+        from crosschip_te.sequence_parallel import partial_gradient_params
+
+        partial += partial_gradient_params(model, norms)
     group = runtime.device_mesh.get_group(TP_DIM)
-    for norm in norms:
-        for param in norm.parameters():
-            param.register_hook(_summed_over(group))
+    for param in partial:
+        param.register_hook(_summed_over(group))
 
 
 def _summed_over(group):
