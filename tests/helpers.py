@@ -65,3 +65,18 @@ def assert_parallel_grads_match(model, single, tol: float, where: str) -> None:
     norm = clip_gradients(list(model.parameters()), float("inf"))
     assert_rel_close(norm, torch.nn.utils.clip_grad_norm_(single.parameters(), float("inf")), tol,
                      f"{where} gradient norm")
+
+
+def assert_saves_alike(model, single, directory: Path, rank: int, where: str) -> None:
+    """A parallel ``model`` saved (every rank gathers, rank 0 writes) holds the same bytes, key
+    by key, as ``single`` saved in one process."""
+    from safetensors.torch import load_file
+
+    ours = model.save_pretrained(directory / "parallel")
+    if rank != 0:
+        return
+    theirs = single.save_pretrained(directory / "single")
+    ours, theirs = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), f"{where}: saved {key} differs"

@@ -14,7 +14,7 @@ import torch
 import crosschip
 from crosschip.errors import ConfigurationError
 from gloo_spawn import spawn
-from helpers import assert_parallel_grads_match, assert_rel_close, save_hf_llama
+from helpers import assert_parallel_grads_match, assert_rel_close, assert_saves_alike, save_hf_llama
 
 TOL = 1e-5
 
@@ -28,7 +28,6 @@ def _mean_over(value: torch.Tensor, group) -> torch.Tensor:
 
 
 def _check_parity(root: Path, name: str, tp: int, dp: int, sp: bool, rank: int) -> None:
-    from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor
 
     path = root / name
@@ -42,14 +41,7 @@ def _check_parity(root: Path, name: str, tp: int, dp: int, sp: bool, rank: int) 
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in model.parameters())
     assert model.checkpoint_bytes_read == held, (where, model.checkpoint_bytes_read, held)
 
-    saved = model.save_pretrained(root / f"{name}-tp{tp}-dp{dp}-sp{int(sp)}")
-    if rank == 0:
-        single.save_pretrained(root / f"{name}-single-{tp}-{dp}-{int(sp)}")
-        ours = load_file(saved / "model.safetensors")
-        theirs = load_file(root / f"{name}-single-{tp}-{dp}-{int(sp)}" / "model.safetensors")
-        assert list(ours) == list(theirs)
-        for key in theirs:
-            assert torch.equal(ours[key], theirs[key]), f"{where}: saved {key} differs"
+    assert_saves_alike(model, single, root / f"{name}-tp{tp}-dp{dp}-sp{int(sp)}", rank, where)
 
     dp_group = mesh.get_group("dp")
     dp_rank = mesh.get_local_rank("dp")

@@ -14,7 +14,7 @@ import crosschip
 from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.layouts import ReplicateHeads
 from gloo_spawn import spawn
-from helpers import assert_parallel_grads_match, assert_rel_close, save_hf_llama
+from helpers import assert_parallel_grads_match, assert_rel_close, assert_saves_alike, save_hf_llama
 
 TOL = 1e-5
 
@@ -41,7 +41,6 @@ def _step(model, ids):
 
 
 def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
-    from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor
 
     path = root / name
@@ -56,14 +55,7 @@ def _check_parity(root: Path, name: str, tp: int, rank: int) -> None:
     assert held < single.checkpoint_bytes_read
 
     # Saving gathers the shards (and takes one KV replica): the same bytes as the single model.
-    saved = model.save_pretrained(root / f"{name}-tp{tp}")
-    if rank == 0:
-        single.save_pretrained(root / f"{name}-single")
-        ours = load_file(saved / "model.safetensors")
-        theirs = load_file(root / f"{name}-single" / "model.safetensors")
-        assert list(ours) == list(theirs)
-        for key in theirs:
-            assert torch.equal(ours[key], theirs[key]), f"{name} tp={tp}: saved {key} differs"
+    assert_saves_alike(model, single, root / f"{name}-tp{tp}", rank, f"{name} tp={tp}")
 
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (2, 16))
