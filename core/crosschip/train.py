@@ -170,7 +170,8 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
                                   fused=device.type == "cuda")
     start, losses = 0, []
     if state is not None:
-        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR)
+        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR,
+                             saved_at=(state.get("tp", 1), state.get("dp", 1)), run_at=(args.tp, args.dp))
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
@@ -318,12 +319,12 @@ def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
     _barrier()
 
 
-def _load_training_state(model, optimizer, directory: Path) -> None:
+def _load_training_state(model, optimizer, directory: Path, saved_at=(1, 1), run_at=(1, 1)) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    _check_state_fits(model_state, directory)
+    _check_state_fits(model_state, directory, saved_at, run_at)
     state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
     try:
         with _single_process_is_intended():
@@ -335,9 +336,10 @@ def _load_training_state(model, optimizer, directory: Path) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
 
 
-def _check_state_fits(model_state: dict, directory: Path) -> None:
+def _check_state_fits(model_state: dict, directory: Path, saved_at=(1, 1), run_at=(1, 1)) -> None:
     """The saved model state must have this model's weights at this model's (global) shapes,
-    whatever layout either was sharded in; otherwise say which, with both shapes."""
+    whatever layout either was sharded in; otherwise say which, with both shapes. (Global
+    physical shapes depend on the layout only where KV heads are replicated, tp > KV heads.)"""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
@@ -355,8 +357,14 @@ def _check_state_fits(model_state: dict, directory: Path) -> None:
     problems += [f"{name} is there but not in this model" for name in saved if name not in model_state]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ConfigurationError(f"{directory}: this training state was saved by a different model: "
-                                 f"{'; '.join(problems[:3])}{more}")
+        listed = f"{'; '.join(problems[:3])}{more}"
+        if tuple(saved_at) != tuple(run_at):
+            raise ConfigurationError(
+                f"{directory}: this training state does not fit this model: {listed}; it was saved at "
+                f"tp={saved_at[0]}, dp={saved_at[1]} and this run has tp={run_at[0]}, dp={run_at[1]} (a "
+                "different model, or KV heads replicated where tp exceeds them, which resume only at "
+                "the same tp; the Hugging Face checkpoint in that directory loads at any layout)")
+        raise ConfigurationError(f"{directory}: this training state was saved by a different model: {listed}")
 
 
 @contextlib.contextmanager
