@@ -220,6 +220,19 @@ def _data_parallel(model, parallel, dp_mesh) -> None:
     for block in model.blocks():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    model.register_forward_hook(_reshard_after_inference)
+
+
+def _reshard_after_inference(model, args, output) -> None:
+    """FSDP2 keeps the root's parameters (embedding, final norm, LM head) gathered after its
+    forward, for the backward that usually follows. After a forward without gradients
+    (evaluation, generation) none follows, and ``model.parameters()`` would keep returning the
+    gathered copies: an optimizer built then, or any code holding them, would update copies
+    that the next gather overwrites. Shard them again at once."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        model.reshard()
 
 
 def _tensor_parallel(model, runtime, mesh) -> None:
