@@ -1,6 +1,8 @@
-"""The torch backend's tensor-parallel plan: one DTensor parallel style per component, applied by
-torch.distributed (``parallelize_module``) on a 1-D ``"tp"`` DeviceMesh to every module of that
-component, so every model built from these components gets it.
+"""The torch backend's parallel plan on a ``(dp, tp)`` DeviceMesh: one DTensor parallel style per
+component, applied by torch.distributed (``parallelize_module``) on the ``"tp"`` dimension to
+every module of that component, so every model built from these components gets it; then FSDP2
+over ``"dp"`` (:mod:`crosschip_torch.data_parallel`). KV heads beyond ``tp`` are replicated
+(:mod:`crosschip_torch.kv_replicas`).
 
 Sharded: the combined QKV and gate/up projections column-wise (their interleaved row orders make a
 dim-0 shard hold whole KV groups and matching gate/up pairs), ``o_proj`` and ``down_proj``
@@ -19,12 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from crosschip.distributed import DP_DIM, TP_DIM
 from crosschip.errors import ConfigurationError
 from crosschip.specs import QKVSpec
-
+from crosschip_torch import data_parallel
+from crosschip_torch.kv_replicas import KVReplicas, replica_groups
 
 
 # -- what the layout and the modules need to know about the TP degree --------------------------
@@ -191,7 +192,7 @@ def parallelize(model, runtime):
     if parallel.tp > 1:
         _tensor_parallel(model, runtime, mesh)
     if parallel.dp > 1:
-        _data_parallel(model, parallel, _dim(mesh, DP_DIM))
+        data_parallel.shard(model, parallel, _dim(mesh, DP_DIM))
     runtime.device_mesh = mesh
     return model
 
@@ -210,31 +211,6 @@ def _dim(mesh, name: str):
     return mesh[name] if mesh.ndim > 1 else mesh
 
 
-def _data_parallel(model, parallel, dp_mesh) -> None:
-    """FSDP2 over ``dp_mesh``: every block is one unit (its parameters are gathered for its
-    forward and backward, then freed), the root holds the rest (embedding, final norm, LM head).
-    Gradients are averaged over the data-parallel ranks, each of which ran its own batch."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype)
-    for block in model.blocks():
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-    model.register_forward_hook(_reshard_after_inference)
-
-
-def _reshard_after_inference(model, args, output) -> None:
-    """FSDP2 keeps the root's parameters (embedding, final norm, LM head) gathered after its
-    forward, for the backward that usually follows. After a forward without gradients
-    (evaluation, generation) none follows, and ``model.parameters()`` would keep returning the
-    gathered copies: an optimizer built then, or any code holding them, would update copies
-    that the next gather overwrites. Shard them again at once."""
-    import torch
-
-    if not torch.is_grad_enabled():
-        model.reshard()
-
-
 def _tensor_parallel(model, runtime, mesh) -> None:
     tp = runtime.parallel.tp
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
@@ -247,7 +223,7 @@ def _tensor_parallel(model, runtime, mesh) -> None:
     styles = plan(sp, loss_parallel=vocab == "loss")
     if not vocab:
         styles = {k: v for k, v in styles.items() if k not in _OPTIONAL}
-    replica_groups = None
+    groups = None
     for path, module in components:
         info = module.crosschip_component
         if info.component not in styles:
@@ -259,9 +235,9 @@ def _tensor_parallel(model, runtime, mesh) -> None:
         parallelize_module(module, tp_mesh, styles[info.component])
         copies = kv_replicas(info.spec, tp) if info.component == "qkv_projection" else 1
         if copies > 1:
-            replica_groups = replica_groups or _replica_groups(mesh, copies)
+            groups = groups or replica_groups(mesh, copies)
             local = info.spec.num_heads // tp * info.spec.head_dim
-            module.kv_replicas = KVReplicas(local, replica_groups, local + 2 * info.spec.head_dim, copies)
+            module.kv_replicas = KVReplicas(local, groups, local + 2 * info.spec.head_dim, copies)
     per_head = {id(n) for n in _per_head_norms(model)}
     for path, norm in components:
         if id(norm) in per_head:
@@ -332,67 +308,3 @@ def _per_head_norms(model):
         children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
         if any(c.crosschip_component.component == "qkv_projection" for c in children):
             yield from (c for c in children if c.crosschip_component.component == "rms_norm")
-
-
-# -- KV-head replication: replicas must train as one weight ---------------------------------------
-def _replica_groups(mesh, copies: int):
-    """One process group per KV head and data-parallel replica, over the TP ranks holding its
-    copies (consecutive TP ranks, as :class:`crosschip.layouts.ReplicateHeads` orders them).
-    Every rank creates every group, in the same order, as ``new_group`` requires."""
-    import torch.distributed as dist
-
-    rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()  # one row of TP ranks per dp rank
-    mine = None
-    for row in rows:
-        for i in range(0, len(row), copies):
-            group = dist.new_group(row[i:i + copies])
-            if dist.get_rank() in row[i:i + copies]:
-                mine = group
-    return mine
-
-
-@dataclasses.dataclass(frozen=True)
-class KVReplicas:
-    """Where this rank's KV rows start in its QKV shard (after its query heads), and the group
-    of ranks holding copies of the same KV head."""
-
-    q_rows: int
-    group: object
-    rows_per_rank: int
-    copies: int
-
-    def row_copies(self, rows):
-        """How many rows of the (global, physical) parameter hold the same values as each of
-        ``rows``: ``copies`` for a replicated KV row, 1 for a query row. A gradient norm divides
-        each row's squares by it, so a KV head counts once, as in the unreplicated model."""
-        return torch.where(rows % self.rows_per_rank >= self.q_rows, self.copies, 1)
-
-    def sum_grads(self, weight):
-        """``weight`` unchanged, whose gradient's KV rows are summed over the replicas: the loss
-        depends on a KV head through each copy, so the head's gradient is the sum, and every
-        copy gets it and stays equal under any optimizer. Applied where the weight is used, so
-        it acts on whichever parameter object carries the gradient (FSDP2 gathers a new one)."""
-        return _SumReplicaGrads.apply(weight, self)
-
-
-def _sum_replica_kv(grad, replicas: KVReplicas):
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    local = grad.to_local().clone()
-    kv = local[replicas.q_rows:].contiguous()
-    dist.all_reduce(kv, group=replicas.group)
-    local[replicas.q_rows:] = kv
-    return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
-                              shape=grad.shape, stride=grad.stride())
-
-
-class _SumReplicaGrads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, replicas):
-        ctx.replicas = replicas
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sum_replica_kv(grad, ctx.replicas), None
