@@ -95,3 +95,22 @@ def test_tp_dp_training_matches_and_resumes_at_other_layouts(tmp_path):
 def test_batch_that_dp_does_not_divide_is_an_error(tmp_path):
     with pytest.raises(ConfigurationError, match="--batch-size 6 is not divisible by --dp 4"):
         train(TrainArgs(out=str(tmp_path / "x"), **{**ARGS, "batch_size": 6}, dp=4), progress=False)
+
+
+def test_cli_under_torchrun_trains_tp_dp_and_exits_cleanly(tmp_path):
+    """`torchrun -m crosschip.cli train --tp 2 --dp 2`: every rank exits 0 (the process group is
+    torn down before the interpreter ends), rank 0 alone prints, the checkpoint loads."""
+    import subprocess
+    import sys
+
+    import crosschip
+
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+         "-m", "crosschip.cli", "train", "--tp", "2", "--dp", "2", "--steps", "2", "--batch-size", "4",
+         "--seq-len", "32", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved a Hugging Face checkpoint to") == 1, result.stdout
+    crosschip.from_pretrained(out, backend="reference")
