@@ -89,8 +89,10 @@ def worker(rank: int, world: int, path: str, warmup: str, out: str) -> None:
                   bytes_read=model.checkpoint_bytes_read, bytes_held=held)
     with open(f"{out}.rank{rank}", "w") as fh:
         json.dump(result, fh)
-    dist.barrier()
-    dist.destroy_process_group()
+    del model
+    from crosschip.distributed import shutdown
+
+    shutdown()
 
 
 def main() -> int:
