@@ -10,8 +10,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.masks import AttentionMask, allowed
+from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import LMHead as ReferenceLMHead
-from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, LossSpec, QKVSpec
+from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, QKVSpec
 
 try:
     from torch.distributed.tensor import DTensor
@@ -119,28 +120,15 @@ class LMHead(ReferenceLMHead):
     plan, which shards only torch-built modules, can take it over."""
 
 
-class CausalLMLoss(nn.Module):
-    """Mean next-token cross-entropy over non-ignored labels, in float32, labels shifted here.
-    Logits sharded on the vocab dim (a DTensor from the vocab-parallel LM head) are never
-    gathered: the loss runs under ``loss_parallel`` (see :class:`_LossParallel`)."""
+class CausalLMLoss(ReferenceCausalLMLoss):
+    """The reference loss; logits sharded on the vocab dim (a DTensor from the vocab-parallel LM
+    head) are never gathered: the loss runs under ``loss_parallel`` (see :class:`_LossParallel`)."""
 
-    def __init__(self, spec: LossSpec):
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, hidden, labels, lm_head, logits=None) -> torch.Tensor:
-        if logits is None:
-            logits = lm_head(hidden)
-        shifted = F.pad(labels, (0, 1), value=self.spec.ignore_index)[..., 1:]
+    def cross_entropy(self, logits, targets) -> torch.Tensor:
         if isinstance(logits, DTensor):
-            return _LossParallel.apply(logits.to_local(), shifted.to(logits.device), logits.device_mesh,
-                                       logits.placements, logits.shape, logits.stride(), self.spec.ignore_index)
-        logits = logits.float()
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            shifted.reshape(-1).to(logits.device),
-            ignore_index=self.spec.ignore_index,
-        )
+            return _LossParallel.apply(logits.to_local(), targets, logits.device_mesh, logits.placements,
+                                       logits.shape, logits.stride(), self.spec.ignore_index)
+        return super().cross_entropy(logits, targets)
 
 
 class _LossParallel(torch.autograd.Function):

@@ -185,10 +185,11 @@ class CausalLMLoss(nn.Module):
     def forward(self, hidden, labels, lm_head, logits=None) -> torch.Tensor:
         if logits is None:
             logits = lm_head(hidden)
-        logits = logits.float()
         shifted = F.pad(labels, (0, 1), value=self.spec.ignore_index)[..., 1:]
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            shifted.reshape(-1).to(logits.device),
-            ignore_index=self.spec.ignore_index,
-        )
+        return self.cross_entropy(logits, shifted.to(logits.device))
+
+    def cross_entropy(self, logits, targets) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` ``[..., vocab]`` against ``targets`` ``[...]``."""
+        logits = logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=self.spec.ignore_index)
