@@ -255,6 +255,7 @@ def test_te_tp2_training_matches_and_resumes(checkpoints):
     _spawn(checkpoints, _run, ["train"])
     losses = json.loads((checkpoints / "train-losses.json").read_text())
     print("te-tp:", json.dumps({"check": "train", "single": single.losses, **losses}), flush=True)
+    assert len(losses["full"]) == len(losses["resumed"]) == len(single.losses) == TRAIN["steps"]
     for a, b in zip(losses["full"], single.losses):
         assert abs(a - b) <= TOL * abs(b), (losses["full"], single.losses)
     # The same computation replayed: only a lost or misplaced optimizer state would move it.

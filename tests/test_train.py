@@ -37,8 +37,9 @@ def test_same_seed_same_model_on_every_backend(tmp_path):
     """Initialisation happens in the canonical layout, so the backend does not change the run."""
     a = train(_args(tmp_path / "a", steps=3, backend="reference"), progress=False)
     b = train(_args(tmp_path / "b", steps=3, backend="torch"), progress=False)
-    for x, y in zip(a.losses, b.losses):
-        assert abs(x - y) <= 1e-4 * abs(x)
+    assert len(a.losses) == len(b.losses) == 3
+    for x, y in zip(a.losses, b.losses):  # float32 rounding of differently grouped matmuls only
+        assert abs(x - y) <= 1e-5 * abs(x), (a.losses, b.losses)
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path):
@@ -46,9 +47,8 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     half = train(_args(tmp_path / "half", steps=12, stop_after=6), progress=False)
     assert len(half.losses) == 6
     resumed = train(_args(tmp_path / "resumed", steps=12, resume=str(tmp_path / "half" / "out")), progress=False)
-    assert resumed.losses[:6] == full.losses[:6]
-    for x, y in zip(resumed.losses[6:], full.losses[6:]):
-        assert abs(x - y) <= 1e-6 * abs(y), (resumed.losses, full.losses)
+    # The same computation replayed from the saved model and optimizer state: bitwise.
+    assert resumed.losses == full.losses
 
 
 def _cli(*args, cwd=None):

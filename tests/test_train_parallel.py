@@ -16,6 +16,12 @@ from gloo_spawn import spawn
 ARGS = dict(steps=8, batch_size=4, seq_len=32, lr=3e-3, seed=5)
 
 
+def _assert_losses_close(got, expected, tol=1e-5):
+    assert len(got) == len(expected) == ARGS["steps"], (got, expected)
+    for a, b in zip(got, expected):
+        assert abs(a - b) <= tol * abs(b), (got, expected)
+
+
 def _run(rank: int, world: int, root: Path) -> None:
     """Every rank trains; rank 0 reports the losses."""
     full = train(TrainArgs(out=str(root / "tp-full"), tp=world, **ARGS), progress=False)
@@ -32,17 +38,14 @@ def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
     single = train(TrainArgs(out=str(tmp_path / "single"), **ARGS), progress=False)
     spawn(2, tmp_path, _run)
     losses = json.loads((tmp_path / "losses.json").read_text())
-    for a, b in zip(losses["full"], single.losses):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses["full"], single.losses)
+    _assert_losses_close(losses["full"], single.losses)
     assert losses["half"] == losses["full"][:4]
-    for a, b in zip(losses["sp"], losses["full"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses["sp"], losses["full"])
+    _assert_losses_close(losses["sp"], losses["full"])
     assert losses["resumed"] == losses["full"], "interrupted + resumed run differs from the uninterrupted one"
     # The tp=2 state resumes in a single process (DCP reshards model and optimizer state).
     other_layout = train(TrainArgs(out=str(tmp_path / "tp1-resumed"), resume=str(tmp_path / "tp-half"), **ARGS),
                          progress=False)
-    for a, b in zip(other_layout.losses, losses["full"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (other_layout.losses, losses["full"])
+    _assert_losses_close(other_layout.losses, losses["full"])
 
     # The sharded state in the directory of a different model: refused, naming the shapes.
     import shutil
@@ -80,16 +83,13 @@ def test_tp_dp_training_matches_and_resumes_at_other_layouts(tmp_path):
     single = train(TrainArgs(out=str(tmp_path / "single"), **ARGS), progress=False)
     spawn(4, tmp_path, _run_dp)
     losses = json.loads((tmp_path / "losses.json").read_text())
-    for a, b in zip(losses["full"], single.losses):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses["full"], single.losses)
+    _assert_losses_close(losses["full"], single.losses)
     assert losses["half"] == losses["full"][:4]
     assert losses["resumed"] == losses["full"], "interrupted + resumed run differs from the uninterrupted one"
-    for a, b in zip(losses["dp4"], losses["full"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses["dp4"], losses["full"])
+    _assert_losses_close(losses["dp4"], losses["full"])
     # ... and in a single process.
     alone = train(TrainArgs(out=str(tmp_path / "alone"), resume=str(tmp_path / "dp-half"), **ARGS), progress=False)
-    for a, b in zip(alone.losses, losses["full"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (alone.losses, losses["full"])
+    _assert_losses_close(alone.losses, losses["full"])
 
 
 def test_batch_that_dp_does_not_divide_is_an_error(tmp_path):
