@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import crosschip
 from crosschip.errors import ConfigurationError
 from gloo_spawn import spawn
-from helpers import assert_rel_close, save_hf_llama
+from helpers import assert_parallel_grads_match, assert_rel_close, save_hf_llama
 
 TOL = 1e-5
 # A vocabulary size no other dimension shares (hidden 64, seq 16, heads 8 x 8), so a gathered
@@ -105,10 +105,7 @@ def _check_parity(root: Path, name: str, tp: int, sp: bool) -> None:
         assert type(got.logits) is torch.Tensor and type(got.loss) is torch.Tensor
         assert_rel_close(got.logits, expected.logits, TOL, f"{at} logits")
         assert_rel_close(got.loss, expected.loss, TOL, f"{at} loss")
-        grads, expected_grads = model.hf_grads(), single.hf_grads()
-        assert set(grads) == set(expected_grads)
-        for key, grad in expected_grads.items():
-            assert_rel_close(grads[key], grad, TOL, f"{at} grad {key}")
+        assert_parallel_grads_match(model, single, TOL, at)
         # Every gradient sits as its parameter does (no pending partial sums, shards stay shards).
         for pname, param in model.named_parameters():
             if isinstance(param, DTensor):
