@@ -100,6 +100,22 @@ def _check_failed_save(root: Path, rank: int) -> None:
     assert (target / "model.safetensors").read_bytes() == before
 
 
+def _check_fits_per_rank(root: Path, world: int) -> None:
+    """The memory check counts the shards a rank will hold: a device with room for a 1/world
+    share but not the whole model refuses one process and accepts the tensor-parallel load."""
+    import crosschip.sizes as sizes
+
+    whole = sum(p.numel() * 4 for p in crosschip.from_pretrained(root / "llama", backend="torch").parameters())
+    real = sizes.device_memory_bytes
+    sizes.device_memory_bytes = lambda device: whole * 3 // 4
+    try:
+        with pytest.raises(ConfigurationError, match="this process's weights alone need"):
+            crosschip.from_pretrained(root / "llama", backend="torch")
+        crosschip.from_pretrained(root / "llama", backend="torch", tp=world)
+    finally:
+        sizes.device_memory_bytes = real
+
+
 def _check_errors(root: Path, world: int) -> None:
     with pytest.raises(ConfigurationError, match=f"tp={2 * world} x dp=1 = {2 * world} ranks does not match the world size {world}"):
         crosschip.from_pretrained(root / "llama", backend="torch", tp=2 * world)
@@ -113,6 +129,7 @@ def _run(rank: int, world: int, root: Path, cases) -> None:
     for name, tp in cases:
         if name == "errors":
             _check_errors(root, world)
+            _check_fits_per_rank(root, world)
         elif name == "failed-save":
             _check_failed_save(root, rank)
         else:

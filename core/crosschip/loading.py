@@ -43,14 +43,14 @@ def load_config(path: str | Path):
 
 
 def build_model(cls, config, runtime: Runtime, where: str = "config"):
-    """Construct without initialising weights (meta device), check the sizes fit, apply the
-    parallel plan while still on meta (so each rank allocates only its shards), then allocate on
-    the runtime device."""
+    """Construct without initialising weights (meta device), apply the parallel plan while still
+    on meta (so each rank allocates only its shards), check those fit, then allocate on the
+    runtime device."""
     check_config_sizes(config, where)
     with torch.device("meta"), _default_dtype(runtime.dtype):
         model = cls(config, runtime)
-    check_fits(model, runtime.device, where)
     _parallelize(model, runtime)
+    check_fits(model, runtime.device, where)  # this rank's shards, not the whole model
     model.to_empty(device=runtime.device)
     model.reset_buffers()
     return model

@@ -46,11 +46,13 @@ def device_memory_bytes(device: torch.device) -> int | None:
 
 
 def check_fits(model, device: torch.device, where: str = "config.json") -> None:
-    """``model`` lives on the meta device: compare its weight bytes with the device's memory."""
-    numel = sum(p.numel() for p in model.parameters())
-    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    """``model`` lives on the meta device, its parallel plan applied: compare the weight bytes
+    this process will hold (its shards, for a sharded parameter) with the device's memory."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    numel = sum(p.numel() for p in local)
+    needed = sum(p.numel() * p.element_size() for p in local)
     available = device_memory_bytes(device)
     if available is not None and needed > available:
         raise ConfigurationError(
-            f"{where}: the weights alone need {needed / 2**30:,.1f} GiB ({numel:,} parameters), more than "
-            f"the {available / 2**30:,.1f} GiB of memory of {device}; refusing to allocate")
+            f"{where}: this process's weights alone need {needed / 2**30:,.1f} GiB ({numel:,} parameters), "
+            f"more than the {available / 2**30:,.1f} GiB of memory of {device}; refusing to allocate")
