@@ -31,10 +31,6 @@ def tp_degree(ctx) -> int:
     if ctx is None:
         return 1
     parallel = ctx.parallel
-    if parallel.sequence_parallel and parallel.tp == 1:
-        raise ConfigurationError(
-            f"{parallel}: sequence_parallel=True shards the sequence over the tensor-parallel "
-            "ranks, so it needs tp > 1")
     if parallel.dp != 1:
         raise ConfigurationError(
             f"{parallel}: the te backend implements tensor parallelism (tp) only; data "

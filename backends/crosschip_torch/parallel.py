@@ -70,10 +70,6 @@ def check_out_projection(spec, tp: int) -> None:
 def check_runtime(runtime) -> None:
     """Parallel settings this backend can honour, checked before anything is built."""
     parallel = runtime.parallel
-    if parallel.sequence_parallel and parallel.tp == 1:
-        raise ConfigurationError(
-            f"{parallel}: sequence_parallel=True shards the sequence over the tensor-parallel "
-            "ranks, so it needs tp > 1")
     if parallel.size == 1:
         return
     import torch.distributed as dist

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from crosschip.errors import ConfigurationError
+
 ParallelStyle = Literal["column", "row", "replicated"]
 
 COMPONENTS = (
@@ -198,6 +200,10 @@ class ParallelSpec:
     def __post_init__(self):
         _positive("ParallelSpec.tp", self.tp)
         _positive("ParallelSpec.dp", self.dp)
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigurationError(
+                f"{self}: sequence_parallel=True shards the sequence over the tensor-parallel ranks, "
+                "so it needs tp > 1")
 
     @property
     def size(self) -> int:
