@@ -41,6 +41,20 @@ def pytest_runtest_setup(item):
         pytest.skip(f"no {kind} hardware here")
 
 
+@pytest.fixture
+def te_installed():
+    """Transformer Engine importable: else a skip, or a failure where CROSSCHIP_REQUIRE_HARDWARE
+    asks for CUDA (the GPU machine must run the te tests, not skip them)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    if {"cuda", "multigpu"} & _required():
+        pytest.fail("CROSSCHIP_REQUIRE_HARDWARE asks for CUDA but transformer_engine is not installed",
+                    pytrace=False)
+    pytest.skip("transformer_engine is not installed")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry():
     """Each test sees plugins as its own environment variables say."""

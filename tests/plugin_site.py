@@ -28,10 +28,14 @@ BROKEN = ("broken_import", "unknown_hook", "wrong_api")
 
 
 def _accelerator_backend_available() -> bool:
-    from crosschip_neuron.plugin import probe as neuron_probe
-    from crosschip_te.plugin import probe as te_probe
+    """Whether te or neuron could report anything but "not installed" here: the tests marked
+    ``cpu_only`` expect exactly that reason (a GPU machine with TE but a busy or hidden GPU
+    reports another)."""
+    import importlib.util
 
-    return te_probe().available or neuron_probe().available
+    from crosschip_neuron.plugin import probe as neuron_probe
+
+    return importlib.util.find_spec("transformer_engine") is not None or neuron_probe().available
 
 
 #: For tests whose expected chains and messages assume te and neuron are unavailable (CPU CI).

@@ -3,7 +3,6 @@ reference with tolerances derived from the reference's own bf16-vs-fp32 error.""
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from zoo import save_hf, zoo_configs
 
 pytestmark = pytest.mark.cuda
 CONFIGS = zoo_configs()
-HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
 def norm_rel(a, b) -> float:
@@ -65,7 +63,7 @@ def test_torch_backend_compiles_on_cuda(tmp_path):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-needs_te = pytest.mark.skipif(not HAVE_TE, reason="transformer_engine is not installed")
+needs_te = pytest.mark.usefixtures("te_installed")
 
 # Sizes TE kernels accept (hidden and head_dim multiples of 16 / 8) with each model's features.
 TE_CONFIGS = {

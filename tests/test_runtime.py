@@ -18,6 +18,7 @@ from crosschip import (
     StrictFallbackError,
     UnknownNameError,
 )
+from plugin_site import cpu_only
 
 QKV = QKVSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
 
@@ -84,8 +85,7 @@ def test_unknown_backend_in_environment(monkeypatch):
     monkeypatch.setenv("CROSSCHIP_BACKEND", "tpu")
     with pytest.raises(UnknownNameError, match=r"'tpu' \(from CROSSCHIP_BACKEND\)"):
         Runtime()
-
-
+@cpu_only
 def test_unavailable_request_falls_back_and_warns_once():
     rt = Runtime("te", device="cpu")
     # te's declared fallback is torch; torch builds what it implements.
@@ -99,8 +99,7 @@ def test_unavailable_request_falls_back_and_warns_once():
     assert decision.backend == "reference"
     assert decision.declines[0][0] == "te"
     assert rt.qkv_projection(QKV).crosschip_component.backend == "torch"
-
-
+@cpu_only
 def test_strict_fallback_names_component_and_every_reason():
     rt = Runtime("te", device="cpu", strict=True)
     with pytest.raises(StrictFallbackError) as info:
@@ -135,8 +134,7 @@ def test_bad_dtype_and_mode():
         Runtime(dtype="int3")
     with pytest.raises(ConfigurationError, match="mode='serve'"):
         Runtime(mode="serve")
-
-
+@cpu_only
 def test_report_summary_and_te_neuron_registered_unavailable():
     rt = Runtime(device="cpu")
     rt.qkv_projection(QKV)

@@ -12,6 +12,7 @@ from crosschip import ConfigurationError, GatedMLPSpec, LinearSpec, NormSpec, QK
 from crosschip.layouts import canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.plugins.registry import get_registry
+from plugin_site import cpu_only
 
 
 def _layout(component, spec):
@@ -57,8 +58,7 @@ def test_linear_and_norm_round_trip():
         layout = _layout(component, spec)
         back = layout.invert(layout.apply(canonical))
         assert all(torch.equal(back[k], canonical[k]) for k in canonical)
-
-
+@cpu_only
 def test_registered_and_unavailable_with_reason():
     record = get_registry().backend("te")
     assert record.descriptor.priority == 200 and "fp8" in record.descriptor.precisions
@@ -68,6 +68,7 @@ def test_registered_and_unavailable_with_reason():
     assert not probe.available and "transformer_engine is not installed" in probe.reason
 
 
+@cpu_only
 @pytest.mark.parametrize("backend", ["te", "torch", None])
 def test_fp8_without_an_fp8_backend_is_an_error(backend):
     with pytest.raises(ConfigurationError, match="precision='fp8' needs a backend that implements FP8") as info:

@@ -7,10 +7,8 @@ processes dominates the cost."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,22 +17,12 @@ import torch
 import crosschip
 from crosschip.errors import ConfigurationError
 
-pytestmark = [pytest.mark.cuda, pytest.mark.multigpu]
-HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+pytestmark = [pytest.mark.cuda, pytest.mark.multigpu, pytest.mark.usefixtures("te_installed")]
 # TE runs float32 GEMMs on TF32 tensor cores (unit roundoff 2**-11) whatever torch's TF32 flags
 # say, and TP splits the row-parallel GEMMs' sums over the ranks: a few TF32 roundings apart.
 TOL = 4 * 2**-11
 GRAD_TOL = 8 * 2**-11
 _launches = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _needs_te():
-    if HAVE_TE:
-        return
-    if "cuda" in os.environ.get("CROSSCHIP_REQUIRE_HARDWARE", ""):
-        pytest.fail("CROSSCHIP_REQUIRE_HARDWARE=cuda but transformer_engine is not installed", pytrace=False)
-    pytest.skip("transformer_engine is not installed")
 
 
 def norm_rel(a, b) -> float:
