@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crosschip
-from helpers import assert_rel_close, assert_training_parity, save_hf_llama
+from helpers import assert_rel_close, assert_training_parity, rel_err, save_hf_llama
 
 TOL = 1e-5
 
@@ -75,12 +75,13 @@ def test_bf16_logits_within_bf16_tolerance(tmp_path):
     hf = save_hf_llama(tmp_path)
     ids = torch.randint(0, 128, (2, 12))
     expected = hf(ids).logits
+    # The budget is transformers' own bf16 error on the same model (measured ~6e-3), not a constant.
+    own = rel_err(hf.to(torch.bfloat16)(ids).logits.float(), expected)
     for backend in ("reference", "torch"):
         model = crosschip.from_pretrained(tmp_path, backend=backend, dtype=torch.bfloat16)
         assert all(p.dtype == torch.bfloat16 for p in model.parameters())
         assert model.model.rotary_emb.inv_freq.dtype == torch.float32
-        # A few bf16 roundings per layer: well under 5% of the logit scale, far above fp32 error.
-        assert_rel_close(model(ids).logits.float(), expected, 5e-2, f"{backend} bf16 logits")
+        assert_rel_close(model(ids).logits.float(), expected, 2 * own + 1e-3, f"{backend} bf16 logits")
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
@@ -99,5 +100,6 @@ def test_activation_checkpointing_changes_nothing_numerically(tmp_path, policy):
     assert calls == ([2, 2, 2] if policy == "full" else [2, 1, 2])
     assert torch.equal(a.loss, b.loss)
     grads_a, grads_b = plain.hf_grads(), ckpt.hf_grads()
-    for key in grads_a:
-        assert_rel_close(grads_b[key], grads_a[key], 1e-6, key)
+    assert set(grads_a) == set(grads_b)
+    for key in grads_a:  # the recomputation repeats the same ops: bitwise
+        assert torch.equal(grads_b[key], grads_a[key]), key

@@ -64,7 +64,7 @@ def test_torch_backend_compiles_with_inductor(tmp_path, fresh_dynamo):
     assert set(grads) == set(eager_grads)
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
-        assert_rel_close(grad, eager_grads[name], 1e-4, f"compiled grad of {name}")
+        assert_rel_close(grad, eager_grads[name], 1e-5, f"compiled grad of {name}")
     assert any(g.abs().sum() > 0 for g in grads.values())
 
     # Inference (no autograd): another graph, same logits.
