@@ -1,4 +1,5 @@
-"""Running a test body in separate processes joined by a gloo process group (CPU)."""
+"""Running a test body in separate processes joined by a process group: gloo on CPU, or NCCL with
+one GPU per rank."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import torch
 _launches = itertools.count()
 
 
-def _entry(rank: int, world: int, root: str, rendezvous: str, body, args) -> None:
+def _entry(rank: int, world: int, root: str, rendezvous: str, body, args, backend: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # two cores shared by every rank
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        # float32 parity means float32 (TE's own GEMMs use TF32 whatever these say).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    else:
+        torch.set_num_threads(1)  # two cores shared by every rank
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         body(rank, world, Path(root), *args)
     except BaseException:
@@ -25,10 +31,10 @@ def _entry(rank: int, world: int, root: str, rendezvous: str, body, args) -> Non
     shutdown()
 
 
-def spawn(world: int, root: Path, body, *args) -> None:
+def spawn(world: int, root: Path, body, *args, backend: str = "gloo") -> None:
     """``body(rank, world, root, *args)`` in ``world`` processes; a failure in any rank fails the
     caller with that rank's traceback. ``body`` must be a module-level function (it is pickled)."""
     import torch.multiprocessing as mp
 
     rendezvous = Path(root) / f"rendezvous-{world}-{next(_launches)}"
-    mp.spawn(_entry, args=(world, str(root), str(rendezvous), body, args), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, str(root), str(rendezvous), body, args, backend), nprocs=world, join=True)

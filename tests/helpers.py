@@ -14,6 +14,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / scale).item()
 
 
+def norm_rel(a, b) -> float:
+    """``|a - b| / |b|`` over whole tensors, in float64 (GPU tests, whose budgets are norms)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def assert_rel_close(actual, expected, tol: float, name: str = "tensor") -> None:
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = rel_err(actual, expected)

@@ -8,15 +8,11 @@ import pytest
 import torch
 
 import crosschip
+from helpers import norm_rel
 from zoo import save_hf, zoo_configs
 
 pytestmark = pytest.mark.cuda
 CONFIGS = zoo_configs()
-
-
-def norm_rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(autouse=True)

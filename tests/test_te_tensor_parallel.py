@@ -7,7 +7,6 @@ processes dominates the cost."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -16,18 +15,14 @@ import torch
 
 import crosschip
 from crosschip.errors import ConfigurationError
+from gloo_spawn import spawn
+from helpers import assert_saves_alike, norm_rel
 
 pytestmark = [pytest.mark.cuda, pytest.mark.multigpu, pytest.mark.usefixtures("te_installed")]
 # TE runs float32 GEMMs on TF32 tensor cores (unit roundoff 2**-11) whatever torch's TF32 flags
 # say, and TP splits the row-parallel GEMMs' sums over the ranks: a few TF32 roundings apart.
 TOL = 4 * 2**-11
 GRAD_TOL = 8 * 2**-11
-_launches = itertools.count()
-
-
-def norm_rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _config(kind: str, **extra):
@@ -51,27 +46,8 @@ def _save_models(root: Path) -> None:
     save_hf(root / "kv1", _config("LlamaConfig", num_key_value_heads=1))
 
 
-def _entry(rank: int, world: int, root: str, rendezvous: str, body, args) -> None:
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        body(rank, world, Path(root), *args)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    from crosschip.distributed import shutdown
-
-    shutdown()
-
-
 def _spawn(root: Path, body, *args) -> None:
-    import torch.multiprocessing as mp
-
-    rendezvous = root / f"rendezvous-{next(_launches)}"
-    mp.spawn(_entry, args=(2, str(root), str(rendezvous), body, args), nprocs=2, join=True)
+    spawn(2, root, body, *args, backend="nccl")
 
 
 def _report(root: Path, rank: int, **numbers) -> None:
@@ -93,7 +69,6 @@ def _step(model, ids):
 def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
     """tp=2 (with ``sp``: sequence parallel too) against one process, in float32."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
 
     path = root / name
     single = crosschip.from_pretrained(path, backend="te", device="cuda", strict=True).train()
@@ -109,13 +84,7 @@ def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
     assert model.checkpoint_bytes_read == held < single.checkpoint_bytes_read, (model.checkpoint_bytes_read, held)
 
     # Saving only gathers the shards: the same bytes as the single-process model's save.
-    saved = model.save_pretrained(root / f"{name}-tp2{'-sp' if sp else ''}")
-    if rank == 0:
-        single.save_pretrained(root / f"{name}-single")
-        ours, theirs = load_file(saved / "model.safetensors"), load_file(root / f"{name}-single" / "model.safetensors")
-        assert list(ours) == list(theirs)
-        for key in theirs:
-            assert torch.equal(ours[key], theirs[key]), f"{name}: saved {key} differs"
+    assert_saves_alike(model, single, root / f"{name}-tp2{'-sp' if sp else ''}", rank, name)
 
     torch.manual_seed(1)
     ids = torch.randint(1, 256, (2, 64)).cuda()
