@@ -41,6 +41,14 @@ def pytest_runtest_setup(item):
         pytest.skip(f"no {kind} hardware here")
 
 
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory):
+    """The test plugin packages installed (offline, ``pip --target``) into one directory."""
+    from plugin_site import install
+
+    return install(tmp_path_factory)
+
+
 @pytest.fixture
 def te_installed():
     """Transformer Engine importable: else a skip, or a failure where CROSSCHIP_REQUIRE_HARDWARE

@@ -26,13 +26,20 @@ def assert_rel_close(actual, expected, tol: float, name: str = "tensor") -> None
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
 
 
+def layout_of(backend: str, component: str, spec, ctx=None):
+    """The weight layout ``backend`` registered for ``component``, built for ``spec``."""
+    from crosschip.plugins.descriptors import resolve_callable
+    from crosschip.plugins.registry import get_registry
+
+    return resolve_callable(get_registry().layouts[(backend, component)].transform)(spec, ctx)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-                rms_norm_eps=1e-5, tie_word_embeddings=False)
-    base.update(overrides)
+    from zoo import BASE
+
+    base = {**BASE, **overrides}
     return LlamaConfig(**base)
 
 

@@ -23,6 +23,8 @@ PACKAGES = [
     ROOT / "plugins" / "testing" / "crosschip-wrong-api",
     ROOT / "plugins" / "testing" / "crosschip-unknown-hook",
 ]
+#: What the broken-import test package's status reason says.
+BROKEN_IMPORT_ERROR = "import failed: ModuleNotFoundError: No module named 'crosschip_xpu_driver_bindings'"
 #: Entry-point names of the test packages that are broken on purpose.
 BROKEN = ("broken_import", "unknown_hook", "wrong_api")
 

@@ -6,19 +6,11 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from crosschip import PLUGIN_API_VERSION
-from plugin_site import cpu_only, install, run_cli
+from plugin_site import BROKEN_IMPORT_ERROR, cpu_only, run_cli
 
 pytestmark = cpu_only
 
-BROKEN_IMPORT_ERROR = "import failed: ModuleNotFoundError: No module named 'crosschip_xpu_driver_bindings'"
-
-
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory):
-    return install(tmp_path_factory)
 
 
 def test_json_lists_every_backend_and_the_resolved_choice(plugin_site):

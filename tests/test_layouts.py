@@ -25,6 +25,7 @@ from crosschip.specs import (
     NormSpec,
     QKVSpec,
 )
+from helpers import assert_rel_close, layout_of
 
 FAST = settings(max_examples=40, deadline=None)
 GROUP_SIZES = st.sampled_from([1, 2, 3, 4, 7])  # query heads per KV head (GQA ratio)
@@ -80,11 +81,6 @@ def mlp_specs(draw, intermediate_multiple_of: int = 1):
     hidden = draw(st.integers(1, 16))
     intermediate = intermediate_multiple_of * draw(st.integers(1, 12))
     return GatedMLPSpec(hidden, intermediate, bias=draw(st.booleans()))
-
-
-def layout_of(backend: str, component: str, spec):
-    impl = get_registry().layouts[(backend, component)]
-    return resolve_callable(impl.transform)(spec, None)
 
 
 # Independent constructions of the torch backend's physical layout, one row block at a time.
@@ -593,8 +589,6 @@ def test_torch_native_state_dict_interchangeable_with_combined_checkpoint(llama,
     hf, path, other, (tied, bias, heads, kv, head_dim) = llama
     model = crosschip.from_pretrained(path, backend="torch")
     logits = _logits(model)
-    from helpers import assert_rel_close
-
     assert_rel_close(logits, _logits(hf), 1e-5, "torch vs transformers logits")
 
     # A native state dict, saved as safetensors, loads strictly into a fresh model.

@@ -30,17 +30,11 @@ from crosschip import (
 )
 from crosschip.plugins.registry import get_registry, reset_registry
 from helpers import assert_rel_close, save_hf_llama
-from plugin_site import BROKEN, ROOT, clean_environ, cpu_only, install, subprocess_environ
+from plugin_site import BROKEN, BROKEN_IMPORT_ERROR, ROOT, clean_environ, cpu_only, subprocess_environ
 
 NORM = NormSpec(32)
 QKV = QKVSpec(32, 4, 2, 8)
-BROKEN_IMPORT_ERROR = "import failed: ModuleNotFoundError: No module named 'crosschip_xpu_driver_bindings'"
 TE_REASON = "transformer_engine is not installed"
-
-
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory):
-    return install(tmp_path_factory)
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from crosschip import ConfigurationError, GatedMLPSpec, LinearSpec, NormSpec, QK
 from crosschip.layouts import canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.plugins.registry import get_registry
+from helpers import layout_of
 from plugin_site import cpu_only
 
 
 def _layout(component, spec):
-    return resolve_callable(get_registry().layouts[("te", component)].transform)(spec, None)
+    return layout_of("te", component, spec)
 
 
 def _random(shapes, seed=0):
