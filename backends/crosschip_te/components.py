@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import transformer_engine.pytorch as te
 from torch import nn
 
+from crosschip.layouts import split_grouped_heads
 from crosschip.masks import AttentionMask, allowed
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 from crosschip_te import parallel
@@ -48,10 +49,7 @@ class QKVProjection(nn.Module):
         out = self.proj(hidden)
         if self.sequence_parallel:
             out = out.transpose(0, 1)  # gathered [seq, batch, rows] -> [batch, seq, rows]
-        groups = out.shape[-1] // ((s.group_size + 2) * s.head_dim)
-        grouped = out.view(*out.shape[:-1], groups, (s.group_size + 2) * s.head_dim)
-        q, k, v = grouped.split([s.group_size * s.head_dim, s.head_dim, s.head_dim], dim=-1)
-        return q.reshape(*out.shape[:-1], -1, s.head_dim), k, v
+        return split_grouped_heads(out, s.group_size, s.head_dim)
 
 
 class GatedMLP(nn.Module):

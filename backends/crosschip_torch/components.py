@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from crosschip.layouts import split_grouped_heads
 from crosschip.masks import AttentionMask, allowed
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import LMHead as ReferenceLMHead
@@ -40,12 +41,7 @@ class CombinedQKV(nn.Linear):
         if isinstance(out, DTensor):
             # Column-parallel: split this rank's shard (whole KV groups) into its own heads.
             out = out.to_local()
-        # Local head counts follow from the output width, so a column shard works unchanged.
-        groups = out.shape[-1] // ((s.group_size + 2) * s.head_dim)
-        grouped = out.view(*out.shape[:-1], groups, (s.group_size + 2) * s.head_dim)
-        q, k, v = grouped.split([s.group_size * s.head_dim, s.head_dim, s.head_dim], dim=-1)
-        lead = out.shape[:-1]
-        return q.reshape(*lead, -1, s.head_dim), k, v
+        return split_grouped_heads(out, s.group_size, s.head_dim)
 
 
 class GatedMLP(nn.Module):

@@ -41,6 +41,17 @@ def split_qkv(combined: torch.Tensor, num_heads: int, num_kv_heads: int, head_di
     return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
 
 
+def split_grouped_heads(out: torch.Tensor, group_size: int, head_dim: int):
+    """The output of a projection whose rows are :func:`interleave_qkv`-grouped, ``[..., rows]``,
+    as ``q [..., heads, head_dim]`` and ``k``, ``v [..., kv_heads, head_dim]`` (views where
+    possible). Head counts follow from the width, so a column shard of whole groups (one
+    tensor-parallel rank's) splits into its own heads unchanged."""
+    width = (group_size + 2) * head_dim
+    grouped = out.view(*out.shape[:-1], out.shape[-1] // width, width)
+    q, k, v = grouped.split([group_size * head_dim, head_dim, head_dim], dim=-1)
+    return q.reshape(*out.shape[:-1], -1, head_dim), k, v
+
+
 def interleave_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[a_0, b_0, a_1, b_1, ...]`` along dim 0 (gate/up pairs stay together under sharding)."""
     if a.shape != b.shape:
