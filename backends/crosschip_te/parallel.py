@@ -19,9 +19,9 @@ replication when ``tp`` does not divide the KV heads (the torch backend does bot
 
 from __future__ import annotations
 
+from crosschip.distributed import TP_DIM, check_divides, per_head_norms
 from crosschip.errors import ConfigurationError
 
-TP_DIM = "tp"
 #: Components whose te modules hold shards; under te TP no other backend may build them.
 SHARDED = ("qkv_projection", "out_projection", "gated_mlp")
 
@@ -43,15 +43,10 @@ def sequence_parallel(ctx, tp: int) -> bool:
     return tp > 1 and ctx is not None and ctx.parallel.sequence_parallel
 
 
-def _divides(tp: int, size: int, what: str) -> None:
-    if size % tp:
-        raise ConfigurationError(f"te backend: tensor parallel degree tp={tp} does not divide the {what} ({size})")
-
-
 def check_qkv(spec, tp: int) -> None:
     if tp == 1:
         return
-    _divides(tp, spec.num_heads, "number of query heads")
+    check_divides(tp, spec.num_heads, "number of query heads")
     if spec.num_kv_heads % tp:
         raise ConfigurationError(
             f"te backend: tensor parallel degree tp={tp} does not divide the number of KV heads "
@@ -61,14 +56,14 @@ def check_qkv(spec, tp: int) -> None:
 
 def check_gated_mlp(spec, tp: int) -> None:
     if tp > 1:
-        _divides(tp, spec.intermediate_size, "intermediate size")
+        check_divides(tp, spec.intermediate_size, "intermediate size")
 
 
 def check_linear(spec, tp: int) -> None:
     if tp > 1 and spec.parallel == "row":
-        _divides(tp, spec.in_features, "input features of the row-parallel projection")
+        check_divides(tp, spec.in_features, "input features of the row-parallel projection")
     if tp > 1 and spec.parallel == "column":
-        _divides(tp, spec.out_features, "output features of the column-parallel projection")
+        check_divides(tp, spec.out_features, "output features of the column-parallel projection")
 
 
 def linear_mode(spec, tp: int) -> str | None:
@@ -167,7 +162,7 @@ def attach_training_hooks(model, runtime) -> None:
     mark_parameters(model)
     if runtime.parallel.tp == 1:
         return
-    norms = list(_per_head_norms(model))
+    norms = list(per_head_norms(model))
     partial = [p for norm in norms for p in norm.parameters()]
     if runtime.parallel.sequence_parallel:
         from crosschip_te.sequence_parallel import partial_gradient_params
@@ -187,11 +182,3 @@ def _summed_over(group):
         return grad
 
     return hook
-
-
-def _per_head_norms(model):
-    for parent in model.modules():
-        children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
-        if any(c.crosschip_component.component == "qkv_projection" and c.crosschip_component.backend == "te"
-               for c in children):
-            yield from (c for c in children if c.crosschip_component.component == "rms_norm")

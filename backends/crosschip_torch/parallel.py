@@ -14,14 +14,15 @@ communication; with it the stream and the norms on it are sharded on the sequenc
 norms' partial weight gradients are summed (see :func:`_gradient_like`). Attention needs no
 style: it receives this rank's heads as plain local tensors and derives head counts from their
 shapes. Per-head norms (Qwen3's q/k norms) see head-sharded activations, never sequence-sharded
-ones; see :func:`_per_head_norms`.
+ones; see :func:`crosschip.distributed.per_head_norms` (their input is marked as sharded on the
+head dim, ``SequenceParallel`` over dim 2, so DTensor reduces their gradients).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from crosschip.distributed import DP_DIM, TP_DIM
+from crosschip.distributed import DP_DIM, TP_DIM, check_divides, per_head_norms
 from crosschip.errors import ConfigurationError
 from crosschip.specs import QKVSpec
 from crosschip_torch import data_parallel
@@ -29,18 +30,13 @@ from crosschip_torch.kv_replicas import KVReplicas, replica_groups
 
 
 # -- what the layout and the modules need to know about the TP degree --------------------------
-def _divides(tp: int, size: int, what: str) -> None:
-    if size % tp:
-        raise ConfigurationError(f"tensor parallel degree tp={tp} does not divide the {what} ({size})")
-
-
 def kv_replicas(spec: QKVSpec, tp: int) -> int:
     """Copies of each KV head the torch layout holds at degree ``tp``: 1 when ``tp`` divides the
     KV heads, ``tp / num_kv_heads`` when it is a multiple of them (each rank then holds one
     replica of one KV head with its query group)."""
     if tp == 1:
         return 1
-    _divides(tp, spec.num_heads, "number of query heads")
+    check_divides(tp, spec.num_heads, "number of query heads")
     if spec.num_kv_heads % tp == 0:
         return 1
     if tp % spec.num_kv_heads == 0:
@@ -59,12 +55,12 @@ def physical_qkv_spec(spec: QKVSpec, tp: int) -> QKVSpec:
 
 def check_gated_mlp(spec, tp: int) -> None:
     if tp > 1:
-        _divides(tp, spec.intermediate_size, "intermediate size")
+        check_divides(tp, spec.intermediate_size, "intermediate size")
 
 
 def check_out_projection(spec, tp: int) -> None:
     if tp > 1 and spec.parallel == "row":
-        _divides(tp, spec.in_features, "input features of the row-parallel projection")
+        check_divides(tp, spec.in_features, "input features of the row-parallel projection")
 
 
 def check_runtime(runtime) -> None:
@@ -234,7 +230,7 @@ def _tensor_parallel(model, runtime, mesh) -> None:
             groups = groups or replica_groups(mesh, copies)
             local = info.spec.num_heads // tp * info.spec.head_dim
             module.kv_replicas = KVReplicas(local, groups, local + 2 * info.spec.head_dim, copies)
-    per_head = {id(n) for n in _per_head_norms(model)}
+    per_head = {id(n) for n in per_head_norms(model)}
     for path, norm in components:
         if id(norm) in per_head:
             parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
@@ -292,15 +288,3 @@ def _gradient_like(param):
         return grad
 
     return hook
-
-
-def _per_head_norms(model):
-    """``rms_norm`` components beside a ``qkv_projection`` in one parent (Qwen3's q_norm and
-    k_norm) normalise each head of its output, so under TP they see only this rank's heads and
-    their (replicated) weights get partial gradients. Marking the input as sharded on the head
-    dim (``SequenceParallel`` over dim 2 of ``[batch, seq, heads, head_dim]``) makes DTensor
-    reduce those gradients across the mesh."""
-    for parent in model.modules():
-        children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
-        if any(c.crosschip_component.component == "qkv_projection" for c in children):
-            yield from (c for c in children if c.crosschip_component.component == "rms_norm")

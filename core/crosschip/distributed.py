@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 
+from crosschip.errors import ConfigurationError
+
 #: Names of the DeviceMesh dimensions every backend's parallel plan uses: ``(dp, tp)``.
 DP_DIM = "dp"
 TP_DIM = "tp"
@@ -26,3 +28,20 @@ def shutdown() -> None:
         dist.barrier()  # no rank closes its connections while a peer still talks to it
         dist.destroy_process_group()
     gc.collect()
+
+
+def check_divides(tp: int, size: int, what: str) -> None:
+    """A tensor-parallel degree must split ``what`` (heads, features) evenly over the ranks."""
+    if size % tp:
+        raise ConfigurationError(f"tensor parallel degree tp={tp} does not divide the {what} ({size})")
+
+
+def per_head_norms(model):
+    """``rms_norm`` components beside a ``qkv_projection`` in one parent (Qwen3's q_norm and
+    k_norm): they normalise each head of the projection's output, so under tensor parallelism
+    they see only this rank's heads and their replicated weights get partial gradients, which
+    every backend's plan must sum over the TP ranks."""
+    for parent in model.modules():
+        children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
+        if any(c.crosschip_component.component == "qkv_projection" for c in children):
+            yield from (c for c in children if c.crosschip_component.component == "rms_norm")
