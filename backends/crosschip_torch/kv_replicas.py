@@ -53,10 +53,8 @@ def _sum_replica_kv(grad, replicas: KVReplicas):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    local = grad.to_local().clone()
-    kv = local[replicas.q_rows:].contiguous()
-    dist.all_reduce(kv, group=replicas.group)
-    local[replicas.q_rows:] = kv
+    local = grad.to_local().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(local[replicas.q_rows:], group=replicas.group)  # trailing rows: a contiguous view
     return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
                               shape=grad.shape, stride=grad.stride())
 
