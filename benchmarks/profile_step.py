@@ -31,7 +31,7 @@ def main() -> int:
         model = build(variant, config, 0, "none")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
-        def step():
+        def step(model=model, optimizer=optimizer):
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -183,6 +183,8 @@ def versions() -> dict:
 
 
 def main(argv=None) -> int:
+    from crosschip.specs import CHECKPOINTING
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none")
+    parser.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)

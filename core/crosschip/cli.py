@@ -7,6 +7,7 @@ import json
 import sys
 
 from crosschip.errors import ConfigurationError, CrosschipError
+from crosschip.specs import CHECKPOINTING, FP8_RECIPES, PRECISIONS
 
 
 def _backends_data(registry, backend=None) -> dict:
@@ -164,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None)
     train.add_argument("--dtype", default="float32")
-    train.add_argument("--precision", default="auto", choices=["auto", "fp8"],
+    train.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="fp8: FP8 matmuls on a backend that implements them (te); an error elsewhere")
-    train.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current", "block", "mxfp8"])
-    train.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    train.add_argument("--fp8-recipe", default="delayed", choices=FP8_RECIPES)
+    train.add_argument("--activation-checkpointing", default="none", choices=CHECKPOINTING)
     train.add_argument("--tp", type=int, default=1,
                        help="tensor parallel degree; launch with torchrun --nproc_per_node TP*DP")
     train.add_argument("--dp", type=int, default=1,

@@ -28,6 +28,9 @@ from crosschip.plugins.registry import REFERENCE, Registry, get_registry, strict
 from crosschip.plugins.report import Decision, DecisionReport
 from crosschip.plugins.resolution import BackendChoice, check_component_name, check_environment, resolve_chain
 from crosschip.specs import (
+    CHECKPOINTING,
+    FP8_RECIPES,
+    PRECISIONS,
     AttentionSpec,
     EmbeddingSpec,
     GatedMLPSpec,
@@ -42,9 +45,6 @@ from crosschip.specs import (
 )
 
 MODES = ("train", "inference")
-PRECISIONS = ("auto", "fp8")
-FP8_RECIPES = ("delayed", "current", "block", "mxfp8")
-CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,9 @@ class Runtime:
         self.report = DecisionReport()
         self._warned: set = set()
         self._autocast_factories: list | None = None
-        # Fail early on unknown names instead of at the first component.
-        for component in ("embedding",):
-            resolve_chain(self.registry, component, self.backend, self.components)
-        self._check_precision()
-        self.registry.call_on(self._requested_backends(), "crosschip_validate_runtime", runtime=self)
+        requested = self._requested_backends()  # resolves every chain: unknown names fail here
+        self._check_precision(requested)
+        self.registry.call_on(requested, "crosschip_validate_runtime", runtime=self)
 
     def _requested_backends(self) -> list[str]:
         """Every backend that may build some component, available or not."""
@@ -165,11 +163,11 @@ class Runtime:
                     names.append(name)
         return names
 
-    def _check_precision(self) -> None:
+    def _check_precision(self, requested: list[str]) -> None:
         if self.precision != "fp8":
             return
         reasons = []
-        for name in self._requested_backends():
+        for name in requested:
             record = self.registry.backend(name)
             if "fp8" not in record.descriptor.precisions:
                 continue
@@ -177,10 +175,9 @@ class Runtime:
             if probe.available:
                 return
             reasons.append(f"{name}: unavailable: {probe.reason}")
-        requested = " > ".join(self._requested_backends())
         raise ConfigurationError(
             f"precision='fp8' needs a backend that implements FP8 (te), but none of the requested "
-            f"backends ({requested}) can" + (f": {'; '.join(reasons)}" if reasons else "")
+            f"backends ({' > '.join(requested)}) can" + (f": {'; '.join(reasons)}" if reasons else "")
             + "; FP8 is never replaced by a silent bf16 run")
 
     def checkpoint_layer(self, index: int) -> bool:
@@ -193,9 +190,7 @@ class Runtime:
         """Run ``function(*args)`` without keeping its activations (recomputed in backward),
         with the checkpoint function a backend asks for, else torch's non-reentrant one."""
         if self._checkpoint_fn is None:
-            used = sorted({d.backend for d in self.report.decisions})
-            provided = [f for f in self.registry.call_on(used, "crosschip_checkpoint_function", runtime=self)
-                        if f is not None]
+            provided = self._from_builders("crosschip_checkpoint_function")
             if provided:
                 self._checkpoint_fn = provided[0]
             else:
@@ -208,15 +203,25 @@ class Runtime:
         """The context a model's forward runs under, from the plugins of the backends that built
         its components (FP8 autocast for ``te``); a no-op context for plain backends."""
         if self._autocast_factories is None:
-            used = sorted({d.backend for d in self.report.decisions})
-            self._autocast_factories = [
-                f for f in self.registry.call_on(used, "crosschip_autocast", runtime=self) if f is not None]
+            self._autocast_factories = self._from_builders("crosschip_autocast")
         if not self._autocast_factories:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for factory in self._autocast_factories:
-            stack.enter_context(factory())
-        return stack
+        return self._entered(self._autocast_factories)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _entered(factories):
+        # Entered at `with`, and a context entered before a later one fails is exited.
+        with contextlib.ExitStack() as stack:
+            for factory in factories:
+                stack.enter_context(factory())
+            yield
+
+    def _from_builders(self, hook: str) -> list:
+        """What ``hook`` returns (None dropped) from the plugins of the backends that built this
+        runtime's components."""
+        used = sorted({d.backend for d in self.report.decisions})
+        return [f for f in self.registry.call_on(used, hook, runtime=self) if f is not None]
 
     def __repr__(self) -> str:
         return (f"Runtime(backend={self.backend!r}, device={self.device}, dtype={self.dtype}, "

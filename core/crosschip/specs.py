@@ -13,6 +13,11 @@ from typing import Any, Literal
 
 from crosschip.errors import ConfigurationError
 
+#: Runtime options, named here (no torch import) so the command line offers the same choices.
+PRECISIONS = ("auto", "fp8")
+FP8_RECIPES = ("delayed", "current", "block", "mxfp8")
+CHECKPOINTING = ("none", "full", "selective")
+
 ParallelStyle = Literal["column", "row", "replicated"]
 
 COMPONENTS = (
