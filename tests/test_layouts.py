@@ -605,3 +605,21 @@ def test_torch_native_state_dict_interchangeable_with_combined_checkpoint(llama,
     fresh2 = crosschip.from_pretrained(other, backend="torch")
     fresh2.load_state_dict(load_file(str(tmp_path / "combined.safetensors")), strict=True)
     assert torch.equal(_logits(fresh2), logits)
+
+
+def test_sharded_load_follows_row_permutations_and_refuses_value_changes():
+    """The streaming sharded load pushes row ids through a component's transforms: a row
+    permutation gives each physical row's checkpoint row; a transform that changes values while
+    keeping the shape yields ids that name no row, and the load reads whole tensors instead."""
+    from crosschip.sharded_load import row_sources
+
+    class Binding:
+        hf_shapes = {"a.weight": (4, 3), "b.weight": (2, 3)}
+
+        def __init__(self, transform):
+            self.from_hf = transform
+
+    permuted = row_sources(Binding(lambda t: {"w": torch.cat([t["b.weight"], t["a.weight"].flip(0)])}))
+    assert permuted["w"].tolist() == [(1 << 32) + 0, (1 << 32) + 1, 3, 2, 1, 0]
+    assert row_sources(Binding(lambda t: {"w": t["a.weight"] * 3})) is None
+    assert row_sources(Binding(lambda t: {"w": t["a.weight"].float()})) is None

@@ -30,11 +30,18 @@ def row_sources(binding) -> dict[str, torch.Tensor] | None:
         physical = binding.from_hf(index)
     except Exception:  # a transform that needs real values or shapes: read whole tensors instead
         return None
+    rows_of = torch.tensor([binding.hf_shapes[key][0] for key in keys])
     out = {}
     for name, tensor in physical.items():
-        if tensor.dim() == 0 or any(d != 1 for d in tensor.shape[1:]):
+        if tensor.dtype != torch.int64 or tensor.dim() == 0 or any(d != 1 for d in tensor.shape[1:]):
             return None
-        out[name] = tensor.reshape(-1)
+        flat = tensor.reshape(-1)
+        key_id, row = flat >> _KEY_SHIFT, flat & ((1 << _KEY_SHIFT) - 1)
+        # A transform that changed values while keeping the shape (a scale, an offset) leaves
+        # ids that name no checkpoint row: read whole tensors rather than wrong rows.
+        if flat.numel() and (key_id.min() < 0 or key_id.max() >= len(keys) or (row >= rows_of[key_id]).any()):
+            return None
+        out[name] = flat
     return out
 
 

@@ -13,6 +13,7 @@ Three names for a weight:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -35,7 +36,6 @@ class Binding:
     info: ComponentInfo
     transform: Transform  # roles -> physical names (the backend's layout)
     checkpoint_transform: Transform  # roles -> checkpoint-local names (the model's)
-    shapes: dict[str, tuple[int, ...]]  # role -> shape
     names: dict[str, str]  # checkpoint-local name -> Hugging Face key
     hf_shapes: dict[str, tuple[int, ...]]  # Hugging Face key -> shape
 
@@ -93,7 +93,7 @@ def bindings(model: nn.Module) -> list[Binding]:
         prefixes = name_map.get(path, {})
         names = {local: _hf_name(path, local, prefixes) for local in local_shapes}
         hf_shapes = {names[k]: s for k, s in local_shapes.items()}
-        found.append(Binding(path, module, info, transform, checkpoint_transform, shapes, names, hf_shapes))
+        found.append(Binding(path, module, info, transform, checkpoint_transform, names, hf_shapes))
         for p in module.parameters():
             owners[id(p)] = path
     strays = [n for n, p in model.named_parameters() if id(p) not in owners]
@@ -105,9 +105,10 @@ def bindings(model: nn.Module) -> list[Binding]:
 EXTRA_STATE = "_extra_state"
 
 
-def _whole(tensor):
-    """A tensor-parallel (DTensor) weight or gradient gathered whole, since layouts and the
-    canonical form are global; a collective, so every rank of the mesh must call it."""
+def whole(tensor):
+    """A distributed (DTensor) tensor gathered whole, differentiably (layouts and the canonical
+    form are global; logits a parallel plan left sharded); plain tensors pass through. A
+    collective: every rank of the mesh must call it."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
@@ -129,10 +130,10 @@ def _like(target, tensor: torch.Tensor):
 def _physical(binding: Binding, grads: bool) -> dict[str, torch.Tensor]:
     if grads:
         local = {n: p.grad for n, p in binding.module.named_parameters() if p.grad is not None}
-        return {n: _whole(g) for n, g in local_shards.global_views(binding.module, local).items()}
+        return {n: whole(g) for n, g in local_shards.global_views(binding.module, local).items()}
     # Extra state (Transformer Engine's FP8 scaling metadata) is runtime state of the module,
     # not a weight: it has no Hugging Face counterpart.
-    return {k: _whole(v) for k, v in binding.module.state_dict().items() if not k.endswith(EXTRA_STATE)}
+    return {k: whole(v) for k, v in binding.module.state_dict().items() if not k.endswith(EXTRA_STATE)}
 
 
 def _load_physical(binding: Binding, physical: dict[str, torch.Tensor]) -> None:
@@ -169,10 +170,7 @@ def canonical_sizes(model: nn.Module) -> list[tuple[str, int]]:
     for b in bindings(model):
         itemsize = next((p.element_size() for p in b.module.parameters()), 4)
         for key, shape in b.hf_shapes.items():
-            numel = 1
-            for d in shape:
-                numel *= d
-            out.append((key, itemsize * numel))
+            out.append((key, itemsize * math.prod(shape)))
     return out
 
 

@@ -23,6 +23,7 @@ from crosschip.specs import (
     QKVSpec,
     RopeSpec,
 )
+from crosschip.weights import whole
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,6 @@ class DecoderModel(nn.Module):
         return self.norm(hidden)
 
 
-def _whole(logits):
-    """Logits a parallel plan left distributed (a DTensor sharded on the vocab, which the loss
-    consumes as it is) gathered for the caller, differentiably; plain tensors pass through."""
-    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
-
-
 class DecoderForCausalLM(CausalLM):
     """Decoder + LM head + loss. Subclasses turn a Hugging Face config into DecoderOptions."""
 
@@ -173,7 +168,7 @@ class DecoderForCausalLM(CausalLM):
             hidden = self.model(input_ids, mask, position_ids, cache)
             logits = self.lm_head(hidden) if return_logits else None
             loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
-        return CausalLMOutput(logits=_whole(logits), loss=loss)
+        return CausalLMOutput(logits=whole(logits), loss=loss)  # gathered if the plan sharded them
 
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
