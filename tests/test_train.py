@@ -101,3 +101,20 @@ def test_training_state_of_another_model_is_refused_naming_the_shapes(tmp_path):
                                                  r"\(300, 32\) in this model"):
         train(TrainArgs(resume=str(narrow.out), out=str(tmp_path / "never"), **{**small, "steps": 2}),
               progress=False)
+
+
+def test_training_state_in_another_physical_layout_is_refused(tmp_path):
+    """meta.json records each component's weight layout; a state whose layout differs from the
+    one this run builds (te's gate/up blocks follow tp) is refused, naming the component."""
+    import json
+
+    from crosschip.errors import ConfigurationError
+
+    done = train(_args(tmp_path / "a", steps=1, backend="torch"), progress=False)
+    meta_file = done.out / "training_state" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert "torch:gated_mlp" in meta["layouts"] and "InterleaveRows" in meta["layouts"]["torch:gated_mlp"]
+    meta["layouts"]["torch:gated_mlp"] = "InterleaveBlocks(blocks=2)"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigurationError, match=r"holds the weights of torch:gated_mlp in another physical layout"):
+        train(_args(tmp_path / "b", steps=2, backend="torch", resume=str(done.out)), progress=False)

@@ -137,13 +137,6 @@ def _build(args: TrainArgs):
                                      "checkpoint, or its save did not finish)")
         state = json.loads(meta_file.read_text())
         backends = _backends(model)
-        if any("te" in names for names in backends.values()) and state.get("tp", 1) != args.tp:
-            # The training state holds physical layouts, and te's fused gate/up rows are ordered
-            # per TP rank: another tp would read them permuted.
-            raise ConfigurationError(
-                f"--resume {args.resume}: a te training state resumes only at the tp it was saved at "
-                f"(tp={state.get('tp', 1)}), this run has tp={args.tp}; to change tp, start from the "
-                "Hugging Face checkpoint in that directory (--model) without its training state")
         if state["backends"] != backends:
             raise ConfigurationError(
                 f"--resume {args.resume}: optimizer state was saved with backends {state['backends']}, "
@@ -152,6 +145,16 @@ def _build(args: TrainArgs):
         raise ConfigurationError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                                  f"{model.opts.vocab_size}")
     return model.train(), tokenizer, state
+
+
+def _layouts(model) -> dict[str, str]:
+    """``backend:component`` -> the weight layout its modules hold (its transforms' repr)."""
+    from crosschip.weights import bindings
+
+    found: dict[str, set] = {}
+    for b in bindings(model):
+        found.setdefault(f"{b.info.backend}:{b.info.component}", set()).add(repr(b.transform))
+    return {k: " | ".join(sorted(v)) for k, v in sorted(found.items())}
 
 
 def _backends(model) -> dict[str, list[str]]:
@@ -170,8 +173,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
                                   fused=device.type == "cuda")
     start, losses = 0, []
     if state is not None:
-        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR,
-                             saved_at=(state.get("tp", 1), state.get("dp", 1)), run_at=(args.tp, args.dp))
+        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR, state, run_at=(args.tp, args.dp))
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
@@ -200,8 +202,8 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
 
     out = model.save_pretrained(args.out, extra_files=tokenizer.save_pretrained)
     _save_training_state(model, optimizer, out / STATE_DIR, {
-        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model), "tp": args.tp,
-        "dp": args.dp})
+        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model),
+        "layouts": _layouts(model), "tp": args.tp, "dp": args.dp})
     return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), out, model)
 
 
@@ -319,12 +321,23 @@ def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
     _barrier()
 
 
-def _load_training_state(model, optimizer, directory: Path, saved_at=(1, 1), run_at=(1, 1)) -> None:
+def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1, 1)) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
+    saved_at = (meta.get("tp", 1), meta.get("dp", 1))
     _check_state_fits(model_state, directory, saved_at, run_at)
+    # The state holds physical weights: a layout that depends on the parallel degree (te's
+    # gate/up blocks per TP rank) orders them differently at another layout, shapes alike.
+    layouts = _layouts(model)
+    if meta.get("layouts", layouts) != layouts:
+        changed = sorted(k for k in layouts if meta["layouts"].get(k) != layouts[k])
+        raise ConfigurationError(
+            f"--resume {directory.parent}: its training state holds the weights of {', '.join(changed)} "
+            f"in another physical layout than this run builds (saved at tp={saved_at[0]}, dp={saved_at[1]}; "
+            f"this run has tp={run_at[0]}, dp={run_at[1]}); resume at the saved layout, or start from the "
+            "Hugging Face checkpoint in that directory (--model)")
     state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
     try:
         with _single_process_is_intended():
