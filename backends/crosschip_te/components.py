@@ -7,12 +7,11 @@ shard; the TP group is handed over once the model is built (see :mod:`crosschip_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import transformer_engine.pytorch as te
 from torch import nn
 
 from crosschip.layouts import split_grouped_heads
-from crosschip.masks import AttentionMask, allowed
+from crosschip.masks import AttentionMask, sdpa
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 from crosschip_te import parallel
 
@@ -119,12 +118,4 @@ class DotProductAttention(nn.Module):
         spec = self.spec
         if mask is None or (mask.padding is None and mask.q_offset == 0):
             return self.attn(q.contiguous(), k.contiguous(), v.contiguous())
-        batch, q_len = q.shape[:2]
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        keep = allowed(q_len, kt.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
-                       mask=mask, device=q.device)
-        if keep is not None and q_len == kt.shape[2]:
-            keep = keep | torch.eye(q_len, dtype=torch.bool, device=q.device)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=spec.softmax_scale,
-                                             enable_gqa=qt.shape[1] != kt.shape[1])
-        return out.transpose(1, 2).reshape(batch, q_len, -1)
+        return sdpa(q, k, v, spec, mask, spec.dropout if self.training else 0.0)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.layouts import split_grouped_heads
-from crosschip.masks import AttentionMask, allowed
+from crosschip.masks import AttentionMask, sdpa
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import LMHead as ReferenceLMHead
 from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, QKVSpec
@@ -74,27 +74,7 @@ class SDPAAttention(nn.Module):
         self.spec = spec
 
     def forward(self, q, k, v, mask: AttentionMask | None = None) -> torch.Tensor:
-        spec = self.spec
-        batch, q_len = q.shape[:2]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        simple = (mask is None or (mask.padding is None and mask.q_offset == 0)) and spec.sliding_window is None
-        attn_mask = None
-        if not simple:
-            attn_mask = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
-                                mask=mask, device=q.device)
-            # A query that may see no key (left padding) would give NaN; let it see itself. Its
-            # output is discarded by the caller, but NaN would poison gradients.
-            if attn_mask is not None and q_len == k.shape[2]:
-                attn_mask = attn_mask | torch.eye(q_len, dtype=torch.bool, device=q.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=spec.dropout if self.training else 0.0,
-            is_causal=spec.causal and simple and q_len > 1,
-            scale=spec.softmax_scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return out.transpose(1, 2).reshape(batch, q_len, -1)
+        return sdpa(q, k, v, self.spec, mask, self.spec.dropout if self.training else 0.0)
 
 
 # -- vocabulary: embedding, LM head, loss --------------------------------------------------------

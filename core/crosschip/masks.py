@@ -48,3 +48,29 @@ def allowed(
         pad = mask.padding.to(device=device, dtype=torch.bool)[:, None, None, :]
         result = pad if result is None else result & pad
     return result
+
+
+def sdpa(q, k, v, spec, mask: AttentionMask | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of ``q [batch, seq, heads, head_dim]`` over ``k``, ``v [batch, kv_seq, kv_heads,
+    head_dim]`` with ``scaled_dot_product_attention`` (native GQA), returning ``[batch, seq,
+    heads * head_dim]``; an explicit boolean mask only when the spec or the batch needs one
+    (sliding window, padding, cached keys). Shared by backends whose own kernels do not cover
+    every case."""
+    import torch.nn.functional as F
+
+    batch, q_len = q.shape[:2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    simple = (mask is None or (mask.padding is None and mask.q_offset == 0)) and spec.sliding_window is None
+    attn_mask = None
+    if not simple:
+        attn_mask = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
+                            mask=mask, device=q.device)
+        # A query that may see no key (left padding) would give NaN; let it see itself. Its
+        # output is discarded by the caller, but NaN would poison gradients.
+        if attn_mask is not None and q_len == k.shape[2]:
+            attn_mask = attn_mask | torch.eye(q_len, dtype=torch.bool, device=q.device)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=spec.causal and simple and q_len > 1,
+        scale=spec.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).reshape(batch, q_len, -1)
+
