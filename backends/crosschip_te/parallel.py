@@ -160,8 +160,6 @@ def attach_training_hooks(model, runtime) -> None:
     from crosschip.local_shards import mark_parameters
 
     mark_parameters(model)
-    if runtime.parallel.tp == 1:
-        return
     norms = list(per_head_norms(model))
     partial = [p for norm in norms for p in norm.parameters()]
     if runtime.parallel.sequence_parallel:

@@ -117,7 +117,8 @@ def crosschip_parallelize_model(model, runtime):
 
 @hookimpl
 def crosschip_finalize_model(model, runtime):
-    if runtime.parallel.tp > 1:
+    # Only for the plan this plugin applied: another owner reduces per-head norms its own way.
+    if runtime.parallel.tp > 1 and runtime.plan_owner == NAME:
         _parallel().attach_training_hooks(model, runtime)
 
 

@@ -52,7 +52,7 @@ def crosschip_register_layouts():
 
 @hookimpl
 def crosschip_validate_runtime(runtime):
-    if runtime.parallel.tp != 1 or runtime.parallel.dp != 1 or runtime.parallel.sequence_parallel:
+    if runtime.parallel.size > 1:  # the parallel module is imported only when it is needed
         _parallel().check_runtime(runtime)
 
 
@@ -63,7 +63,7 @@ def crosschip_parallelize_model(model, runtime):
 
 @hookimpl
 def crosschip_finalize_model(model, runtime):
-    if runtime.parallel.tp > 1:
+    if runtime.parallel.size > 1 and runtime.plan_owner == NAME:
         _parallel().attach_training_hooks(model)
 
 

@@ -115,7 +115,7 @@ def _parallelize(model, runtime: Runtime) -> None:
     projections, whose layout the plan shards (two plugins sharding one model would conflict)."""
     if runtime.parallel == ParallelSpec():
         return
-    owners = sorted(runtime.report.backends_for("qkv_projection"))[:1]
+    owners = [runtime.plan_owner] if runtime.plan_owner else []
     applied = runtime.registry.call_on(owners, "crosschip_parallelize_model", model=model, runtime=runtime)
     if not any(result is not None for result in applied):
         raise ConfigurationError(

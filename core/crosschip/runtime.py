@@ -229,6 +229,14 @@ class Runtime:
                 f"mode={self.mode!r})")
 
     # -- resolution -----------------------------------------------------------------------
+    @property
+    def plan_owner(self) -> str | None:
+        """The backend whose parallel plan a parallel model gets: the one that built the
+        attention projections, whose layout the plan shards (two plugins sharding one model
+        would conflict). None before any projection is built."""
+        built = sorted(self.report.backends_for("qkv_projection"))
+        return built[0] if built else None
+
     def chain(self, component: str):
         return resolve_chain(self.registry, component, self.backend, self.components)
 
