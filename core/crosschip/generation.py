@@ -88,7 +88,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     step_ids, positions = input_ids, positions_from_mask(attention_mask)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
+        logits = model(step_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       last_logits_only=True).logits[:, -1]
         chosen = next_token(logits, sampling, generator)
         chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)

@@ -157,16 +157,22 @@ class DecoderForCausalLM(CausalLM):
     ignored_checkpoint_keys = frozenset({"lm_head.weight"})
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache=None, return_logits: bool = True) -> CausalLMOutput:
+                cache=None, return_logits: bool = True, last_logits_only: bool = False) -> CausalLMOutput:
         """``attention_mask``: ``[batch, past + seq]``, 1 for real tokens; ``cache``: a
-        :class:`crosschip.generation.KVCache` holding the past keys and values."""
+        :class:`crosschip.generation.KVCache` holding the past keys and values;
+        ``last_logits_only``: logits of the last position only (``[batch, 1, vocab]``: a
+        generation's prompt step needs no others, and they are the largest tensor of a forward)."""
+        if last_logits_only and labels is not None:
+            raise ValueError("last_logits_only=True keeps one position's logits; the loss needs them all")
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         mask = AttentionMask(padding=attention_mask, q_offset=past)
         with self.runtime.autocast():
             hidden = self.model(input_ids, mask, position_ids, cache)
-            logits = self.lm_head(hidden) if return_logits else None
+            # A sequence-sharded (DTensor) stream is left whole: its last position lives on one rank.
+            head_input = hidden[:, -1:] if last_logits_only and not hasattr(hidden, "device_mesh") else hidden
+            logits = self.lm_head(head_input) if return_logits else None
             loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
         return CausalLMOutput(logits=whole(logits), loss=loss)  # gathered if the plan sharded them
 
