@@ -13,6 +13,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def gpu_busy(prof) -> tuple[float, float, int]:
+    """(microseconds some kernel ran, microseconds from the first kernel's start to the last's
+    end, kernel count): the gap between the two is time the GPU waited for work."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy, spans[-1][1] - spans[0][0], len(spans)
+
+
 def main() -> int:
     import torch
 
@@ -23,6 +38,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["transformers", "torch", "te-bf16"])
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--trace-dir", default=None, help="also write a Chrome trace per variant here")
     args = parser.parse_args()
     config = llama_config(args.shape, args.seq)
     batch = max(1, TOKENS_PER_STEP // args.seq)
@@ -44,7 +60,12 @@ def main() -> int:
                 step()
             torch.cuda.synchronize()
         print(f"===== {variant} =====")
+        busy, span, kernels = gpu_busy(prof)
+        print(f"per step: GPU busy {busy / 2e3:.1f} ms of {span / 2e3:.1f} ms "
+              f"(idle {(span - busy) / 2e3:.1f} ms, waiting on the host), {kernels // 2} kernels")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+        if args.trace_dir:
+            prof.export_chrome_trace(os.path.join(args.trace_dir, f"{variant}_seq{args.seq}.json"))
         del model, optimizer
         torch.cuda.empty_cache()
     return 0

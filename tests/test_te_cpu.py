@@ -64,7 +64,7 @@ def test_registered_and_unavailable_with_reason():
     record = get_registry().backend("te")
     assert record.descriptor.priority == 200 and "fp8" in record.descriptor.precisions
     assert set(get_registry().components_of("te")) == {
-        "qkv_projection", "gated_mlp", "out_projection", "rms_norm", "attention"}
+        "qkv_projection", "gated_mlp", "out_projection", "rms_norm", "attention", "rotary", "loss"}
     probe = record.probe()
     assert not probe.available and "transformer_engine is not installed" in probe.reason
 
@@ -202,3 +202,20 @@ def test_te_shard_dims_follow_each_module_parallel_mode():
     assert shard_dims(mlp) == {"fc1_weight": 0, "fc1_bias": 0, "fc2_weight": 1}
     assert shard_dims(NS(tp_size=1, parallel_mode="column", weight_names=["weight"])) == {}
     assert shard_dims(NS(tp_size=2, parallel_mode=None, weight_names=["weight"])) == {}
+
+
+def test_fused_rope_declines_rope_types_that_scale_cos_and_sin():
+    """TE's fused RoPE takes angles only; a rope type with an attention scaling (YaRN) keeps
+    the reference formula, and the decline says why."""
+    from transformers import LlamaConfig
+
+    from crosschip.specs import RopeSpec
+    from crosschip_te import support
+
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_parameters=params)
+    spec = RopeSpec(16, 256, tuple(sorted(params.items())), config)
+    ctx = type("Ctx", (), {"dtype": torch.bfloat16})()
+    assert "scales cos and sin by 1.13" in support.rotary(spec, ctx)
+    default = RopeSpec(16, 256, (("rope_theta", 10000.0), ("rope_type", "default")))
+    assert support.rotary(default, ctx) is None

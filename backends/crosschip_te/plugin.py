@@ -38,11 +38,11 @@ def crosschip_register_backends():
     )]
 
 
-def _factory(cls: str):
+def _factory(cls: str, module: str = _C):
     def build(spec, ctx):
         import importlib
 
-        return getattr(importlib.import_module(_C), cls)(spec, ctx)
+        return getattr(importlib.import_module(module), cls)(spec, ctx)
 
     return build
 
@@ -55,6 +55,8 @@ def crosschip_register_components():
         ComponentImpl(NAME, "out_projection", _factory("Linear"), f"{_S}:linear"),
         ComponentImpl(NAME, "rms_norm", _factory("RMSNorm"), f"{_S}:rms_norm"),
         ComponentImpl(NAME, "attention", _factory("DotProductAttention"), f"{_S}:attention"),
+        ComponentImpl(NAME, "rotary", _factory("Rotary", "crosschip_te.rotary"), f"{_S}:rotary"),
+        ComponentImpl(NAME, "loss", _factory("CausalLMLoss", "crosschip_te.loss"), f"{_S}:loss"),
     ]
 
 

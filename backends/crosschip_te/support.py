@@ -51,3 +51,20 @@ def attention(spec, ctx):
     if spec.head_dim % 8 or spec.head_dim > 256:
         return f"TE fused attention needs head_dim divisible by 8 and <= 256, found {spec.head_dim}"
     return None
+
+
+def rotary(spec, ctx):
+    from crosschip.rope import rope_inverse_frequencies
+
+    try:
+        _, scaling = rope_inverse_frequencies(spec)
+    except ValueError as exc:  # a rope type this transformers lacks: the reference says why too
+        return str(exc)
+    if scaling != 1.0:
+        return (f"rope_type {spec.rope_type!r} scales cos and sin by {scaling:.6g}; TE's fused RoPE "
+                "computes them from the angles alone")
+    return _common(ctx)
+
+
+def loss(spec, ctx):
+    return _common(ctx)

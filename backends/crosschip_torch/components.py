@@ -13,6 +13,7 @@ from crosschip.layouts import split_grouped_heads
 from crosschip.masks import AttentionMask, sdpa
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import LMHead as ReferenceLMHead
+from crosschip.reference.components import RMSNorm as ReferenceRMSNorm
 from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, QKVSpec
 
 try:
@@ -58,6 +59,18 @@ class GatedMLP(nn.Module):
         # (a stack), where each select's would zero-fill a full-size tensor and then add them.
         gate, up = self.gate_up_proj(x).unflatten(-1, (-1, 2)).unbind(-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+class RMSNorm(ReferenceRMSNorm):
+    """``torch.nn.functional.rms_norm``: one fused kernel forward and one backward on CUDA, where
+    the reference's written-out expression launches about eight each way. Float64 inputs take the
+    reference expression, which (as transformers) normalises in float32 whatever the dtype, while
+    the fused op would normalise in float64."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            return super().forward(x)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Linear(nn.Linear):

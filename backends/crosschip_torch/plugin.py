@@ -33,6 +33,7 @@ def crosschip_register_components():
         ComponentImpl(NAME, "gated_mlp", _gated_mlp),
         ComponentImpl(NAME, "out_projection", _out_projection),
         ComponentImpl(NAME, "attention", lambda spec, ctx: _cls("SDPAAttention")(spec)),
+        ComponentImpl(NAME, "rms_norm", lambda spec, ctx: _cls("RMSNorm")(spec)),
         ComponentImpl(NAME, "embedding", lambda spec, ctx: _cls("Embedding")(spec)),
         ComponentImpl(NAME, "lm_head", lambda spec, ctx: _cls("LMHead")(spec)),
         ComponentImpl(NAME, "loss", lambda spec, ctx: _cls("CausalLMLoss")(spec)),
@@ -45,6 +46,7 @@ def crosschip_register_layouts():
         LayoutImpl(NAME, "qkv_projection", f"{_LAYOUT}:qkv_layout"),
         LayoutImpl(NAME, "gated_mlp", f"{_LAYOUT}:gated_mlp_layout"),
         LayoutImpl(NAME, "out_projection", f"{_LAYOUT}:identity_layout"),
+        LayoutImpl(NAME, "rms_norm", f"{_LAYOUT}:identity_layout"),
         LayoutImpl(NAME, "embedding", f"{_LAYOUT}:identity_layout"),
         LayoutImpl(NAME, "lm_head", f"{_LAYOUT}:identity_layout"),
     ]

@@ -185,8 +185,11 @@ class CausalLMLoss(nn.Module):
     def forward(self, hidden, labels, lm_head, logits=None) -> torch.Tensor:
         if logits is None:
             logits = lm_head(hidden)
-        shifted = F.pad(labels, (0, 1), value=self.spec.ignore_index)[..., 1:]
-        return self.cross_entropy(logits, shifted.to(logits.device))
+        return self.cross_entropy(logits, self.shift(labels).to(logits.device))
+
+    def shift(self, labels) -> torch.Tensor:
+        """Each position's target: the next label; the last position's is ignored."""
+        return F.pad(labels, (0, 1), value=self.spec.ignore_index)[..., 1:]
 
     def cross_entropy(self, logits, targets) -> torch.Tensor:
         """Mean cross-entropy of ``logits`` ``[..., vocab]`` against ``targets`` ``[...]``."""

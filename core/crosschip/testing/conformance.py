@@ -196,9 +196,11 @@ def default_cases(component: str) -> list[Case]:
         ],
         "rotary": lambda: [
             Case("rotary", _default_rope(8, 10000.0), "default"),
-            Case("rotary", _llama3_rope(), "llama3"),
+            Case("rotary", _default_rope(8, 10000.0), "shared-positions", (("shared_positions", True),)),
+            Case("rotary", _llama3_rope(), "llama3", (("shared_positions", True),)),
             # Only the first half of each head rotates (Phi-3 mini, GPT-NeoX style configs).
-            Case("rotary", _default_rope(16, 10000.0, partial_rotary_factor=0.5), "partial"),
+            Case("rotary", _default_rope(16, 10000.0, partial_rotary_factor=0.5), "partial",
+                 (("shared_positions", True),)),
         ],
         "attention": lambda: [
             Case("attention", AttentionSpec(4, 2, 8), "causal-gqa"),
@@ -418,7 +420,9 @@ def _inputs(case: Case, seed: int) -> tuple[dict[str, Any], torch.Tensor | None]
     if c == "out_projection":
         return {"x": rand(_BATCH, _SEQ, spec.in_features)}, None
     if c == "rotary":
-        positions = torch.arange(_SEQ).unsqueeze(0) + torch.tensor([[0], [40]])
+        positions = torch.arange(_SEQ).unsqueeze(0)  # one row for the batch, as decoders build it
+        if not case.option("shared_positions"):
+            positions = positions + torch.tensor([[0], [40]])  # each sequence its own offset
         return {"position_ids": positions, "q": rand(_BATCH, _SEQ, 3, spec.head_dim),
                 "k": rand(_BATCH, _SEQ, 1, spec.head_dim)}, None
     if c == "attention":
@@ -465,9 +469,9 @@ def _forward(case: Case, side: _Side, x: dict[str, Any]) -> tuple[torch.Tensor, 
     if c == "embedding":
         return (module(x["ids"]),)
     if c == "rotary":
-        tables = module(x["position_ids"], side.dtype)
-        q, k = module.apply(x["q"], x["k"], tables)
-        return (tables.cos, tables.sin, q, k)
+        # The tables are the backend's own (cos/sin, angles...) and only pass from forward to
+        # apply, so the contract is the rotated q and k.
+        return module.apply(x["q"], x["k"], module(x["position_ids"], side.dtype))
     if c == "attention":
         return (module(x["q"], x["k"], x["v"], x["mask"]),)
     if c == "loss":
