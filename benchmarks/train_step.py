@@ -182,6 +182,16 @@ def versions() -> dict:
     return out
 
 
+def _relative_to_transformers(runs: list[dict]) -> None:
+    for seq in {r["seq"] for r in runs}:
+        base = next((r for r in runs if r["seq"] == seq and r["variant"] == "transformers" and r["status"] == "ok"), None)
+        if base:
+            for r in runs:
+                if r["seq"] == seq and r["status"] == "ok":
+                    r["speedup_vs_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
+                    r["memory_vs_transformers"] = r["peak_memory_gib"] / base["peak_memory_gib"]
+
+
 def main(argv=None) -> int:
     from crosschip.specs import CHECKPOINTING
 
@@ -203,6 +213,9 @@ def main(argv=None) -> int:
         return 0
 
     runs = []
+    report = {"command": "python " + " ".join(sys.argv),
+              "versions": versions(), "shape": args.shape, "config": SHAPES[args.shape],
+              "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS, "runs": runs}
     for seq in args.seq:
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", args.shape,
@@ -220,20 +233,11 @@ def main(argv=None) -> int:
             else:
                 print(f"{args.shape} seq {seq:5d} {variant:14s} {run['status']}: {run.get('error', '')[:300]}",
                       flush=True)
-    report = {"command": "python " + " ".join(sys.argv),
-              "versions": versions(), "shape": args.shape, "config": SHAPES[args.shape],
-              "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS, "runs": runs}
-    for seq in args.seq:
-        base = next((r for r in runs if r["seq"] == seq and r["variant"] == "transformers" and r["status"] == "ok"), None)
-        if base:
-            for r in runs:
-                if r["seq"] == seq and r["status"] == "ok":
-                    r["speedup_vs_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
-                    r["memory_vs_transformers"] = r["peak_memory_gib"] / base["peak_memory_gib"]
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+            _relative_to_transformers(runs)
+            if args.out:  # after every run, so a cut-off session keeps what finished
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as fh:
+                    json.dump(report, fh, indent=2)
     return 0
 
 

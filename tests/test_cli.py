@@ -47,7 +47,7 @@ def test_json_lists_every_backend_and_the_resolved_choice(plugin_site):
     assert (rows["torch"]["status"], rows["torch"]["priority"]) == ("available", 100)
 
     resolved = data["resolved"]
-    assert resolved["rms_norm"] == {"backend": "template", "source": "auto",
+    assert resolved["rms_norm"] == {"backend": "torch", "source": "auto",
                                     "chain": ["torch", "template", "reference"], "passed_over": []}
     assert resolved["qkv_projection"]["backend"] == "torch"
     assert resolved["embedding"]["backend"] == "torch"

@@ -24,6 +24,7 @@ from crosschip import (
     NormSpec,
     PluginError,
     QKVSpec,
+    RopeSpec,
     Runtime,
     StrictFallbackError,
     UnknownNameError,
@@ -34,6 +35,7 @@ from plugin_site import BROKEN, BROKEN_IMPORT_ERROR, ROOT, clean_environ, cpu_on
 
 NORM = NormSpec(32)
 QKV = QKVSpec(32, 4, 2, 8)
+ROPE = RopeSpec(8, 64, (("rope_theta", 10000.0), ("rope_type", "default")))
 TE_REASON = "transformer_engine is not installed"
 
 
@@ -122,12 +124,12 @@ def test_every_other_backend_keeps_working(installed, tiny_llama, backend):
     with torch.no_grad():
         assert_rel_close(model(ids).logits, expected, 2e-5, "logits")
     built = {d.component: d.backend for d in model.runtime.report.decisions}
-    if backend is None:  # auto: torch builds what it implements, the template its rms_norm
+    if backend is None:  # auto: torch (priority 100) before the template (50), then reference
         assert built == {"embedding": "torch", "qkv_projection": "torch", "attention": "torch",
-                         "out_projection": "torch", "gated_mlp": "torch", "rms_norm": "template",
+                         "out_projection": "torch", "gated_mlp": "torch", "rms_norm": "torch",
                          "rotary": "reference", "lm_head": "torch", "loss": "torch"}
     else:
-        assert built["rms_norm"] == "reference" and built["qkv_projection"] == backend
+        assert built["rms_norm"] == backend and built["qkv_projection"] == backend
 
 
 # -- strict mode ------------------------------------------------------------------------------------
@@ -152,30 +154,31 @@ def test_strict_turns_plugin_problems_into_an_error(installed):
 @cpu_only
 def test_strict_fallback_names_the_component_and_every_decline(installed):
     installed.setenv("CROSSCHIP_DISABLE_PLUGINS", ",".join(BROKEN))
-    # te is unavailable on CPU (its fallback torch has no rms_norm: that is no decline); the
-    # template declines float64.
+    # te is unavailable on CPU and its fallback torch builds rms_norm, so te alone is a decline
+    # that is no fallback; named alone, the template declines float64 and the reference builds it.
     rt = Runtime("te,template", device="cpu", dtype=torch.float64, strict=True)
     assert rt.chain("rms_norm").backends == ("te", "torch", "template", "reference")
+    assert rt.rms_norm(NORM).crosschip_component.backend == "torch"
+    rt = Runtime("template", device="cpu", dtype=torch.float64, strict=True)
     with pytest.raises(StrictFallbackError) as info:
         rt.rms_norm(NORM)
     message = str(info.value)
     assert message.startswith("strict mode: rms_norm for NormSpec(hidden_size=32, eps=1e-06) fell back "
                               "to the reference backend (")
-    assert f"te: unavailable: {TE_REASON}" in message
     assert "template: float64: torch.nn.functional.rms_norm normalises in float64" in message
     assert "torch:" not in message
 
-    lenient = Runtime("te,template", device="cpu", dtype=torch.float64, strict=False)
+    lenient = Runtime("template", device="cpu", dtype=torch.float64, strict=False)
     with pytest.warns(CrosschipWarning, match="rms_norm .* fell back to the reference backend"):
         lenient.rms_norm(NORM)
     decision = lenient.report.decisions[-1]
     assert decision.backend == "reference"
-    assert [backend for backend, _ in decision.declines] == ["te", "template"]
+    assert [backend for backend, _ in decision.declines] == ["template"]
 
 
 # -- precedence ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("env, kwargs, expected", [
-    ({}, {}, ("template", "auto")),
+    ({}, {}, ("torch", "auto")),
     ({"CROSSCHIP_BACKEND": "reference"}, {}, ("reference", "CROSSCHIP_BACKEND")),
     ({"CROSSCHIP_BACKEND": "reference", "CROSSCHIP_BACKEND_RMS_NORM": "template"}, {},
      ("template", "CROSSCHIP_BACKEND_RMS_NORM")),
@@ -315,7 +318,7 @@ def test_te_and_neuron_are_registered_but_unavailable(installed):
     rt = Runtime(device="cpu")
     assert "te" not in rt.chain("qkv_projection").backends  # auto skips unavailable backends
     with pytest.warns(CrosschipWarning, match=f"te: unavailable: {TE_REASON}"):
-        Runtime("te", device="cpu").rms_norm(NORM)
+        Runtime("te", device="cpu").rotary(ROPE)
 
 
 def test_template_package_passes_its_own_tests(plugin_site):

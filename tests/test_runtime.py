@@ -14,6 +14,7 @@ from crosschip import (
     LinearSpec,
     NormSpec,
     QKVSpec,
+    RopeSpec,
     Runtime,
     StrictFallbackError,
     UnknownNameError,
@@ -21,6 +22,8 @@ from crosschip import (
 from plugin_site import cpu_only
 
 QKV = QKVSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
+#: A component the torch backend leaves to the reference (te implements it, on CUDA only).
+ROPE = RopeSpec(8, 64, (("rope_theta", 10000.0), ("rope_type", "default")))
 
 
 def test_import_loads_no_plugin():
@@ -40,10 +43,11 @@ def test_auto_prefers_torch_over_reference_on_cpu(monkeypatch):
     assert rt.chain("qkv_projection").source == "auto"
     module = rt.qkv_projection(QKV)
     assert module.crosschip_component.backend == "torch"
-    # torch does not implement rms_norm: reference builds it, and that is no fallback warning.
+    assert rt.rms_norm(NormSpec(32)).crosschip_component.backend == "torch"
+    # torch does not implement rotary: reference builds it, and that is no fallback warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert rt.rms_norm(NormSpec(32)).crosschip_component.backend == "reference"
+        assert rt.rotary(ROPE).crosschip_component.backend == "reference"
 
 
 def test_precedence_argument_over_component_env_over_global_env(monkeypatch):
@@ -91,8 +95,8 @@ def test_unavailable_request_falls_back_and_warns_once():
     # te's declared fallback is torch; torch builds what it implements.
     assert rt.chain("qkv_projection").backends == ("te", "torch", "reference")
     with pytest.warns(CrosschipWarning, match="fell back to the reference backend") as record:
-        rt.rms_norm(NormSpec(32))
-        rt.rms_norm(NormSpec(32))
+        rt.rotary(ROPE)
+        rt.rotary(ROPE)
     assert len(record) == 1
     assert "te: unavailable: transformer_engine is not installed" in str(record[0].message)
     decision = rt.report.decisions[-1]
@@ -103,15 +107,15 @@ def test_unavailable_request_falls_back_and_warns_once():
 def test_strict_fallback_names_component_and_every_reason():
     rt = Runtime("te", device="cpu", strict=True)
     with pytest.raises(StrictFallbackError) as info:
-        rt.rms_norm(NormSpec(32))
+        rt.rotary(ROPE)
     message = str(info.value)
-    assert "rms_norm" in message and "te: unavailable" in message
+    assert "rotary" in message and "te: unavailable" in message
 
 
 def test_strict_from_environment(monkeypatch):
     monkeypatch.setenv("CROSSCHIP_STRICT", "1")
     with pytest.raises(StrictFallbackError):
-        Runtime("te", device="cpu").rms_norm(NormSpec(32))
+        Runtime("te", device="cpu").rotary(ROPE)
     monkeypatch.setenv("CROSSCHIP_STRICT", "maybe")
     with pytest.raises(ValueError, match="CROSSCHIP_STRICT='maybe'"):
         Runtime()
