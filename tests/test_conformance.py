@@ -239,3 +239,13 @@ def test_fused_input_norm_is_compared_with_norm_then_projection():
     # The norm weight is unused, so its canonical gradient is missing, and the outputs differ.
     assert "output 0: relative error" in str(info.value)
     assert "gradient of weight 'norm.weight': missing on the backend" in str(info.value)
+
+
+def test_probe_checked_in_a_fresh_interpreter():
+    """Where CUDA is already up, the kit re-runs a probe in a new interpreter to see whether it
+    initialises CUDA; that check itself works (here on the torch backend, which never does)."""
+    from crosschip.testing.conformance import _probe_initialises_cuda_afresh
+
+    assert _probe_initialises_cuda_afresh("torch") is False
+    with pytest.raises(ConformanceError, match="(?s)probing it in a fresh interpreter failed: .*KeyError"):
+        _probe_initialises_cuda_afresh("no_such_backend")

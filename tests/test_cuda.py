@@ -201,3 +201,23 @@ def test_te_fused_rope_is_as_accurate_as_the_reference_at_long_positions():
             # float32 angles at position 8191 are off by ~5e-4 rad on both sides: the bound is
             # the reference's own error, not a float32 ulp.
             assert err <= 1.05 * ref_err, (dtype, err, ref_err)
+
+
+@needs_te
+def test_te_probe_reads_the_capability_without_initialising_cuda():
+    """In a fresh interpreter the probe finds this GPU's compute capability through NVML and
+    leaves CUDA uninitialised; the kit's descriptor check does the same from a process where
+    CUDA is already up."""
+    import subprocess
+    import sys
+
+    from crosschip.testing import conformance
+
+    code = ("import torch; from crosschip_te.plugin import probe; p = probe(); "
+            "print(p.available, torch.cuda.is_initialized(), p.reason)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    major, minor = torch.cuda.get_device_capability()
+    assert out.startswith("True False "), out
+    assert f"compute capability {major}.{minor}" in out, out
+    torch.zeros(1, device="cuda")
+    conformance.check_descriptor("te")

@@ -219,3 +219,24 @@ def test_fused_rope_declines_rope_types_that_scale_cos_and_sin():
     assert "scales cos and sin by 1.13" in support.rotary(spec, ctx)
     default = RopeSpec(16, 256, (("rope_theta", 10000.0), ("rope_type", "default")))
     assert support.rotary(default, ctx) is None
+
+
+def test_probe_names_devices_too_old_for_transformer_engine():
+    from crosschip_te.capability import unsupported_reason
+
+    assert unsupported_reason([(9, 0), (8, 0)]) is None
+    reason = unsupported_reason([(9, 0), (7, 5)])
+    assert reason.startswith("cuda:1 has compute capability 7.5; Transformer Engine needs 8.0 (Ampere)")
+    assert "cuda:0" not in reason
+
+
+def test_capabilities_are_unknown_without_nvml_and_cuda_stays_uninitialised():
+    """On a machine without the NVIDIA driver the probe cannot ask NVML: None, never a CUDA init."""
+    import torch
+
+    from crosschip_te.capability import visible_capabilities
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: NVML answers (checked on the GPU machine)")
+    assert visible_capabilities() is None
+    assert not torch.cuda.is_initialized()

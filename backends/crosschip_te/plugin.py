@@ -19,10 +19,21 @@ def probe() -> Probe:
         return Probe(False, "transformer_engine is not installed (pip install 'crosschip[te]' on a CUDA machine)")
     import torch
 
+    from crosschip_te.capability import unsupported_reason, visible_capabilities
+
     # device_count() asks the driver (NVML where present) without creating a CUDA context.
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         return Probe(False, "no CUDA device visible to torch")
-    return Probe(True, f"transformer_engine importable, {torch.cuda.device_count()} CUDA device(s)")
+    capabilities = visible_capabilities()
+    if capabilities is None:
+        return Probe(True, f"transformer_engine importable, {torch.cuda.device_count()} CUDA device(s) "
+                           "(compute capability not checked: NVML unavailable)")
+    reason = unsupported_reason(capabilities)
+    if reason is not None:
+        return Probe(False, reason)
+    listed = ", ".join(f"{major}.{minor}" for major, minor in capabilities)
+    return Probe(True, f"transformer_engine importable, {len(capabilities)} CUDA device(s) of compute "
+                       f"capability {listed}")
 
 
 @hookimpl

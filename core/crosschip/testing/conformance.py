@@ -32,6 +32,8 @@ backend's to compare.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -237,6 +239,18 @@ def cases(backend: str, components: Iterable[str] | None = None, registry: Regis
 
 
 # -- the descriptor ---------------------------------------------------------------------------
+def _probe_initialises_cuda_afresh(backend: str) -> bool:
+    """Run ``backend``'s probe in a new interpreter (same plugins, same environment) and report
+    whether CUDA was initialised afterwards."""
+    code = ("import sys, torch; from crosschip.plugins.registry import get_registry; "
+            "get_registry().backends[sys.argv[1]].descriptor.probe(); print(torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code, backend], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise ConformanceError(f"backend {backend!r}: probing it in a fresh interpreter failed: "
+                               f"{out.stderr.strip()[-500:]}")
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
 def check_descriptor(backend: str, registry: Registry | None = None, probe_budget_s: float = 1.0) -> BackendDescriptor:
     """The plugin loaded; the descriptor is well formed; the probe is cheap, returns a
     :class:`~crosschip.Probe` and initialises no device; every registration resolves."""
@@ -277,6 +291,10 @@ def check_descriptor(backend: str, registry: Registry | None = None, probe_budge
                         "backends are listed or resolved, so it must stay cheap")
     if not cuda_was_initialised and torch.cuda.is_initialized():
         problems.append("probe initialised CUDA; probes must never initialise a device")
+    elif cuda_was_initialised and registry is get_registry() and _probe_initialises_cuda_afresh(backend):
+        # CUDA was already up here, which would hide the probe's own initialisation.
+        problems.append("probe initialised CUDA (seen in a fresh interpreter); probes must never "
+                        "initialise a device")
 
     for component in registry.components_of(backend):
         impl = registry.components[(backend, component)]
