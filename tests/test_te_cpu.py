@@ -162,6 +162,7 @@ def test_gated_mlp_fc1_shard_of_each_rank_is_its_gate_then_up(tp, per_rank, bias
 
 
 def test_te_tensor_parallel_configuration_errors():
+    from crosschip.kv_replication import kv_copies
     from crosschip_te import parallel
 
     with pytest.raises(ConfigurationError, match="sequence_parallel=True shards the sequence .* needs tp > 1"):
@@ -172,16 +173,17 @@ def test_te_tensor_parallel_configuration_errors():
     with pytest.raises(ConfigurationError, match=r"data parallelism \(dp\) runs on backend='torch'"):
         parallel.tp_degree(_Ctx(tp=2, dp=2))
     assert parallel.tp_degree(_Ctx(tp=4)) == 4 and parallel.tp_degree(None) == 1
-    with pytest.raises(ConfigurationError, match=r"tp=4 does not divide the number of KV heads \(2\).*"
-                                                 r"does not replicate them"):
-        parallel.check_qkv(QKVSpec(64, 8, 2, 8), 4)
+    # KV heads: split where tp divides them, replicated where tp is a multiple, else refused.
+    assert kv_copies(QKVSpec(64, 8, 2, 8), 4) == 2 and kv_copies(QKVSpec(64, 8, 4, 8), 2) == 1
+    with pytest.raises(ConfigurationError, match=r"tp=4 neither divides the number of KV heads \(3\) nor"):
+        kv_copies(QKVSpec(96, 12, 3, 8), 4)
     with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of query heads \(7\)"):
-        parallel.check_qkv(QKVSpec(56, 7, 7, 8), 2)
+        kv_copies(QKVSpec(56, 7, 7, 8), 2)
     with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the intermediate size \(95\)"):
         parallel.check_gated_mlp(GatedMLPSpec(64, 95, input_norm=NormSpec(64)), 2)
     with pytest.raises(ConfigurationError, match=r"tp=3 does not divide the input features .* \(64\)"):
         parallel.check_linear(LinearSpec(64, 64, parallel="row"), 3)
-    parallel.check_qkv(QKVSpec(56, 7, 1, 8), 1)  # tp=1: anything goes
+    assert kv_copies(QKVSpec(56, 7, 1, 8), 1) == 1  # tp=1: anything goes
     assert parallel.linear_mode(LinearSpec(8, 8, parallel="row"), 2) == "row"
     assert parallel.linear_mode(LinearSpec(8, 8, parallel="row"), 1) is None
     assert parallel.linear_mode(LinearSpec(8, 8), 2) is None
@@ -240,3 +242,26 @@ def test_capabilities_are_unknown_without_nvml_and_cuda_stays_uninitialised():
         pytest.skip("a CUDA machine: NVML answers (checked on the GPU machine)")
     assert visible_capabilities() is None
     assert not torch.cuda.is_initialized()
+
+
+@settings(max_examples=25, deadline=None)
+@given(tp=st.sampled_from([2, 4, 8]), kv=st.sampled_from([1, 2]), bias=st.booleans())
+def test_qkv_shard_of_each_rank_holds_its_queries_and_a_replica_of_their_kv_head(tp, kv, bias):
+    """Where tp exceeds the KV heads, rank r's dim-0 shard of TE's QKV weight is its own query
+    heads, then a copy of the KV head they attend to; the layout round-trips bitwise (the inverse
+    keeps the first replica)."""
+    heads, head_dim, hidden = 8, 4, 16
+    spec = QKVSpec(hidden, heads, kv, head_dim, bias=bias, input_norm=NormSpec(hidden))
+    layout = resolve_callable(get_registry().layouts[("te", "qkv_projection")].transform)(spec, _Ctx(tp))
+    canonical = _random(canonical_shapes("qkv_projection", spec, fuses_input_norm=True))
+    physical = layout.apply(canonical)
+    per_rank, group = heads // tp, heads // kv
+    for role, name in [("weight", "proj.weight")] + ([("bias", "proj.bias")] if bias else []):
+        q, k, v = (canonical[f"{x}.{role}"].unflatten(0, (-1, head_dim)) for x in "qkv")
+        for r, shard in enumerate(physical[name].chunk(tp, dim=0)):
+            shard = shard.unflatten(0, (-1, head_dim))
+            kv_head = r * per_rank // group  # the KV head of this rank's query heads
+            assert torch.equal(shard[:per_rank], q[r * per_rank:(r + 1) * per_rank])
+            assert torch.equal(shard[per_rank], k[kv_head]) and torch.equal(shard[per_rank + 1], v[kv_head])
+    back = layout.invert(physical)
+    assert set(back) == set(canonical) and all(torch.equal(back[k], canonical[k]) for k in canonical)

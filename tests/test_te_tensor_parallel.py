@@ -37,7 +37,8 @@ def _config(kind: str, **extra):
 
 def _save_models(root: Path) -> None:
     """Llama (tied embeddings), Qwen2 (QKV bias), Qwen3 (q/k norms over each head: partial
-    gradients under TP); 8 query heads and 2 KV heads, so tp=2 gives each rank one KV group."""
+    gradients under TP); 8 query heads and 2 KV heads, so tp=2 gives each rank one KV group.
+    kv1: one KV head, which tp=2 replicates (each rank holds a copy with its 4 query heads)."""
     from zoo import save_hf
 
     save_hf(root / "llama", _config("LlamaConfig", tie_word_embeddings=True))
@@ -70,6 +71,8 @@ def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
     """tp=2 (with ``sp``: sequence parallel too) against one process, in float32."""
     import torch.distributed as dist
 
+    from crosschip.train import clip_gradients
+
     path = root / name
     single = crosschip.from_pretrained(path, backend="te", device="cuda", strict=True).train()
     model = crosschip.from_pretrained(path, backend="te", device="cuda", tp=2, sequence_parallel=sp,
@@ -77,7 +80,12 @@ def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
     for component in ("qkv_projection", "out_projection", "gated_mlp"):
         assert model.runtime.report.backends_for(component) == {"te"}, component
     qkv, whole = model.model.layers[0].self_attn.qkv_proj.proj, single.model.layers[0].self_attn.qkv_proj.proj
-    assert qkv.tp_size == 2 and qkv.parallel_mode == "column" and 2 * qkv.weight.shape[0] == whole.weight.shape[0]
+    config = single.config
+    # Each rank: its query heads and one KV head per group it serves (a replica where tp > KV heads).
+    local_kv = max(config.num_key_value_heads // 2, 1)
+    head_dim = whole.weight.shape[0] // (config.num_attention_heads + 2 * config.num_key_value_heads)
+    assert qkv.tp_size == 2 and qkv.parallel_mode == "column"
+    assert qkv.weight.shape[0] == (config.num_attention_heads // 2 + 2 * local_kv) * head_dim
     assert model.runtime.device_mesh.size() == 2
     # Streaming sharded load: this rank read exactly the bytes it holds (replicated ones whole).
     held = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -103,6 +111,10 @@ def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
             err = norm_rel(got[2][key], grad)
             worst["grad"] = max(worst["grad"], err)
             assert err < GRAD_TOL, f"{where} grad {key}: {err:.3g}"
+        # The clipping norm over the shards (a replicated KV head counted once) is the whole one.
+        norms = [clip_gradients(m.parameters(), float("inf")) for m in (single, model)]
+        worst["grad_norm"] = max(worst.get("grad_norm", 0.0), norm_rel(norms[1], norms[0]))
+        assert worst["grad_norm"] < GRAD_TOL, f"{where} gradient norm {norms}"
         for optimizer in optimizers:
             optimizer.step()
     # Replicated weights stay identical on every rank (their gradients agree exactly).
@@ -153,8 +165,6 @@ def _ids():
 
 
 def _check_errors(root: Path) -> None:
-    with pytest.raises(ConfigurationError, match=r"tp=2 does not divide the number of KV heads \(1\)"):
-        crosschip.from_pretrained(root / "kv1", backend="te", device="cuda", tp=2)
     with pytest.raises(ConfigurationError, match="gated_mlp at model.layers.0.mlp was built by backend 'torch'"):
         crosschip.from_pretrained(root / "llama", backend="te", components={"gated_mlp": "torch"},
                                   device="cuda", tp=2)
@@ -198,7 +208,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_te_tp2_matches_single_process(checkpoints):
-    _spawn(checkpoints, _run, ["llama", "qwen2", "qwen3", "llama-sp", "qwen3-sp", "errors"])
+    _spawn(checkpoints, _run, ["llama", "qwen2", "qwen3", "llama-sp", "qwen3-sp", "kv1", "kv1-sp", "errors"])
 
 
 def test_te_tp2_bf16_attention_and_fp8(checkpoints):

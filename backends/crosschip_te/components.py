@@ -10,6 +10,7 @@ import torch
 import transformer_engine.pytorch as te
 from torch import nn
 
+from crosschip.kv_replication import kv_copies, physical_qkv_spec
 from crosschip.layouts import split_grouped_heads
 from crosschip.masks import AttentionMask, sdpa
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
@@ -28,9 +29,11 @@ class QKVProjection(nn.Module):
 
     def __init__(self, spec: QKVSpec, ctx):
         super().__init__()
-        self.spec = spec
         tp = parallel.tp_degree(ctx)
-        parallel.check_qkv(spec, tp)
+        # KV heads replicated where tp exceeds them (one whole group per rank), as the layout.
+        self.spec = spec = physical_qkv_spec(spec, tp)
+        #: Set by the parallel plan when this rank's KV heads are replicas.
+        self.kv_replicas = None
         rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         #: Sequence parallel: the input is this rank's ``[seq / tp, batch, hidden]`` part of the
         #: stream, which TE gathers (see :mod:`crosschip_te.sequence_parallel`).
@@ -106,10 +109,12 @@ class DotProductAttention(nn.Module):
         super().__init__()
         self.spec = spec
         window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
-        # Global head counts and tp_size: TE takes this rank's share of each.
+        tp = parallel.tp_degree(ctx)
+        # Global head counts and tp_size: TE takes this rank's share of each (KV heads counted
+        # with their replicas where tp exceeds them, as the QKV projection holds them).
         self.attn = te.DotProductAttention(
-            num_attention_heads=spec.num_heads, kv_channels=spec.head_dim, num_gqa_groups=spec.num_kv_heads,
-            tp_size=parallel.tp_degree(ctx),
+            num_attention_heads=spec.num_heads, kv_channels=spec.head_dim,
+            num_gqa_groups=spec.num_kv_heads * kv_copies(spec, tp), tp_size=tp,
             attention_dropout=spec.dropout, qkv_format="bshd",
             attn_mask_type="causal" if spec.causal else "no_mask",
             window_size=window, softmax_scale=spec.softmax_scale)

@@ -3,17 +3,16 @@ reached from canonical roles by reversible transforms (plain tensor functions, t
 
 from __future__ import annotations
 
-from crosschip.layouts import Chain, InterleaveBlocks, InterleaveQKV, Rename
+from crosschip.layouts import Chain, InterleaveBlocks, Rename, grouped_qkv
 from crosschip.specs import GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 
 
 def qkv_layout(spec: QKVSpec, ctx=None):
-    heads = (spec.num_heads, spec.num_kv_heads, spec.head_dim)
-    return Chain.of(
-        InterleaveQKV("q.weight", "k.weight", "v.weight", "proj.weight", *heads),
-        InterleaveQKV("q.bias", "k.bias", "v.bias", "proj.bias", *heads),
-        Rename.of(**{"norm.weight": "proj.layer_norm_weight"}),
-    )
+    # Grouped as the torch backend's (KV heads replicated where tp exceeds them), inside TE's
+    # LayerNormLinear, which also holds the fused input norm.
+    tp = ctx.parallel.tp if ctx is not None else 1
+    return Chain.of(*grouped_qkv(spec, tp, "proj.weight", "proj.bias"),
+                    Rename.of(**{"norm.weight": "proj.layer_norm_weight"}))
 
 
 def gated_mlp_layout(spec: GatedMLPSpec, ctx=None):

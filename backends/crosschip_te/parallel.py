@@ -13,14 +13,18 @@ replicated norm weights get whole, equal gradients on every rank).
 
 Left replicated: norms, and the embedding, LM head and loss, which te does not build.
 With ``sequence_parallel=True`` TE's layers also shard the residual stream along the sequence
-(:mod:`crosschip_te.sequence_parallel`). Not implemented on te: data parallelism, and KV-head
-replication when ``tp`` does not divide the KV heads (the torch backend does both).
+(:mod:`crosschip_te.sequence_parallel`). Where ``tp`` exceeds the KV heads they are replicated, one
+whole group per rank (:mod:`crosschip.kv_replication`), and the replicas' gradients summed by a
+hook on the QKV weight. Not implemented on te: data parallelism (the torch backend does it).
 """
 
 from __future__ import annotations
 
+import torch
+
 from crosschip.distributed import TP_DIM, check_divides, per_head_norms
 from crosschip.errors import ConfigurationError
+from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
 
 #: Components whose te modules hold shards; under te TP no other backend may build them.
 SHARDED = ("qkv_projection", "out_projection", "gated_mlp")
@@ -41,17 +45,6 @@ def tp_degree(ctx) -> int:
 def sequence_parallel(ctx, tp: int) -> bool:
     """Whether te modules run sequence parallel (TE's ``sequence_parallel`` flag)."""
     return tp > 1 and ctx is not None and ctx.parallel.sequence_parallel
-
-
-def check_qkv(spec, tp: int) -> None:
-    if tp == 1:
-        return
-    check_divides(tp, spec.num_heads, "number of query heads")
-    if spec.num_kv_heads % tp:
-        raise ConfigurationError(
-            f"te backend: tensor parallel degree tp={tp} does not divide the number of KV heads "
-            f"({spec.num_kv_heads}); te splits whole KV heads over the ranks and does not replicate "
-            "them (backend='torch' does)")
 
 
 def check_gated_mlp(spec, tp: int) -> None:
@@ -104,9 +97,15 @@ def parallelize(model, runtime):
                 "backend for qkv_projection, out_projection and gated_mlp)")
     mesh = init_device_mesh(runtime.device.type, (tp,), mesh_dim_names=(TP_DIM,))
     group = mesh.get_group()
+    replicas = None
     for _, module in components:
-        if module.crosschip_component.backend == "te":
-            _bind(module, mesh, group)
+        info = module.crosschip_component
+        if info.backend != "te":
+            continue
+        _bind(module, mesh, group)
+        if info.component == "qkv_projection" and kv_copies(info.spec, tp) > 1:
+            replicas = replicas or KVReplicas.for_rank(info.spec, tp, replica_groups(mesh, kv_copies(info.spec, tp)))
+            module.kv_replicas = replicas
     if runtime.parallel.sequence_parallel:
         from crosschip_te.sequence_parallel import install
 
@@ -160,6 +159,13 @@ def attach_training_hooks(model, runtime) -> None:
     from crosschip.local_shards import mark_parameters
 
     mark_parameters(model)
+    for module in model.modules():
+        replicas = getattr(module, "kv_replicas", None)
+        if replicas is not None:  # the QKV rows of TE's weight and bias, not the fused norm's
+            for param in (module.proj.weight, getattr(module.proj, "bias", None)):
+                if isinstance(param, torch.nn.Parameter) and param.numel():
+                    param.crosschip_row_copies = replicas.row_copies
+                    param.register_hook(replicas.sum_kv_rows)
     norms = list(per_head_norms(model))
     partial = [p for norm in norms for p in norm.parameters()]
     if runtime.parallel.sequence_parallel:

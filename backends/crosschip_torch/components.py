@@ -15,6 +15,7 @@ from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import LMHead as ReferenceLMHead
 from crosschip.reference.components import RMSNorm as ReferenceRMSNorm
 from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, QKVSpec
+from crosschip_torch.kv_replicas import sum_grads
 
 try:
     from torch.distributed.tensor import DTensor
@@ -36,8 +37,8 @@ class CombinedQKV(nn.Linear):
         s = self.spec
         weight, bias = self.weight, self.bias
         if self.kv_replicas is not None:
-            weight = self.kv_replicas.sum_grads(weight)
-            bias = self.kv_replicas.sum_grads(bias) if bias is not None else None
+            weight = sum_grads(weight, self.kv_replicas)
+            bias = sum_grads(bias, self.kv_replicas) if bias is not None else None
         out = F.linear(hidden, weight, bias)
         if isinstance(out, DTensor):
             # Column-parallel: split this rank's shard (whole KV groups) into its own heads.

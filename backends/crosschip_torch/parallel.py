@@ -2,7 +2,7 @@
 component, applied by torch.distributed (``parallelize_module``) on the ``"tp"`` dimension to
 every module of that component, so every model built from these components gets it; then FSDP2
 over ``"dp"`` (:mod:`crosschip_torch.data_parallel`). KV heads beyond ``tp`` are replicated
-(:mod:`crosschip_torch.kv_replicas`).
+(:mod:`crosschip.kv_replication`).
 
 Sharded: the combined QKV and gate/up projections column-wise (their interleaved row orders make a
 dim-0 shard hold whole KV groups and matching gate/up pairs), ``o_proj`` and ``down_proj``
@@ -20,39 +20,13 @@ head dim, ``SequenceParallel`` over dim 2, so DTensor reduces their gradients).
 
 from __future__ import annotations
 
-import dataclasses
-
 from crosschip.distributed import DP_DIM, TP_DIM, check_divides, per_head_norms
 from crosschip.errors import ConfigurationError
-from crosschip.specs import QKVSpec
+from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
 from crosschip_torch import data_parallel
-from crosschip_torch.kv_replicas import KVReplicas, replica_groups
 
 
 # -- what the layout and the modules need to know about the TP degree --------------------------
-def kv_replicas(spec: QKVSpec, tp: int) -> int:
-    """Copies of each KV head the torch layout holds at degree ``tp``: 1 when ``tp`` divides the
-    KV heads, ``tp / num_kv_heads`` when it is a multiple of them (each rank then holds one
-    replica of one KV head with its query group)."""
-    if tp == 1:
-        return 1
-    check_divides(tp, spec.num_heads, "number of query heads")
-    if spec.num_kv_heads % tp == 0:
-        return 1
-    if tp % spec.num_kv_heads == 0:
-        return tp // spec.num_kv_heads
-    raise ConfigurationError(
-        f"tensor parallel degree tp={tp} neither divides the number of KV heads "
-        f"({spec.num_kv_heads}) nor is a multiple of it, so KV heads cannot be split or replicated "
-        "into whole groups per rank")
-
-
-def physical_qkv_spec(spec: QKVSpec, tp: int) -> QKVSpec:
-    """The spec of the module the torch backend builds: KV heads replicated where ``tp`` needs it."""
-    copies = kv_replicas(spec, tp)
-    return spec if copies == 1 else dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads * copies)
-
-
 def check_gated_mlp(spec, tp: int) -> None:
     if tp > 1:
         check_divides(tp, spec.intermediate_size, "intermediate size")
@@ -225,11 +199,10 @@ def _tensor_parallel(model, runtime, mesh) -> None:
                 f"tp={tp}: {info.component} at {path} was built by backend {info.backend!r}; the torch "
                 "backend's parallel plan shards only its own modules")
         parallelize_module(module, tp_mesh, styles[info.component])
-        copies = kv_replicas(info.spec, tp) if info.component == "qkv_projection" else 1
+        copies = kv_copies(info.spec, tp) if info.component == "qkv_projection" else 1
         if copies > 1:
             groups = groups or replica_groups(mesh, copies)
-            local = info.spec.num_heads // tp * info.spec.head_dim
-            module.kv_replicas = KVReplicas(local, groups, local + 2 * info.spec.head_dim, copies)
+            module.kv_replicas = KVReplicas.for_rank(info.spec, tp, groups)
     per_head = {id(n) for n in per_head_norms(model)}
     for path, norm in components:
         if id(norm) in per_head:

@@ -79,7 +79,9 @@ def crosschip_environment_info():
 # Factories build the full (unsharded) module, with KV heads replicated when the TP degree
 # exceeds them; the parallel plan shards it after the weights are loaded.
 def _qkv_projection(spec, ctx):
-    return _cls("CombinedQKV")(_parallel().physical_qkv_spec(spec, _tp(ctx)))
+    from crosschip.kv_replication import physical_qkv_spec
+
+    return _cls("CombinedQKV")(physical_qkv_spec(spec, _tp(ctx)))
 
 
 def _gated_mlp(spec, ctx):

@@ -289,6 +289,21 @@ class Chain(Transform):
 IDENTITY = Chain()
 
 
+def grouped_qkv(spec, tp: int, weight: str, bias: str) -> list[Transform]:
+    """q, k, v (weights and biases) into one ``[Q_g | K_g | V_g]``-grouped projection, the layout
+    of every backend whose QKV projection is column-parallel: a dim-0 shard holds whole groups.
+    Where ``tp`` exceeds the KV heads each is first replicated (see
+    :mod:`crosschip.kv_replication`), so that each rank still gets one whole group."""
+    from crosschip.kv_replication import kv_copies
+
+    copies = kv_copies(spec, tp)
+    replicate = [ReplicateHeads(("k.weight", "v.weight", "k.bias", "v.bias"), spec.num_kv_heads, copies)]
+    heads = (spec.num_heads, spec.num_kv_heads * copies, spec.head_dim)
+    return [*(replicate if copies > 1 else []),
+            InterleaveQKV("q.weight", "k.weight", "v.weight", weight, *heads),
+            InterleaveQKV("q.bias", "k.bias", "v.bias", bias, *heads)]
+
+
 # -- canonical roles of each component ---------------------------------------------------------
 def canonical_shapes(component: str, spec, fuses_input_norm: bool = False) -> dict[str, tuple[int, ...]]:
     """Role name -> Hugging Face shape of every weight a component holds (global, unsharded)."""
