@@ -221,3 +221,36 @@ def test_te_probe_reads_the_capability_without_initialising_cuda():
     assert f"compute capability {major}.{minor}" in out, out
     torch.zeros(1, device="cuda")
     conformance.check_descriptor("te")
+
+
+@needs_te
+def test_te_builds_on_meta_and_refuses_a_model_too_big_before_allocating():
+    """Inside the model build (meta device) TE defers allocation, so the memory check sees the
+    weights first: layers far beyond this GPU are refused with the sizes, nothing allocated.
+    Allocated later, TE's deferred initialisation gives each parameter its TP attributes."""
+    import transformers
+
+    from crosschip.errors import ConfigurationError
+    from crosschip.loading import build_model
+    from crosschip.models import model_class
+    from crosschip.runtime import Runtime
+    from crosschip.specs import NormSpec, QKVSpec
+
+    runtime = Runtime("te", device="cuda", dtype="bf16", strict=True)
+    with torch.device("meta"):
+        qkv = runtime.qkv_projection(QKVSpec(256, 8, 2, 32, input_norm=NormSpec(256)))
+    assert all(p.is_meta for p in qkv.parameters())
+    qkv.to_empty(device="cuda")
+    qkv.reset_buffers()
+    assert qkv.proj.weight.is_cuda and qkv.proj.weight.partition_dim == 0
+    assert qkv.proj.layer_norm_weight.sequence_parallel is False and torch.all(qkv.proj.layer_norm_weight == 1)
+
+    # About 400 GiB of bf16 MLP weights: beyond any single GPU.
+    huge = transformers.LlamaConfig(vocab_size=256, hidden_size=8192, intermediate_size=1 << 20,
+                                    num_hidden_layers=8, num_attention_heads=64, num_key_value_heads=8,
+                                    architectures=["LlamaForCausalLM"])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(ConfigurationError, match=r"weights alone need .* GiB .* refusing to allocate"):
+        build_model(model_class("LlamaForCausalLM"), huge, runtime)
+    assert torch.cuda.memory_allocated() == before

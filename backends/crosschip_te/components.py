@@ -17,11 +17,31 @@ from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, Q
 from crosschip_te import parallel
 
 
-def _device(ctx) -> torch.device:
+def _device(ctx) -> torch.device | str:
+    # Inside the core's model build (a meta-device context, see crosschip.loading.build_model)
+    # TE builds on meta too, deferring its allocation and initialisation, so that the memory
+    # check counts this rank's shards before anything is allocated; TE initialises them after
+    # to_empty (TEModules.reset_buffers). Built directly, a component is ready on its GPU.
+    # The string "meta": TE tests ``device == "meta"``, which a torch.device never equals, and
+    # otherwise materialises meta parameters on the GPU at once.
+    if torch.get_default_device().type == "meta":
+        return "meta"
     return ctx.device if ctx.device.type == "cuda" else torch.device("cuda")
 
 
-class QKVProjection(nn.Module):
+class TEModules(nn.Module):
+    """A component holding Transformer Engine modules."""
+
+    def reset_buffers(self) -> None:
+        """Once allocated from meta (``to_empty``): TE's own deferred initialisation, which also
+        sets the attributes its parameters carry (TP partition dims, sequence-parallel marks).
+        The checkpoint load then overwrites the values."""
+        for module in self.children():
+            if hasattr(module, "reset_parameters") and any(True for _ in module.parameters()):
+                module.reset_parameters()
+
+
+class QKVProjection(TEModules):
     """RMSNorm fused into the QKV matmul (``te.LayerNormLinear``) when the spec carries an input
     norm, else ``te.Linear``. Output rows are grouped ``[Q_g | K_g | V_g]`` per KV head, as the
     torch backend's, so a column shard holds whole KV groups; each rank splits its own output
@@ -54,7 +74,7 @@ class QKVProjection(nn.Module):
         return split_grouped_heads(out, s.group_size, s.head_dim)
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(TEModules):
     """``te.LayerNormMLP``: RMSNorm, fc1 (gate and up in halves), SwiGLU, fc2 in one module."""
 
     def __init__(self, spec: GatedMLPSpec, ctx):
@@ -71,7 +91,7 @@ class GatedMLP(nn.Module):
         return self.mlp(x)
 
 
-class Linear(nn.Module):
+class Linear(TEModules):
     def __init__(self, spec: LinearSpec, ctx):
         super().__init__()
         tp = parallel.tp_degree(ctx)
@@ -91,7 +111,7 @@ class Linear(nn.Module):
         return self.proj(x)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(TEModules):
     def __init__(self, spec: NormSpec, ctx):
         super().__init__()
         self.norm = te.RMSNorm(spec.hidden_size, eps=spec.eps, params_dtype=ctx.dtype, device=_device(ctx))
