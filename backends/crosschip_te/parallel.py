@@ -103,8 +103,9 @@ def parallelize(model, runtime):
         if info.backend != "te":
             continue
         _bind(module, mesh, group)
-        if info.component == "qkv_projection" and kv_copies(info.spec, tp) > 1:
-            replicas = replicas or KVReplicas.for_rank(info.spec, tp, replica_groups(mesh, kv_copies(info.spec, tp)))
+        copies = kv_copies(info.spec, tp) if info.component == "qkv_projection" else 1
+        if copies > 1:  # every layer's replicas share one set of groups
+            replicas = replicas or KVReplicas.for_rank(info.spec, tp, replica_groups(mesh, copies))
             module.kv_replicas = replicas
     if runtime.parallel.sequence_parallel:
         from crosschip_te.sequence_parallel import install
