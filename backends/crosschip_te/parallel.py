@@ -97,16 +97,16 @@ def parallelize(model, runtime):
                 "backend for qkv_projection, out_projection and gated_mlp)")
     mesh = init_device_mesh(runtime.device.type, (tp,), mesh_dim_names=(TP_DIM,))
     group = mesh.get_group()
-    replicas = None
+    groups = None
     for _, module in components:
         info = module.crosschip_component
         if info.backend != "te":
             continue
         _bind(module, mesh, group)
         copies = kv_copies(info.spec, tp) if info.component == "qkv_projection" else 1
-        if copies > 1:  # every layer's replicas share one set of groups
-            replicas = replicas or KVReplicas.for_rank(info.spec, tp, replica_groups(mesh, copies))
-            module.kv_replicas = replicas
+        if copies > 1:  # every layer's replicas use one set of groups
+            groups = groups or replica_groups(mesh, copies)
+            module.kv_replicas = KVReplicas.for_rank(info.spec, tp, groups)
     if runtime.parallel.sequence_parallel:
         from crosschip_te.sequence_parallel import install
 
