@@ -265,3 +265,29 @@ def test_qkv_shard_of_each_rank_holds_its_queries_and_a_replica_of_their_kv_head
             assert torch.equal(shard[per_rank], k[kv_head]) and torch.equal(shard[per_rank + 1], v[kv_head])
     back = layout.invert(physical)
     assert set(back) == set(canonical) and all(torch.equal(back[k], canonical[k]) for k in canonical)
+
+
+@pytest.mark.parametrize("has_option", [True, False])
+def test_fused_loss_needs_a_transformer_engine_that_keeps_the_logits(monkeypatch, has_option):
+    """Older TE kernels wrote the gradient over the logits in the forward; te's loss declines
+    them, telling why. (Only the signature is stood in for: TE cannot be installed here.)"""
+    import sys
+    import types
+
+    from crosschip_te import support
+
+    def new(inp, target, label_smoothing=0.0, reduce_loss=False, dist_process_group=None,
+            ignore_idx=-100, is_cg_capturable=False, *, overwrite_input=False):
+        pass
+
+    def old(inp, target, label_smoothing=0.0, reduce_loss=False, dist_process_group=None, ignore_idx=-100):
+        pass
+
+    module = types.ModuleType("transformer_engine.pytorch.cross_entropy")
+    module.parallel_cross_entropy = new if has_option else old
+    for name in ("transformer_engine", "transformer_engine.pytorch"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.cross_entropy", module)
+    ctx = type("Ctx", (), {"dtype": torch.bfloat16})()
+    reason = support.loss(None, ctx)
+    assert reason is None if has_option else "overwrites the logits in its forward" in reason

@@ -67,4 +67,19 @@ def rotary(spec, ctx):
 
 
 def loss(spec, ctx):
-    return _common(ctx)
+    reason = _common(ctx)
+    if reason is not None:
+        return reason
+    import inspect
+
+    try:
+        from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
+    except ImportError as exc:
+        return f"transformer_engine.pytorch.cross_entropy cannot be imported: {exc}"
+    # Before the kernel that saves softmax statistics (the version that added overwrite_input),
+    # TE's forward wrote the gradient over the logits, which would corrupt logits the model
+    # returns to its caller.
+    if "overwrite_input" not in inspect.signature(parallel_cross_entropy).parameters:
+        return ("this Transformer Engine's fused cross-entropy overwrites the logits in its forward "
+                "(it predates the overwrite_input option); the reference loss keeps them intact")
+    return None
