@@ -206,9 +206,13 @@ def test_te_shard_dims_follow_each_module_parallel_mode():
     assert shard_dims(NS(tp_size=2, parallel_mode=None, weight_names=["weight"])) == {}
 
 
-def test_fused_rope_declines_rope_types_that_scale_cos_and_sin():
+def test_fused_rope_declines_rope_types_that_scale_cos_and_sin(monkeypatch):
     """TE's fused RoPE takes angles only; a rope type with an attention scaling (YaRN) keeps
-    the reference formula, and the decline says why."""
+    the reference formula, and the decline says why. So does a TE without the fused RoPE where
+    te imports it (only the module is stood in for: TE cannot be installed here)."""
+    import sys
+    import types
+
     from transformers import LlamaConfig
 
     from crosschip.specs import RopeSpec
@@ -220,6 +224,12 @@ def test_fused_rope_declines_rope_types_that_scale_cos_and_sin():
     ctx = type("Ctx", (), {"dtype": torch.bfloat16})()
     assert "scales cos and sin by 1.13" in support.rotary(spec, ctx)
     default = RopeSpec(16, 256, (("rope_theta", 10000.0), ("rope_type", "default")))
+    for name in ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.attention"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    rope = types.ModuleType("transformer_engine.pytorch.attention.rope")
+    monkeypatch.setitem(sys.modules, rope.__name__, rope)
+    assert "has no fused RoPE at transformer_engine.pytorch.attention.rope" in support.rotary(default, ctx)
+    rope.apply_rotary_pos_emb = lambda *args, **kwargs: None
     assert support.rotary(default, ctx) is None
 
 

@@ -63,6 +63,10 @@ def rotary(spec, ctx):
     if scaling != 1.0:
         return (f"rope_type {spec.rope_type!r} scales cos and sin by {scaling:.6g}; TE's fused RoPE "
                 "computes them from the angles alone")
+    try:  # where this Transformer Engine keeps it (its attention package since 2.x)
+        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb  # noqa: F401
+    except ImportError as exc:
+        return f"this Transformer Engine has no fused RoPE at transformer_engine.pytorch.attention.rope: {exc}"
     return _common(ctx)
 
 
