@@ -93,3 +93,16 @@ def assert_saves_alike(model, single, directory: Path, rank: int, where: str) ->
     assert list(ours) == list(theirs)
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), f"{where}: saved {key} differs"
+
+
+def train_interrupted(root: Path, name: str, stop_after: int, **args) -> dict[str, list[float]]:
+    """Losses of a whole ``crosschip.train`` run (``{name}-full``), the same run stopped after
+    ``stop_after`` steps (``{name}-half``, whose training state other runs may resume), and that
+    one resumed to the end (``{name}-resumed``)."""
+    from crosschip.train import TrainArgs, train
+
+    def run(part: str, **extra):
+        return train(TrainArgs(out=str(root / f"{name}-{part}"), **args, **extra), progress=False).losses
+
+    return {"full": run("full"), "half": run("half", stop_after=stop_after),
+            "resumed": run("resumed", resume=str(root / f"{name}-half"))}

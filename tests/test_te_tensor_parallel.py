@@ -16,7 +16,7 @@ import torch
 import crosschip
 from crosschip.errors import ConfigurationError
 from gloo_spawn import spawn
-from helpers import assert_saves_alike, norm_rel
+from helpers import assert_saves_alike, norm_rel, train_interrupted
 
 pytestmark = [pytest.mark.cuda, pytest.mark.multigpu, pytest.mark.usefixtures("te_installed")]
 # TE runs float32 GEMMs on TF32 tensor cores (unit roundoff 2**-11) whatever torch's TF32 flags
@@ -114,7 +114,7 @@ def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
         # The clipping norm over the shards (a replicated KV head counted once) is the whole one.
         norms = [clip_gradients(m.parameters(), float("inf")) for m in (single, model)]
         worst["grad_norm"] = max(worst.get("grad_norm", 0.0), norm_rel(norms[1], norms[0]))
-        assert worst["grad_norm"] < GRAD_TOL, f"{where} gradient norm {norms}"
+        assert worst["grad_norm"] < TOL, f"{where} gradient norm {norms}"  # measured <= 8.4e-5
         for optimizer in optimizers:
             optimizer.step()
     # Replicated weights stay identical on every rank (their gradients agree exactly).
@@ -155,7 +155,7 @@ def _check_bf16_and_fp8(root: Path, rank: int) -> None:
         losses.append(loss.item())
         optimizer.step()
     numbers["fp8_loss_vs_bf16"] = abs(losses[0] - got[1].item()) / got[1].item()
-    assert numbers["fp8_loss_vs_bf16"] < 0.05
+    assert numbers["fp8_loss_vs_bf16"] < 1e-2  # measured 5.9e-4
     _report(root, rank, check="bf16+fp8", model="qwen2", **numbers)
 
 
@@ -176,14 +176,9 @@ TRAIN = dict(model="tiny-llama", backend="te", device="cuda", steps=6, batch_siz
 def _check_training(root: Path, rank: int) -> None:
     """`crosschip train --backend te --tp 2`, whole and interrupted + resumed (gradient clipping
     over the shards, optimizer state through torch.distributed.checkpoint)."""
-    from crosschip.train import TrainArgs, train
-
-    full = train(TrainArgs(out=str(root / "train-full"), tp=2, **TRAIN), progress=False)
-    train(TrainArgs(out=str(root / "train-half"), tp=2, stop_after=3, **TRAIN), progress=False)
-    resumed = train(TrainArgs(out=str(root / "train-resumed"), tp=2, resume=str(root / "train-half"), **TRAIN),
-                    progress=False)
+    losses = train_interrupted(root, "train", 3, tp=2, **TRAIN)
     if rank == 0:
-        (root / "train-losses.json").write_text(json.dumps({"full": full.losses, "resumed": resumed.losses}))
+        (root / "train-losses.json").write_text(json.dumps(losses))
 
 
 def _run(rank: int, world: int, root: Path, cases) -> None:
@@ -223,8 +218,10 @@ def test_te_tp2_training_matches_and_resumes(checkpoints):
     losses = json.loads((checkpoints / "train-losses.json").read_text())
     print("te-tp:", json.dumps({"check": "train", "single": single.losses, **losses}), flush=True)
     assert len(losses["full"]) == len(losses["resumed"]) == len(single.losses) == TRAIN["steps"]
+    assert losses["half"] == losses["full"][:3]
+    # Six steps of TF32 roundings apart (measured <= 2.1e-5 relative).
     for a, b in zip(losses["full"], single.losses):
-        assert abs(a - b) <= TOL * abs(b), (losses["full"], single.losses)
+        assert abs(a - b) <= 2e-4 * abs(b), (losses["full"], single.losses)
     # The same computation replayed: only a lost or misplaced optimizer state would move it.
     for a, b in zip(losses["resumed"], losses["full"]):
         assert abs(a - b) <= 1e-5 * abs(b), (losses["resumed"], losses["full"])

@@ -12,6 +12,7 @@ import pytest
 from crosschip.errors import ConfigurationError
 from crosschip.train import TrainArgs, train
 from gloo_spawn import spawn
+from helpers import save_hf_llama, train_interrupted
 
 ARGS = dict(steps=8, batch_size=4, seq_len=32, lr=3e-3, seed=5)
 
@@ -24,14 +25,11 @@ def _assert_losses_close(got, expected, tol=1e-5):
 
 def _run(rank: int, world: int, root: Path) -> None:
     """Every rank trains; rank 0 reports the losses."""
-    full = train(TrainArgs(out=str(root / "tp-full"), tp=world, **ARGS), progress=False)
-    half = train(TrainArgs(out=str(root / "tp-half"), tp=world, stop_after=4, **ARGS), progress=False)
-    resumed = train(TrainArgs(out=str(root / "tp-resumed"), tp=world, resume=str(root / "tp-half"), **ARGS),
-                    progress=False)
-    sp = train(TrainArgs(out=str(root / "tp-sp"), tp=world, sequence_parallel=True, **ARGS), progress=False)
+    losses = train_interrupted(root, "tp", 4, tp=world, **ARGS)
+    losses["sp"] = train(TrainArgs(out=str(root / "tp-sp"), tp=world, sequence_parallel=True, **ARGS),
+                         progress=False).losses
     if rank == 0:
-        (root / "losses.json").write_text(json.dumps(
-            {"full": full.losses, "half": half.losses, "resumed": resumed.losses, "sp": sp.losses}))
+        (root / "losses.json").write_text(json.dumps(losses))
 
 
 def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
@@ -50,8 +48,6 @@ def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
     # The sharded state in the directory of a different model: refused, naming the shapes.
     import shutil
 
-    from helpers import save_hf_llama
-
     save_hf_llama(tmp_path / "narrow", vocab_size=300, hidden_size=32, intermediate_size=64,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     other = train(TrainArgs(model=str(tmp_path / "narrow"), out=str(tmp_path / "narrow-out"),
@@ -66,17 +62,12 @@ def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
 
 
 def _run_dp(rank: int, world: int, root: Path) -> None:
-    layout = dict(tp=2, dp=2)
-    full = train(TrainArgs(out=str(root / "dp-full"), **layout, **ARGS), progress=False)
-    half = train(TrainArgs(out=str(root / "dp-half"), stop_after=4, **layout, **ARGS), progress=False)
-    resumed = train(TrainArgs(out=str(root / "dp-resumed"), resume=str(root / "dp-half"), **layout, **ARGS),
-                    progress=False)
+    losses = train_interrupted(root, "dp", 4, tp=2, dp=2, **ARGS)
     # The tp=2 x dp=2 state resumed as dp=4 (FSDP2 alone).
-    as_dp4 = train(TrainArgs(out=str(root / "dp4-resumed"), resume=str(root / "dp-half"), dp=4, **ARGS),
-                   progress=False)
+    losses["dp4"] = train(TrainArgs(out=str(root / "dp4-resumed"), resume=str(root / "dp-half"), dp=4, **ARGS),
+                          progress=False).losses
     if rank == 0:
-        (root / "losses.json").write_text(json.dumps(
-            {"full": full.losses, "half": half.losses, "resumed": resumed.losses, "dp4": as_dp4.losses}))
+        (root / "losses.json").write_text(json.dumps(losses))
 
 
 def test_tp_dp_training_matches_and_resumes_at_other_layouts(tmp_path):

@@ -10,6 +10,7 @@ import torch
 import transformer_engine.pytorch as te
 from torch import nn
 
+from crosschip.distributed import check_gated_mlp, check_linear
 from crosschip.kv_replication import kv_copies, physical_qkv_spec
 from crosschip.layouts import split_grouped_heads
 from crosschip.masks import AttentionMask, sdpa
@@ -37,8 +38,7 @@ class TEModules(nn.Module):
         sets the attributes its parameters carry (TP partition dims, sequence-parallel marks).
         The checkpoint load then overwrites the values."""
         for module in self.children():
-            if hasattr(module, "reset_parameters") and any(True for _ in module.parameters()):
-                module.reset_parameters()
+            module.reset_parameters()
 
 
 class QKVProjection(TEModules):
@@ -80,7 +80,7 @@ class GatedMLP(TEModules):
     def __init__(self, spec: GatedMLPSpec, ctx):
         super().__init__()
         tp = parallel.tp_degree(ctx)
-        parallel.check_gated_mlp(spec, tp)
+        check_gated_mlp(spec, tp)
         self.mlp = te.LayerNormMLP(spec.hidden_size, spec.intermediate_size, eps=spec.input_norm.eps,
                                    bias=spec.bias, normalization="RMSNorm", activation="swiglu",
                                    params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
@@ -95,7 +95,7 @@ class Linear(TEModules):
     def __init__(self, spec: LinearSpec, ctx):
         super().__init__()
         tp = parallel.tp_degree(ctx)
-        parallel.check_linear(spec, tp)
+        check_linear(spec, tp)
         mode = parallel.linear_mode(spec, tp)
         #: Sequence parallel (row-parallel only: the attention output projection): the whole
         #: ``[batch, seq, in]`` input goes in sequence-first, and TE reduce-scatters the output

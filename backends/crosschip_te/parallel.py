@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from crosschip.distributed import TP_DIM, check_divides, per_head_norms
+from crosschip.distributed import TP_DIM, per_head_norms
 from crosschip.errors import ConfigurationError
 from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
 
@@ -45,18 +45,6 @@ def tp_degree(ctx) -> int:
 def sequence_parallel(ctx, tp: int) -> bool:
     """Whether te modules run sequence parallel (TE's ``sequence_parallel`` flag)."""
     return tp > 1 and ctx is not None and ctx.parallel.sequence_parallel
-
-
-def check_gated_mlp(spec, tp: int) -> None:
-    if tp > 1:
-        check_divides(tp, spec.intermediate_size, "intermediate size")
-
-
-def check_linear(spec, tp: int) -> None:
-    if tp > 1 and spec.parallel == "row":
-        check_divides(tp, spec.in_features, "input features of the row-parallel projection")
-    if tp > 1 and spec.parallel == "column":
-        check_divides(tp, spec.out_features, "output features of the column-parallel projection")
 
 
 def linear_mode(spec, tp: int) -> str | None:

@@ -1,5 +1,6 @@
-"""Which specs the te backend builds, and why it declines the others. Pure Python: runs on any
-machine, so `crosschip backends` and strict-mode errors can explain a decline anywhere."""
+"""Which specs the te backend builds, and why it declines the others. Pure Python (no CUDA), so
+strict-mode errors can explain a decline; rotary and loss also ask the installed Transformer
+Engine whether it has the kernel they need (asked only where te is available)."""
 
 from __future__ import annotations
 

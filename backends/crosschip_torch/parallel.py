@@ -20,23 +20,13 @@ head dim, ``SequenceParallel`` over dim 2, so DTensor reduces their gradients).
 
 from __future__ import annotations
 
-from crosschip.distributed import DP_DIM, TP_DIM, check_divides, per_head_norms
+from crosschip.distributed import DP_DIM, TP_DIM, per_head_norms
 from crosschip.errors import ConfigurationError
 from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
 from crosschip_torch import data_parallel
 
 
-# -- what the layout and the modules need to know about the TP degree --------------------------
-def check_gated_mlp(spec, tp: int) -> None:
-    if tp > 1:
-        check_divides(tp, spec.intermediate_size, "intermediate size")
-
-
-def check_out_projection(spec, tp: int) -> None:
-    if tp > 1 and spec.parallel == "row":
-        check_divides(tp, spec.in_features, "input features of the row-parallel projection")
-
-
+# -- settings this backend can honour ----------------------------------------------------------
 def check_runtime(runtime) -> None:
     """Parallel settings this backend can honour, checked before anything is built."""
     parallel = runtime.parallel

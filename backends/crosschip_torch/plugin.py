@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from crosschip import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
+from crosschip.distributed import check_gated_mlp, check_linear
 
 NAME = "torch"
 _MOD = "crosschip_torch.components"
@@ -85,12 +86,12 @@ def _qkv_projection(spec, ctx):
 
 
 def _gated_mlp(spec, ctx):
-    _parallel().check_gated_mlp(spec, _tp(ctx))
+    check_gated_mlp(spec, _tp(ctx))
     return _cls("GatedMLP")(spec)
 
 
 def _out_projection(spec, ctx):
-    _parallel().check_out_projection(spec, _tp(ctx))
+    check_linear(spec, _tp(ctx))
     return _cls("Linear")(spec)
 
 

@@ -1,4 +1,6 @@
-"""Process-group lifecycle helpers shared by the CLI, examples and tests."""
+"""What every backend's parallel plan shares: the mesh dimension names, the divisibility checks a
+tensor-parallel degree must pass, the per-head norms whose gradients need a sum, and leaving the
+process group cleanly (CLI, examples, tests)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,20 @@ def check_divides(tp: int, size: int, what: str) -> None:
     """A tensor-parallel degree must split ``what`` (heads, features) evenly over the ranks."""
     if size % tp:
         raise ConfigurationError(f"tensor parallel degree tp={tp} does not divide the {what} ({size})")
+
+
+def check_gated_mlp(spec, tp: int) -> None:
+    """A column-parallel gate/up and row-parallel down projection split the intermediate size."""
+    if tp > 1:
+        check_divides(tp, spec.intermediate_size, "intermediate size")
+
+
+def check_linear(spec, tp: int) -> None:
+    """A row-parallel projection splits its input features, a column-parallel one its outputs."""
+    if tp > 1 and spec.parallel == "row":
+        check_divides(tp, spec.in_features, "input features of the row-parallel projection")
+    if tp > 1 and spec.parallel == "column":
+        check_divides(tp, spec.out_features, "output features of the column-parallel projection")
 
 
 def per_head_norms(model):
