@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from crosschip.distributed import TP_DIM, per_head_norms
+from crosschip.distributed import TP_DIM, per_head_norms, summed_over
 from crosschip.errors import ConfigurationError
 from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
 
@@ -163,15 +163,4 @@ def attach_training_hooks(model, runtime) -> None:
         partial += partial_gradient_params(model, norms)
     group = runtime.device_mesh.get_group(TP_DIM)
     for param in partial:
-        param.register_hook(_summed_over(group))
-
-
-def _summed_over(group):
-    import torch.distributed as dist
-
-    def hook(grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-
-    return hook
+        param.register_hook(summed_over(group))

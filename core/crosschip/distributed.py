@@ -52,6 +52,20 @@ def check_linear(spec, tp: int) -> None:
         check_divides(tp, spec.out_features, "output features of the column-parallel projection")
 
 
+def summed_over(group, rows: slice | None = None):
+    """A gradient hook returning the gradient summed over ``group`` (all of it, or the ``rows``
+    slice of dim 0): for weights each rank applies to its own part of the data (per-head norms
+    on this rank's heads, norms on this rank's positions, replicas of one KV head)."""
+    import torch.distributed as dist
+
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad if rows is None else grad[rows], group=group)
+        return grad
+
+    return hook
+
+
 def per_head_norms(model):
     """``rms_norm`` components beside a ``qkv_projection`` in one parent (Qwen3's q_norm and
     k_norm): they normalise each head of the projection's output, so under tensor parallelism

@@ -106,6 +106,48 @@ def first_replica(x: torch.Tensor, num_heads: int, copies: int) -> torch.Tensor:
     return x.reshape(num_heads, copies, -1, *rest)[:, 0].reshape(-1, *rest).contiguous()
 
 
+def gather_heads(x: torch.Tensor, order, num_heads: int, dim: int = 0) -> torch.Tensor:
+    """The ``num_heads`` equal heads of ``x`` along ``dim`` taken in ``order``, which may repeat
+    a head (a replica) or permute them."""
+    if x.shape[dim] % num_heads:
+        raise ValueError(f"cannot cut {x.shape[dim]} rows of dim {dim} into {num_heads} equal heads")
+    index = torch.tensor(order, dtype=torch.long, device=x.device)
+    moved = x.movedim(dim, 0)
+    picked = moved.reshape(num_heads, -1, *moved.shape[1:]).index_select(0, index)
+    return picked.reshape(-1, *moved.shape[1:]).movedim(0, dim).contiguous()
+
+
+def first_of_heads(x: torch.Tensor, order, num_heads: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`gather_heads`: each of the ``num_heads`` heads from the first position
+    of ``order`` holding it (every head must be there)."""
+    first = {}
+    for position, head in enumerate(order):
+        first.setdefault(head, position)
+    missing = [h for h in range(num_heads) if h not in first]
+    if missing:
+        raise ValueError(f"head order {list(order)} holds no copy of head(s) {missing}")
+    return gather_heads(x, [first[h] for h in range(num_heads)], len(order), dim)
+
+
+def block_concat(tensors, blocks: int) -> torch.Tensor:
+    """``[t0_0; t1_0; ...; t0_1; t1_1; ...]`` along dim 0: each tensor cut into ``blocks`` equal
+    row blocks, block r of every tensor side by side. A dim-0 shard over ``blocks`` ranks then
+    holds ``[t0_r; t1_r; ...]`` (neuronx-distributed's fused ``weight_qkv``: ``[Q_r; K_r; V_r]``)."""
+    for t in tensors:
+        if t.shape[0] % blocks:
+            raise ValueError(f"cannot cut {t.shape[0]} rows into {blocks} equal blocks")
+    parts = [t.reshape(blocks, -1, *t.shape[1:]) for t in tensors]
+    return torch.cat(parts, dim=1).reshape(-1, *tensors[0].shape[1:]).contiguous()
+
+
+def block_split(x: torch.Tensor, rows, blocks: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`block_concat` for tensors of ``rows`` rows each."""
+    if sum(rows) != x.shape[0] or any(r % blocks for r in rows):
+        raise ValueError(f"cannot split {x.shape[0]} rows into {blocks} blocks of {list(rows)} rows")
+    per_block = x.reshape(blocks, -1, *x.shape[1:]).split([r // blocks for r in rows], dim=1)
+    return tuple(t.reshape(-1, *x.shape[1:]).contiguous() for t in per_block)
+
+
 def concat(tensors, dim: int = 0) -> torch.Tensor:
     return torch.cat(list(tensors), dim=dim).contiguous()
 
@@ -263,6 +305,49 @@ class ReplicateHeads(Transform):
     def invert(self, tensors):
         return {k: first_replica(v, self.num_heads, self.copies) if k in self.names else v
                 for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class GatherHeads(Transform):
+    """The heads of the named tensors along ``dim`` taken in ``order`` (:func:`gather_heads`):
+    a permutation, a replication, or both; the inverse keeps each head's first copy. ``label``
+    names the arrangement (it appears in the transform's repr, which training states record)."""
+
+    names: tuple[str, ...]
+    order: tuple[int, ...]
+    num_heads: int
+    dim: int = 0
+    label: str = ""
+
+    def apply(self, tensors):
+        return {k: gather_heads(v, self.order, self.num_heads, self.dim) if k in self.names else v
+                for k, v in tensors.items()}
+
+    def invert(self, tensors):
+        return {k: first_of_heads(v, self.order, self.num_heads, self.dim) if k in self.names else v
+                for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class BlockConcat(Transform):
+    """Several tensors -> one, ``blocks`` row blocks of each side by side (:func:`block_concat`)."""
+
+    sources: tuple[str, ...]
+    target: str
+    rows: tuple[int, ...]
+    blocks: int = 1
+
+    def apply(self, tensors):
+        if not any(s in tensors for s in self.sources):
+            return dict(tensors)
+        parts, rest = _take(tensors, self.sources, f"block concat into {self.target}")
+        return {**rest, self.target: block_concat(parts, self.blocks)}
+
+    def invert(self, tensors):
+        if self.target not in tensors:
+            return dict(tensors)
+        [x], rest = _take(tensors, [self.target], "block split")
+        return {**rest, **dict(zip(self.sources, block_split(x, self.rows, self.blocks)))}
 
 
 @dataclass(frozen=True)

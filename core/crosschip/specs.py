@@ -100,16 +100,24 @@ class QKVSpec:
 @dataclass(frozen=True)
 class LinearSpec:
     """A projection ``in_features -> out_features``; ``parallel`` says how tensor parallelism
-    splits it (``"row"`` for the attention output projection)."""
+    splits it (``"row"`` for the attention output projection). ``input_heads``: ``(num_heads,
+    num_kv_heads)`` when the input is attention heads (``o_proj``), so a backend that reorders
+    query heads across ranks (KV-head replication) can reorder these input columns to match."""
 
     in_features: int
     out_features: int
     bias: bool = False
     parallel: ParallelStyle = "replicated"
+    input_heads: tuple[int, int] | None = None
 
     def __post_init__(self):
         _positive("LinearSpec.in_features", self.in_features)
         _positive("LinearSpec.out_features", self.out_features)
+        if self.input_heads is not None:
+            heads, kv_heads = self.input_heads
+            if heads <= 0 or kv_heads <= 0 or heads % kv_heads or self.in_features % heads:
+                raise ValueError(f"LinearSpec.input_heads {self.input_heads} must be (heads, kv_heads) with "
+                                 f"kv_heads dividing heads and heads dividing in_features ({self.in_features})")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class SelfAttention(nn.Module):
             o.num_heads, o.num_kv_heads, o.head_dim, causal=True, sliding_window=o.window(layer),
             scale=o.attention_scale, dropout=o.attention_dropout))
         self.o_proj = rt.out_projection(LinearSpec(
-            o.num_heads * o.head_dim, o.hidden_size, bias=o.o_bias, parallel="row"))
+            o.num_heads * o.head_dim, o.hidden_size, bias=o.o_bias, parallel="row",
+            input_heads=(o.num_heads, o.num_kv_heads)))
         self.qk_norm = o.qk_norm
         self.layer = layer
 
@@ -170,9 +171,13 @@ class DecoderForCausalLM(CausalLM):
         mask = AttentionMask(padding=attention_mask, q_offset=past)
         with self.runtime.autocast():
             hidden = self.model(input_ids, mask, position_ids, cache)
-            # A sequence-sharded (DTensor) stream is left whole: its last position lives on one rank.
-            head_input = hidden[:, -1:] if last_logits_only and not hasattr(hidden, "device_mesh") else hidden
+            # A sequence-parallel stream is sharded (and laid out) as its backend keeps it, and its
+            # last position lives on one rank: the LM head takes it whole, and its logits are cut.
+            sharded = self.runtime.parallel.sequence_parallel
+            head_input = hidden[:, -1:] if last_logits_only and not sharded else hidden
             logits = self.lm_head(head_input) if return_logits else None
+            if last_logits_only and sharded and logits is not None:
+                logits = logits[:, -1:]
             loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
         return CausalLMOutput(logits=whole(logits), loss=loss)  # gathered if the plan sharded them
 

@@ -1,0 +1,218 @@
+"""neuronx-distributed (NxD) layers behind the core component contracts. Imported only when a
+component is built, after :func:`crosschip_neuron.state.ensure` has initialised NxD's parallel
+state (its layers read their TP group at construction); every module allocates only this rank's
+shard.
+
+The residual stream is ``[batch, seq, hidden]``; under sequence parallelism it is NxD's own
+sequence-first ``[seq / tp, batch, hidden]`` (Megatron's layout, which NxD's gathers and
+scatters along dim 0 expect: with ``sequence_dimension=1`` its linears' backward fails on the
+non-contiguous gathered input). The embedding produces that stream, the column-parallel
+projections gather it, the row-parallel ones reduce-scatter back onto it; the QKV projection's
+heads and the logits return batch-first.
+"""
+
+from __future__ import annotations
+
+import torch
+from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear
+from neuronx_distributed.parallel_layers import layers, mappings
+from torch import nn
+from transformers.activations import ACT2FN
+
+from crosschip.errors import ConfigurationError
+from crosschip.kv_replication import kv_copies
+from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
+from crosschip.specs import EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, QKVSpec
+from crosschip_neuron import state
+from crosschip_neuron.options import fused_qkv
+
+
+def _sequence_parallel(ctx) -> bool:
+    return ctx.parallel.tp > 1 and ctx.parallel.sequence_parallel
+
+
+def _sequence_dim(sp: bool):
+    return 0 if sp else None
+
+
+def check_sequence(seq: int, tp: int) -> None:
+    if seq % tp:
+        raise ConfigurationError(
+            f"neuron sequence parallelism: tp={tp} does not divide the sequence length ({seq}); pad the "
+            "batch to a multiple of tp, or load the model with sequence_parallel=False for this use "
+            "(generation, whose decode steps have one position)")
+
+
+class _SwapFirstDims(torch.autograd.Function):
+    """``[a, b, ...] -> [b, a, ...]``, contiguous in both directions: NxD's backward passes view
+    their inputs and gradients as 2-D, which a transposed view cannot be."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous()
+
+
+def swap_first_dims(x: torch.Tensor) -> torch.Tensor:
+    return _SwapFirstDims.apply(x)
+
+
+class QKVProjection(GQAQKVColumnParallelLinear):
+    """NxD's ``GQAQKVColumnParallelLinear``, fused (``weight_qkv``: this rank's ``[Q_r; K_r;
+    V_r]``) or separate (``weight_q``, ``weight_k``, ``weight_v``), with ``kv_size_multiplier``
+    copies of each KV head where tp exceeds them (NxD sums their gradients over its KV-shared
+    group). NxD cannot build its own biases (its bias initialisation fails), so the biases are
+    this module's, local like the weights and added by NxD's forward. Returns
+    ``[batch, seq, heads, head_dim]`` tensors of this rank's heads."""
+
+    def __init__(self, spec: QKVSpec, ctx):
+        tp = ctx.parallel.tp
+        copies = kv_copies(spec, tp)
+        state.ensure_kv_group(copies)
+        fused = fused_qkv()
+        super().__init__(spec.hidden_size, [spec.q_size, spec.kv_size], bias=False, gather_output=False,
+                         dtype=ctx.dtype, sequence_parallel_enabled=_sequence_parallel(ctx),
+                         kv_size_multiplier=copies, fuse_qkv=fused)
+        state.track_kv_user(self)
+        self.spec = spec
+        self.copies = copies
+        if spec.bias:
+            q, kv = self.q_output_size_per_partition, self.kv_output_size_per_partition
+            if fused:
+                self.bias_qkv = nn.Parameter(torch.zeros(q + 2 * kv, dtype=ctx.dtype))
+            else:
+                self.bias_q = nn.Parameter(torch.zeros(q, dtype=ctx.dtype))
+                self.bias_k = nn.Parameter(torch.zeros(kv, dtype=ctx.dtype))
+                self.bias_v = nn.Parameter(torch.zeros(kv, dtype=ctx.dtype))
+
+    def forward(self, hidden):
+        q, k, v = super().forward(hidden)
+        if self.sequence_parallel_enabled:  # gathered [seq, batch, ...]: heads go batch-first
+            q, k, v = (swap_first_dims(t) for t in (q, k, v))
+        d = self.spec.head_dim
+        return q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))
+
+
+class Linear(layers.RowParallelLinear):
+    """The attention output projection: NxD's ``RowParallelLinear`` over this rank's heads (its
+    input), reducing (or, sequence parallel, reduce-scattering) the output over the TP group."""
+
+    def __init__(self, spec: LinearSpec, ctx):
+        sp = _sequence_parallel(ctx)
+        super().__init__(spec.in_features, spec.out_features, bias=spec.bias, input_is_parallel=True,
+                         dtype=ctx.dtype, sequence_parallel_enabled=sp, sequence_dimension=_sequence_dim(sp))
+
+    def forward(self, x):
+        if self.sequence_parallel_enabled:  # batch-first heads in, this rank's stream part out
+            x = swap_first_dims(x)
+        return super().forward(x)
+
+
+class GatedMLP(nn.Module):
+    """``gate_up_proj``: one ``ColumnParallelLinear(stride=2)``, so rank r holds ``[gate_r;
+    up_r]`` and splits its own output in halves; ``down_proj``: ``RowParallelLinear``."""
+
+    def __init__(self, spec: GatedMLPSpec, ctx):
+        super().__init__()
+        sp = _sequence_parallel(ctx)
+        common = dict(dtype=ctx.dtype, sequence_parallel_enabled=sp, sequence_dimension=_sequence_dim(sp))
+        self.gate_up_proj = layers.ColumnParallelLinear(spec.hidden_size, 2 * spec.intermediate_size,
+                                                        bias=spec.bias, gather_output=False, stride=2, **common)
+        self.down_proj = layers.RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.bias,
+                                                  input_is_parallel=True, **common)
+        self.act_fn = ACT2FN[spec.activation]
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class Embedding(layers.ParallelEmbedding):
+    """NxD's vocab-parallel ``ParallelEmbedding``: each rank looks up the ids in its vocab range
+    and the partial results are summed; sequence parallel, NxD reduce-scatters them onto this
+    rank's ``[seq / tp, batch, hidden]`` part of the stream."""
+
+    def __init__(self, spec: EmbeddingSpec, ctx):
+        sp = _sequence_parallel(ctx)
+        super().__init__(spec.vocab_size, spec.hidden_size, padding_idx=spec.padding_idx, dtype=ctx.dtype,
+                         sequence_parallel_enabled=sp)
+        # NxD tests `if padding_idx` and so drops index 0; the reference keeps its row's gradient 0.
+        p = spec.padding_idx
+        self.padding_idx = p - self.start_index if p is not None and self.start_index <= p < self.end_index else None
+
+    def forward(self, input_ids):
+        if self.sequence_parallel_enabled:
+            check_sequence(input_ids.shape[1], self.tensor_model_parallel_size)
+        return super().forward(input_ids)
+
+
+class LMHead(nn.Module):
+    """Column-parallel over the vocabulary, as NxD's ``ColumnParallelLinear`` computes it (its
+    autograd function, so input gradients are all-reduced over the TP group), with this rank's
+    vocab rows: its own, or the embedding's when tied (the same rows: both shard the vocab).
+    Returns the logits as a DTensor sharded on the vocab dim at tp > 1 (the loss reads this
+    rank's shard; the model gathers them only where logits are returned)."""
+
+    def __init__(self, spec: LMHeadSpec, ctx):
+        super().__init__()
+        from neuronx_distributed.parallel_layers import parallel_state
+
+        self.spec = spec
+        self.tp = ctx.parallel.tp
+        self.sequence_parallel = _sequence_parallel(ctx)
+        rows = spec.vocab_size // self.tp
+        self._tied_to: list[nn.Module] = []
+        if not spec.tied:
+            self.weight = nn.Parameter(torch.empty(rows, spec.hidden_size, dtype=ctx.dtype))
+        self.bias = nn.Parameter(torch.zeros(rows, dtype=ctx.dtype)) if spec.bias else None
+        self.group = parallel_state.get_tensor_model_parallel_group()
+        #: Set by the parallel plan: the mesh the vocab-sharded logits live on.
+        self.mesh = None
+
+    def tie_weights(self, embedding: nn.Module) -> None:
+        self._tied_to[:] = [embedding]
+
+    def output_weight(self):
+        return self._tied_to[0].weight if self.spec.tied else self.weight
+
+    def forward(self, hidden):
+        sp = self.sequence_parallel
+        x = hidden if (sp or self.tp > 1) else mappings.copy_to_tensor_model_parallel_region(hidden)
+        logits = layers.linear_with_async_allreduce(
+            x, self.output_weight(), None, async_grad_allreduce=self.tp > 1 and not sp,
+            sequence_parallel_enabled=sp, sequence_dimension=_sequence_dim(sp), process_group=self.group)
+        if sp:  # gathered [seq, batch, vocab / tp]
+            logits = swap_first_dims(logits)
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.spec.logits_divisor != 1.0:
+            logits = logits / self.spec.logits_divisor
+        if self.mesh is None:
+            return logits
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(logits, self.mesh, (Shard(logits.dim() - 1),), run_check=False)
+
+
+class CausalLMLoss(ReferenceCausalLMLoss):
+    """NxD's ``parallel_cross_entropy`` on vocab-sharded logits (the reference math on whole
+    ones): only per-token statistics cross ranks. It subtracts the max from its input in place, so it gets its own float32 copy (the
+    logits may be returned to the caller). Ignored targets are masked out of the mean, as
+    ``F.cross_entropy(ignore_index=...)`` does."""
+
+    def __init__(self, spec, ctx=None):
+        super().__init__(spec)
+
+    def cross_entropy(self, logits, targets) -> torch.Tensor:
+        from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
+
+        if not hasattr(logits, "to_local"):  # whole-vocabulary logits (tp=1, or another backend's head)
+            return super().cross_entropy(logits, targets)
+        logits = logits.to_local().to(torch.float32, copy=True)
+        valid = targets != self.spec.ignore_index
+        per_token = parallel_cross_entropy(logits, torch.where(valid, targets, 0))
+        valid = valid.to(per_token.dtype)
+        return (per_token * valid).sum() / valid.sum()

@@ -1,0 +1,158 @@
+"""Importing neuronx-distributed (NxD), on a Trainium host or in NxD's own CPU mode.
+
+On a Trainium host the Neuron SDK provides ``torch_xla``, ``torch_neuronx`` and ``neuronxcc``,
+and NxD imports as it is. On a machine without the SDK, NxD's CPU mode (``NXD_CPU_MODE=1``: gloo
+process groups, CPU tensors) still needs those modules at import time, for names CPU mode never
+calls. This module then registers *stand-ins* for exactly those names, and only for modules that
+are not installed: a real ``torch_xla`` or ``torch_neuronx`` is never replaced.
+
+What the stand-ins hold, and why:
+
+- ``torch_xla.core.xla_model``: the reduce-op constants NxD's layers key their gloo mapping on,
+  ``mark_step`` (a no-op: nothing is traced on CPU), and the three collectives that
+  ``GQAQKVColumnParallelLinear`` calls directly instead of through NxD's ``parallel_layers.comm``
+  (with ``kv_size_multiplier > 1`` and under sequence parallelism). Those three are routed to the
+  gloo process group NxD built for the replica groups they name (its TP or KV-shared group),
+  through NxD's own CPU-mode collectives. (With the real torch_xla on CPU tensors that
+  ``all_reduce`` is a silent no-op, and the K/V gradients come out wrong.)
+- ``torch_xla``, ``torch_xla.runtime``, ``torch_xla.core.xla_env_vars``,
+  ``torch_xla.utils.serialization``: empty modules that satisfy module-level imports.
+- ``torch_neuronx.utils.get_platform_target``: the platform NxD arranges KV-head groups for. It
+  honours ``NEURON_PLATFORM_TARGET_OVERRIDE``, as the real one does (that is also how people
+  compile for a platform on a host without devices), and is ``trn1`` otherwise.
+- ``neuronxcc.nki._private_kernels.collectives.CollectivesConfig``: NxD reads one rank's
+  send/receive pairs from it at model-parallel initialisation (for ring attention, unused here).
+
+``import neuronx_distributed`` itself also imports NKI kernels, tracing and the trainer, which
+need the real SDK; :func:`nxd` therefore registers the package without running its
+``__init__`` when the SDK is absent, and its subpackages import from the installed files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
+#: Platform the stand-in reports without ``NEURON_PLATFORM_TARGET_OVERRIDE``.
+DEFAULT_PLATFORM = "trn1"
+PLATFORM_OVERRIDE = "NEURON_PLATFORM_TARGET_OVERRIDE"
+CPU_MODE = "NXD_CPU_MODE"
+
+_SDK_MODULES = ("torch_xla", "torch_neuronx")
+
+
+def sdk_installed() -> bool:
+    """Whether the Neuron SDK's torch packages are importable (checked without importing)."""
+    return all(_find(name) for name in _SDK_MODULES)
+
+
+def nxd_installed() -> bool:
+    return _find("neuronx_distributed")
+
+
+def cpu_mode_requested() -> bool:
+    """NxD's own switch, read the way NxD reads it."""
+    return int(os.environ.get(CPU_MODE, "0") or 0) > 0
+
+
+def _find(name: str) -> bool:
+    if name in sys.modules:
+        return getattr(sys.modules[name], "__crosschip_standin__", False) is False
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def nxd():
+    """The ``neuronx_distributed`` package, importable for its parallel layers: as it is with the
+    Neuron SDK, else with the stand-ins above and without running the package ``__init__``."""
+    if sdk_installed():
+        import neuronx_distributed
+
+        return neuronx_distributed
+    _install_standins()
+    package = sys.modules.get("neuronx_distributed")
+    if package is None:
+        spec = importlib.util.find_spec("neuronx_distributed")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("neuronx_distributed is not installed")
+        package = types.ModuleType("neuronx_distributed")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = importlib.machinery.ModuleSpec("neuronx_distributed", None, is_package=True)
+        package.__spec__.submodule_search_locations = package.__path__
+        package.__file__ = spec.origin
+        sys.modules["neuronx_distributed"] = package
+    return package
+
+
+def platform_target() -> str:
+    """The platform NxD arranges KV-head replicas for: the Neuron SDK's answer where it is
+    installed, else the stand-in's (``NEURON_PLATFORM_TARGET_OVERRIDE`` or ``trn1``)."""
+    nxd()
+    from torch_neuronx.utils import get_platform_target
+
+    return get_platform_target()
+
+
+# -- the stand-ins -------------------------------------------------------------------------------
+def _module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    # A spec, so that importlib (and transformers' import checks) can reason about it.
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    module.__path__ = []
+    module.__crosschip_standin__ = True
+    module.__dict__.update(attrs)
+    return module
+
+
+def _install_standins() -> None:
+    if not _find("torch_xla"):
+        _install_torch_xla()
+    if not _find("torch_neuronx"):
+        utils = _module("torch_neuronx.utils", get_platform_target=_get_platform_target)
+        _register(_module("torch_neuronx", utils=utils), utils)
+    if not _find("neuronxcc"):
+        names = ("neuronxcc", "neuronxcc.nki", "neuronxcc.nki._private_kernels",
+                 "neuronxcc.nki._private_kernels.collectives")
+        modules = [_module(n) for n in names]
+        modules[-1].CollectivesConfig = _CollectivesConfig
+        _register(*modules)
+
+
+def _register(*modules: types.ModuleType) -> None:
+    for module in modules:
+        sys.modules.setdefault(module.__name__, module)
+        parent, _, child = module.__name__.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, sys.modules[module.__name__])
+
+
+def _get_platform_target() -> str:
+    return os.environ.get(PLATFORM_OVERRIDE) or DEFAULT_PLATFORM
+
+
+class _CollectivesConfig:
+    """NxD reads ``rank_src_tgt_pairs[rank]`` once at model-parallel init (ring attention)."""
+
+    def __init__(self, replica_groups=None, **_):
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank_src_tgt_pairs = [[] for _ in range(world)]
+
+
+def _install_torch_xla() -> None:
+    from crosschip_neuron import xla_standin
+
+    xla_model = _module("torch_xla.core.xla_model", **xla_standin.xla_model_namespace())
+    core = _module("torch_xla.core", xla_model=xla_model, xla_env_vars=_module("torch_xla.core.xla_env_vars"))
+    serialization = _module("torch_xla.utils.serialization")
+    utils = _module("torch_xla.utils", serialization=serialization)
+    runtime = _module("torch_xla.runtime")
+    root = _module("torch_xla", core=core, runtime=runtime, utils=utils)
+    _register(root, core, xla_model, core.xla_env_vars, runtime, utils, serialization)

@@ -1,0 +1,105 @@
+"""NxD's process-global parallel state, driven by the runtime: the process group,
+``parallel_state.initialize_model_parallel`` at the runtime's TP degree, NxD's KV-shared group
+for a replication factor, and the DeviceMesh through which the core sees NxD's shards.
+
+NxD keeps one model-parallel layout (and one KV replication factor) per process; a runtime
+asking for another while a model built for the current one is alive is refused rather than
+silently re-sharding that model."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from crosschip.errors import ConfigurationError
+from crosschip_neuron import cpu_mode
+
+#: QKV modules built for the current KV-shared group (NxD looks that group up at backward time).
+_KV_USERS: "weakref.WeakSet" = weakref.WeakSet()
+_MESHES: dict = {}
+
+
+def check_parallel(parallel) -> None:
+    """Settings the neuron backend can honour (no NxD import)."""
+    if parallel.dp != 1:
+        raise ConfigurationError(
+            f"{parallel}: the neuron backend implements tensor (and sequence) parallelism through "
+            "neuronx-distributed; data parallelism (dp) is not implemented on it yet")
+
+
+def ensure(runtime):
+    """Initialise NxD for ``runtime`` (idempotent); returns ``parallel_state``."""
+    tp = runtime.parallel.tp
+    check_parallel(runtime.parallel)
+    cpu_mode.nxd()
+    import torch.distributed as dist
+    from neuronx_distributed.parallel_layers import parallel_state
+
+    if not dist.is_initialized():
+        if tp > 1:
+            raise ConfigurationError(
+                f"tp={tp} on the neuron backend needs a process group of {tp} ranks: launch with "
+                f"`torchrun --nproc_per_node {tp} ...` (or init_process_group) first")
+        _single_process_group(runtime)
+    if dist.get_world_size() != tp:
+        raise ConfigurationError(
+            f"tp={tp} does not match the world size {dist.get_world_size()}: on the neuron backend "
+            "every process is one TP rank")
+    if parallel_state.model_parallel_is_initialized():
+        current = parallel_state.get_tensor_model_parallel_size()
+        if current != tp:
+            raise ConfigurationError(
+                f"neuronx-distributed is already initialised at tp={current} in this process; a "
+                f"model at tp={tp} needs its own process (NxD keeps one layout per process)")
+    else:
+        import torch
+
+        with torch.device("cpu"):  # NxD computes its rank groups with tensors; the model build is on meta
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return parallel_state
+
+
+def _single_process_group(runtime) -> None:
+    """One process, tp=1: NxD's layers still look up their (one-rank) groups. In CPU mode an
+    in-memory gloo group serves; on a Trainium host the launcher sets up XLA's."""
+    import torch.distributed as dist
+
+    if not cpu_mode.cpu_mode_requested():
+        raise ConfigurationError(
+            "the neuron backend on a Trainium host runs under torchrun with the XLA process group "
+            "(`torchrun --nproc_per_node N ...`), even at tp=1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def ensure_kv_group(copies: int) -> None:
+    """Make way for NxD's KV-shared group of ``copies`` replicas per KV head (NxD's GQA layer
+    creates it): the current one is destroyed only when no live QKV module uses it."""
+    from neuronx_distributed.parallel_layers import parallel_state
+
+    size = parallel_state._KV_SHARED_GROUP_SIZE
+    if size is not None and size != copies:
+        gc.collect()  # models dropped by the caller but still in a reference cycle
+        if len(_KV_USERS):
+            raise ConfigurationError(
+                f"neuronx-distributed keeps one KV replication factor per process: a live model uses "
+                f"kv_size_multiplier={size}, this one needs {copies}")
+        parallel_state.destroy_kv_group()
+
+
+def track_kv_user(module) -> None:
+    _KV_USERS.add(module)
+
+
+def tp_mesh(runtime):
+    """A 1-D DeviceMesh over NxD's TP group, in its rank order (declared shards are DTensor
+    views on it; one per process and device type, since creating one creates process groups)."""
+    from neuronx_distributed.parallel_layers import parallel_state
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from crosschip.distributed import TP_DIM
+
+    ranks = tuple(parallel_state.get_tensor_model_parallel_group(as_list=True)[0])
+    key = (runtime.device.type, ranks)
+    if key not in _MESHES:
+        _MESHES[key] = DeviceMesh(runtime.device.type, list(ranks), mesh_dim_names=(TP_DIM,))
+    return _MESHES[key]
