@@ -22,6 +22,10 @@ def _hardware_present(kind: str) -> bool:
         import importlib.util
 
         return importlib.util.find_spec("torch_neuronx") is not None and bool(glob.glob("/dev/neuron*"))
+    if kind == "neuron_cpu":  # NxD's CPU mode needs only the library itself
+        import importlib.util
+
+        return importlib.util.find_spec("neuronx_distributed") is not None
     return True
 
 
@@ -31,14 +35,14 @@ def _required() -> set[str]:
 
 
 def pytest_runtest_setup(item):
-    for kind in ("cuda", "multigpu", "neuron"):
+    for kind in ("cuda", "multigpu", "neuron", "neuron_cpu"):
         if item.get_closest_marker(kind) is None or _hardware_present(kind):
             continue
         required = _required()
-        if kind in required or (kind == "multigpu" and "cuda" in required):
-            pytest.fail(f"{kind} hardware is required (CROSSCHIP_REQUIRE_HARDWARE="
+        if kind.replace("_", "-") in required or (kind == "multigpu" and "cuda" in required):
+            pytest.fail(f"{kind.replace('_', '-')} {'library' if kind == 'neuron_cpu' else 'hardware'} is required (CROSSCHIP_REQUIRE_HARDWARE="
                         f"{os.environ['CROSSCHIP_REQUIRE_HARDWARE']}) but is not present", pytrace=False)
-        pytest.skip(f"no {kind} hardware here")
+        pytest.skip(f"no {kind.replace('_', '-')} {'library' if kind == 'neuron_cpu' else 'hardware'} here")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from crosschip.kv_replication import kv_copies
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.specs import EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, QKVSpec
 from crosschip_neuron import state
+from crosschip_neuron.layout import head_orders, platform
 from crosschip_neuron.options import fused_qkv
 
 
@@ -71,7 +72,8 @@ class QKVProjection(GQAQKVColumnParallelLinear):
     def __init__(self, spec: QKVSpec, ctx):
         tp = ctx.parallel.tp
         copies = kv_copies(spec, tp)
-        state.ensure_kv_group(copies)
+        head_orders(spec, tp)  # the platform's KV arrangement, checked before anything is built
+        state.ensure_kv_group(copies, platform())
         fused = fused_qkv()
         super().__init__(spec.hidden_size, [spec.q_size, spec.kv_size], bias=False, gather_output=False,
                          dtype=ctx.dtype, sequence_parallel_enabled=_sequence_parallel(ctx),

@@ -61,7 +61,8 @@ def crosschip_register_backends():
         priority=300,
         device_types=("xla", "cpu"),
         probe=probe,
-        fallbacks=("torch",),
+        # No fallbacks: a component neuron declines goes to reference, which strict mode refuses
+        # (on a Trainium host the torch backend could not run it anyway: it has no XLA device).
         description="neuronx-distributed parallel layers on AWS Trainium (or in NxD's CPU mode)",
     )]
 

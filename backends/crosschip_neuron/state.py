@@ -16,6 +16,7 @@ from crosschip_neuron import cpu_mode
 
 #: QKV modules built for the current KV-shared group (NxD looks that group up at backward time).
 _KV_USERS: "weakref.WeakSet" = weakref.WeakSet()
+_KV_PLATFORM: str | None = None
 _MESHES: dict = {}
 
 
@@ -71,19 +72,22 @@ def _single_process_group(runtime) -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def ensure_kv_group(copies: int) -> None:
-    """Make way for NxD's KV-shared group of ``copies`` replicas per KV head (NxD's GQA layer
-    creates it): the current one is destroyed only when no live QKV module uses it."""
+def ensure_kv_group(copies: int, platform: str) -> None:
+    """Make way for NxD's KV-shared group of ``copies`` replicas per KV head on ``platform``
+    (NxD's GQA layer creates it, arranged for the platform): the current one is destroyed only
+    when no live QKV module uses it."""
     from neuronx_distributed.parallel_layers import parallel_state
 
+    global _KV_PLATFORM
     size = parallel_state._KV_SHARED_GROUP_SIZE
-    if size is not None and size != copies:
+    if size is not None and (size, _KV_PLATFORM) != (copies, platform):
         gc.collect()  # models dropped by the caller but still in a reference cycle
         if len(_KV_USERS):
             raise ConfigurationError(
-                f"neuronx-distributed keeps one KV replication factor per process: a live model uses "
-                f"kv_size_multiplier={size}, this one needs {copies}")
+                f"neuronx-distributed keeps one KV-head arrangement per process: a live model uses "
+                f"kv_size_multiplier={size} on {_KV_PLATFORM}, this one needs {copies} on {platform}")
         parallel_state.destroy_kv_group()
+    _KV_PLATFORM = platform
 
 
 def track_kv_user(module) -> None:

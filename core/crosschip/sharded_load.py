@@ -1,11 +1,13 @@
 """Loading a sharded (DTensor) model: each rank reads from the checkpoint only the rows and
 columns of each weight that its shard holds (safetensors ``get_slice``), never a full copy.
 
-Every transform in the layout vocabulary moves whole rows (renames, concatenations, QKV group and
-gate/up interleaves, KV-head replication). So pushing a tensor of *row indices* through a
+Almost every transform in the layout vocabulary moves whole rows (renames, concatenations, QKV
+group and gate/up interleaves, KV-head replication). So pushing a tensor of *row indices* through a
 component's transforms tells, for every physical row, which checkpoint key and row it comes from;
-a rank's shard is then a list of row runs to read. A transform that mixes values within rows
-would not preserve the index tensors' shape; such a component falls back to reading whole tensors.
+a rank's shard is then a list of row runs to read. A component whose transforms reorder columns
+instead (the input heads of a row-parallel projection, following permuted query heads) gets the
+same treatment with *column indices*. A transform that mixes values within rows would not
+preserve the index tensors' shape; such a component falls back to reading whole tensors.
 """
 
 from __future__ import annotations
@@ -45,6 +47,39 @@ def row_sources(binding) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def column_sources(binding) -> dict[str, tuple[torch.Tensor, bool]] | None:
+    """Physical name -> ``(ids, by_column)``: for a matrix whose rows the transforms leave alone,
+    int64 ``key_id << 32 | column`` per physical column (``by_column``); for a vector, its row
+    ids as :func:`row_sources` gives them. None if the transforms do more than reorder columns."""
+    keys = list(binding.hf_shapes)
+    index = {}
+    for key_id, key in enumerate(keys):
+        shape = binding.hf_shapes[key]
+        size = shape[1] if len(shape) == 2 else shape[0]
+        ids = torch.arange(size, dtype=torch.int64) + (key_id << _KEY_SHIFT)
+        index[key] = ids.reshape(1, size) if len(shape) == 2 else ids
+    try:
+        physical = binding.from_hf(index)
+    except Exception:
+        return None
+    out = {}
+    for name, tensor in physical.items():
+        if tensor.dtype != torch.int64 or tensor.dim() not in (1, 2) or (tensor.dim() == 2 and tensor.shape[0] != 1):
+            return None
+        flat = tensor.reshape(-1)
+        key_id, pos = flat >> _KEY_SHIFT, flat & ((1 << _KEY_SHIFT) - 1)
+        if flat.numel() and (key_id.min() < 0 or key_id.max() >= len(keys)):
+            return None
+        shapes = [binding.hf_shapes[keys[k]] for k in key_id.unique().tolist()]
+        if any(len(shape) != tensor.dim() for shape in shapes):
+            return None  # a matrix made from vectors or the other way round
+        limit = torch.tensor([binding.hf_shapes[k][-1 if tensor.dim() == 2 else 0] for k in keys])
+        if flat.numel() and (pos >= limit[key_id]).any():
+            return None
+        out[name] = (flat, tensor.dim() == 2)
+    return out
+
+
 def local_region(tensor) -> tuple[tuple[int, int], ...]:
     """``(start, stop)`` per dim of this rank's part of ``tensor`` (all of a plain tensor)."""
     if not hasattr(tensor, "device_mesh"):
@@ -72,11 +107,15 @@ def _runs(rows: torch.Tensor):
 @torch.no_grad()
 def load_local(binding, source) -> bool:
     """Fill ``binding``'s module, reading only this rank's part of every weight. Returns False
-    (nothing written) when the component's transforms cannot be followed row by row."""
+    (nothing written) when the component's transforms cannot be followed row by row or column
+    by column."""
     targets = {k: v for k, v in binding.module.state_dict().items() if not k.endswith("_extra_state")}
     sources = row_sources(binding)
     if sources is None or set(sources) != set(targets):
-        return False
+        columns = column_sources(binding)
+        if columns is None or set(columns) != set(targets):
+            return False
+        return _load_by_columns(binding, source, targets, columns)
     keys = list(binding.hf_shapes)
     plan = []
     for name, target in targets.items():
@@ -97,4 +136,39 @@ def load_local(binding, source) -> bool:
                 into = rows_view[offset:offset + last - first]
                 into.copy_(source.get_slice(keys[key_id], (slice(first, last), *columns)).reshape(into.shape))
                 offset += last - first
+    return True
+
+
+def _load_by_columns(binding, source, targets, columns) -> bool:
+    """:func:`load_local` for transforms that reorder the columns of matrices (rows unchanged):
+    each rank reads its rows and, run by run, the checkpoint columns its physical columns hold."""
+    keys = list(binding.hf_shapes)
+    plan = []
+    for name, target in targets.items():
+        ids, by_column = columns[name]
+        region = local_region(target)
+        if not by_column:  # a vector: its row runs, as in the row-wise load
+            plan.append((target, list(_runs(ids[region[0][0]:region[0][1]])), None))
+            continue
+        (r0, r1), (c0, c1) = region
+        runs = list(_runs(ids[c0:c1]))
+        if any(binding.hf_shapes[keys[k]][0] != target.shape[0] for k, _, _ in runs):
+            return False  # rows are not carried over unchanged
+        plan.append((target, runs, (r0, r1)))
+    for target, runs, rows in plan:
+        dest = target.to_local() if hasattr(target, "device_mesh") else target
+        offset = 0
+        if rows is None:
+            for key_id, start, stop in runs:
+                dest[offset:offset + stop - start].copy_(source.get_slice(keys[key_id], (slice(start, stop),)))
+                offset += stop - start
+            continue
+        for key_id, start, stop in runs:
+            width = stop - start
+            step = max(1, CHUNK_BYTES // max(1, width * dest.element_size()))
+            for first in range(rows[0], rows[1], step):
+                last = min(rows[1], first + step)
+                piece = source.get_slice(keys[key_id], (slice(first, last), slice(start, stop)))
+                dest[first - rows[0]:last - rows[0], offset:offset + width].copy_(piece)
+            offset += width
     return True
