@@ -1,0 +1,103 @@
+"""The neuron backend's probe, strict mode and single-process use. The probe never imports
+neuronx-distributed and tells three situations apart: a Trainium host, NxD's CPU mode, and
+neither (with the reason)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crosschip_neuron import cpu_mode, plugin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_sdk(monkeypatch):
+    monkeypatch.setattr(cpu_mode, "sdk_installed", lambda: False)
+    monkeypatch.setattr(cpu_mode, "nxd_installed", lambda: True)
+    monkeypatch.setattr(plugin, "_nxd_version", lambda: ("0.18.0+fbac349b", (0, 18, 0)))
+
+
+def test_probe_reports_cpu_mode_and_why_it_is_off(no_sdk, monkeypatch):
+    monkeypatch.delenv("NXD_CPU_MODE", raising=False)
+    off = plugin.probe()
+    assert not off.available and "NxD's CPU mode is off (set NXD_CPU_MODE=1" in off.reason
+    monkeypatch.setenv("NXD_CPU_MODE", "1")
+    on = plugin.probe()
+    assert on.available and on.reason.startswith("NxD CPU mode (NXD_CPU_MODE=1)")
+
+
+def test_probe_refuses_a_missing_or_old_nxd(no_sdk, monkeypatch):
+    monkeypatch.setenv("NXD_CPU_MODE", "1")
+    monkeypatch.setattr(plugin, "_nxd_version", lambda: ("0.9.0", (0, 9, 0)))
+    old = plugin.probe()
+    assert not old.available and old.reason == ("neuronx-distributed 0.9.0 is older than 0.18, which this "
+                                                "backend needs")
+    monkeypatch.setattr(cpu_mode, "nxd_installed", lambda: False)
+    missing = plugin.probe()
+    assert not missing.available and missing.reason.startswith("neuronx_distributed is not installed")
+
+
+def test_probe_with_the_sdk_needs_devices(no_sdk, monkeypatch):
+    monkeypatch.delenv("NXD_CPU_MODE", raising=False)
+    monkeypatch.setattr(cpu_mode, "sdk_installed", lambda: True)
+    monkeypatch.setattr(plugin.glob, "glob", lambda pattern: [])
+    assert "no Neuron device (/dev/neuron*) present" in plugin.probe().reason
+    monkeypatch.setattr(plugin.glob, "glob", lambda pattern: ["/dev/neuron0"])
+    assert plugin.probe() == plugin.Probe(True, "Neuron SDK importable and Neuron devices present")
+
+
+def test_probe_imports_nothing_of_nxd():
+    code = ("import sys; from crosschip_neuron.plugin import probe; probe(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('neuronx_distributed', 'torch_xla', 'torch_neuronx', 'neuronxcc')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NXD_CPU_MODE": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_strict_neuron_never_falls_back(tmp_path, monkeypatch):
+    """With neuron asked for and unavailable, strict mode refuses instead of building elsewhere."""
+    import crosschip
+    from crosschip.errors import StrictFallbackError
+    from helpers import save_hf_llama
+
+    monkeypatch.delenv("NXD_CPU_MODE", raising=False)
+    save_hf_llama(tmp_path / "llama")
+    with pytest.raises(StrictFallbackError, match=r"embedding .* fell back to the reference backend \(neuron: "
+                                                  r"unavailable: "):
+        crosschip.from_pretrained(tmp_path / "llama", backend="neuron", strict=True)
+
+
+_ONE_PROCESS = r"""
+import json, sys, torch, crosschip
+path = sys.argv[1]
+ref = crosschip.from_pretrained(path, backend="reference")
+model = crosschip.from_pretrained(path, backend="neuron", strict=True)
+ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+err = (model(ids).logits - ref(ids).logits).abs().max().item()
+same = torch.equal(model.generate(ids[:, :4], max_new_tokens=4), ref.generate(ids[:, :4], max_new_tokens=4))
+built = sorted({d.backend for d in model.runtime.report.decisions})
+print(json.dumps({"err": err, "same": same, "built": built,
+                  "world": torch.distributed.get_world_size()}))
+"""
+
+
+@pytest.mark.neuron_cpu
+def test_one_process_without_a_launcher(tmp_path):
+    """tp=1 needs no torchrun: the backend gives NxD its one-rank (in-memory gloo) group."""
+    from helpers import save_hf_llama
+
+    save_hf_llama(tmp_path / "llama")
+    out = subprocess.run([sys.executable, "-c", _ONE_PROCESS, str(tmp_path / "llama")], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT, env={**os.environ, "NXD_CPU_MODE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["err"] < 1e-5 and result["same"], result
+    assert result["built"] == ["neuron", "reference"] and result["world"] == 1, result
