@@ -101,3 +101,29 @@ def test_one_process_without_a_launcher(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["err"] < 1e-5 and result["same"], result
     assert result["built"] == ["neuron", "reference"] and result["world"] == 1, result
+
+
+_CONFORMANCE = r"""
+import json, torch
+from crosschip.testing import conformance
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    report = conformance.check_backend("neuron", dtype=dtype)
+    out[str(dtype)] = {"passed": len(report.passed), "failed": [str(o) for o in report.failed],
+                       "declined": sorted({(o.case.component, o.case.label) for o in report.declined})}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.neuron_cpu
+def test_neuron_passes_the_conformance_kit_in_cpu_mode():
+    """Every component against the reference oracle and every layout round trip, at tp=1 (in its
+    own process: NxD's one-rank group is process-global)."""
+    out = subprocess.run([sys.executable, "-c", _CONFORMANCE], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT, env={**os.environ, "NXD_CPU_MODE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for dtype, result in json.loads(out.stdout.strip().splitlines()[-1]).items():
+        assert result["failed"] == [], (dtype, result["failed"])
+        # Only the replicated (non-attention) projection, which NxD's RowParallelLinear is not.
+        assert result["declined"] == [["out_projection", "plain"]], (dtype, result["declined"])
+        assert result["passed"] == 29, (dtype, result)

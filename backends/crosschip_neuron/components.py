@@ -13,6 +13,8 @@ heads and the logits return batch-first.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear
 from neuronx_distributed.parallel_layers import layers, mappings
@@ -26,6 +28,10 @@ from crosschip.specs import EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec,
 from crosschip_neuron import state
 from crosschip_neuron.layout import head_orders, platform
 from crosschip_neuron.options import fused_qkv
+
+# NxD wraps its autograd functions in the deprecated torch.cuda.amp.autocast(enabled=False).
+warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.autocast", category=FutureWarning,
+                        module=r"neuronx_distributed\.")
 
 
 def _sequence_parallel(ctx) -> bool:
