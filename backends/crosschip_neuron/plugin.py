@@ -119,6 +119,14 @@ def crosschip_finalize_model(model, runtime):
 
 
 @hookimpl
+def crosschip_step_boundary(runtime):
+    from crosschip_neuron import xla
+
+    if xla.on_xla(runtime):  # CPU mode executes eagerly: nothing to cut
+        xla.mark_step()
+
+
+@hookimpl
 def crosschip_environment_info():
     version = _nxd_version()
     return {

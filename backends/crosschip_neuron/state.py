@@ -66,9 +66,16 @@ def _single_process_group(runtime) -> None:
     import torch.distributed as dist
 
     if not cpu_mode.cpu_mode_requested():
-        raise ConfigurationError(
-            "the neuron backend on a Trainium host runs under torchrun with the XLA process group "
-            "(`torchrun --nproc_per_node N ...`), even at tp=1")
+        import os
+
+        if "WORLD_SIZE" not in os.environ:
+            raise ConfigurationError(
+                "the neuron backend on a Trainium host runs under torchrun, one process per "
+                "NeuronCore (`torchrun --nproc_per_node N ...`), even at tp=1")
+        from crosschip_neuron.xla import init_process_group
+
+        init_process_group()
+        return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 

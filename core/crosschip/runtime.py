@@ -208,6 +208,12 @@ class Runtime:
             return contextlib.nullcontext()
         return self._entered(self._autocast_factories)
 
+    def step_boundary(self) -> None:
+        """The end of a training step (after the optimizer's ``zero_grad``): backends that
+        execute lazily run the step's graph here (``crosschip_step_boundary``)."""
+        used = sorted({d.backend for d in self.report.decisions})
+        self.registry.call_on(used, "crosschip_step_boundary", runtime=self)
+
     @staticmethod
     @contextlib.contextmanager
     def _entered(factories):

@@ -67,6 +67,13 @@ def crosschip_checkpoint_function(runtime):
 
 
 @hookspec
+def crosschip_step_boundary(runtime):
+    """Called by a training loop once per optimizer step, after ``zero_grad``: a backend whose
+    device executes lazily (XLA's ``mark_step`` on Trainium) cuts and runs the step's graph
+    here. Called on the plugins of the backends that built a component; the return is ignored."""
+
+
+@hookspec
 def crosschip_environment_info():
     """Return a dict of diagnostic facts (library versions, devices); ``crosschip backends
     --json`` lists them per backend under ``environment``."""
