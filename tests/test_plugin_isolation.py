@@ -57,7 +57,9 @@ def dev_plugins(plugin_site, tmp_path, monkeypatch):
 
     load.env = monkeypatch
     load.dir = tmp_path
-    return load
+    yield load
+    for path in tmp_path.glob("*.py"):  # the next test's module of that name is another one
+        sys.modules.pop(path.stem, None)
 
 
 def _listing(capsys) -> dict:
@@ -228,3 +230,16 @@ def test_loading_a_registered_module_again_is_harmless(dev_plugins, capsys):
     facts = registry.call_on(["template"], "crosschip_environment_info")
     assert facts == [{"crosschip-template": "0.1.0"}]
     assert _listing(capsys)["template"]["status"] == "available"
+
+
+def test_exit_in_a_diagnostics_hook_is_an_error_naming_the_plugin(dev_plugins, capsys):
+    dev_plugins(_write(dev_plugins.dir, "crosschip_info_exits_dev", _descriptor("info_exits"), """
+        import sys
+
+        @hookimpl
+        def crosschip_environment_info():
+            sys.exit(5)
+    """))
+    assert main(["backends", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)["environment"]["info_exits"]
+    assert facts == {"error": "PluginError: plugin 'info_exits': crosschip_environment_info raised SystemExit: 5"}
