@@ -126,7 +126,8 @@ def test_a_hanging_probe_is_bounded_once_per_process(dev_plugins):
 def test_probe_timeout_must_be_a_positive_number(dev_plugins):
     dev_plugins.env.setenv("CROSSCHIP_PROBE_TIMEOUT", "soon")
     dev_plugins()
-    with pytest.raises(ValueError, match="CROSSCHIP_PROBE_TIMEOUT='soon': expected a positive number of seconds"):
+    with pytest.raises(ValueError, match="CROSSCHIP_PROBE_TIMEOUT='soon': expected a positive number "
+                                         "of seconds"):
         Runtime(device="cpu")
 
 
@@ -134,7 +135,8 @@ def test_probe_timeout_must_be_a_positive_number(dev_plugins):
 @pytest.mark.parametrize("fields, reason", [
     ({"priority": "'high'"}, "backend 'typed': priority is str ('high'), expected int"),
     ({"device_types": "'cpu'"}, "backend 'typed': device_types is str ('cpu'), expected a tuple of str"),
-    ({"fallbacks": "('torch', 3)"}, "backend 'typed': fallbacks is tuple (('torch', 3)), expected a tuple of str"),
+    ({"fallbacks": "('torch', 3)"},
+     "backend 'typed': fallbacks is tuple (('torch', 3)), expected a tuple of str"),
     ({"probe": "True"}, "backend 'typed': probe is bool (True), expected a callable"),
 ], ids=["priority", "device-types", "fallbacks", "probe"])
 def test_descriptor_fields_of_the_wrong_type_are_incompatible(dev_plugins, capsys, fields, reason):
@@ -242,4 +244,5 @@ def test_exit_in_a_diagnostics_hook_is_an_error_naming_the_plugin(dev_plugins, c
     """))
     assert main(["backends", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)["environment"]["info_exits"]
-    assert facts == {"error": "PluginError: plugin 'info_exits': crosschip_environment_info raised SystemExit: 5"}
+    assert facts == {"error": "PluginError: plugin 'info_exits': crosschip_environment_info raised "
+                              "SystemExit: 5"}

@@ -71,7 +71,8 @@ def registrations(hook: str, results: list, cls: type) -> list:
             raise ContractError(f"{hook} returned {type(result).__name__}, expected a list")
         for item in result:
             if not isinstance(item, cls):
-                raise ContractError(f"{hook} returned {type(item).__name__}, expected crosschip.{cls.__name__}")
+                raise ContractError(f"{hook} returned {type(item).__name__}, "
+                                    f"expected crosschip.{cls.__name__}")
             items.append(_checked_fields(item, cls))
     return items
 
