@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import crosschip
 from crosschip import CheckpointError, ConfigurationError
+from crosschip.checkpoint import SafetensorsCheckpoint
 from helpers import assert_rel_close, save_hf_llama
 
 
@@ -131,6 +132,47 @@ def test_index_pointing_outside_directory_is_rejected(tmp_path):
     (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         crosschip.from_pretrained(tmp_path / "m")
+
+
+def test_single_file_symlink_outside_directory_is_rejected(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "outside.safetensors")
+    (tmp_path / "m").mkdir()
+    os.symlink(tmp_path / "outside.safetensors", tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"m/model.safetensors: a symlink to .*outside.safetensors, "
+                                              "outside the checkpoint directory; refusing to read it"):
+        SafetensorsCheckpoint(tmp_path / "m")
+    # A link that stays inside the directory is fine.
+    os.rename(tmp_path / "outside.safetensors", tmp_path / "m" / "weights.safetensors")
+    os.remove(tmp_path / "m" / "model.safetensors")
+    os.symlink("weights.safetensors", tmp_path / "m" / "model.safetensors")
+    assert SafetensorsCheckpoint(tmp_path / "m").keys() == ["w"]
+
+
+@pytest.mark.parametrize("weight_map, found", [
+    (["model.embed_tokens.weight"], "a list"),
+    ({"model.embed_tokens.weight": 3}, "'model.embed_tokens.weight' -> 3 (int)"),
+    ({"model.embed_tokens.weight": None}, "'model.embed_tokens.weight' -> None (NoneType)"),
+], ids=["list", "int-value", "null-value"])
+def test_malformed_index_is_rejected_naming_the_file(tmp_path, weight_map, found):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError) as info:
+        SafetensorsCheckpoint(tmp_path)
+    assert str(info.value) == (f"{index}: not a valid index: 'weight_map' must map tensor names to shard "
+                               f"file names (strings), found {found}")
+
+
+def test_integer_and_bool_tensors_are_refused_not_cast(tmp_path):
+    save_hf_llama(tmp_path)
+    down, norm = "model.layers.0.mlp.down_proj.weight", "model.norm.weight"
+    _corrupt(tmp_path / "model.safetensors",
+             lambda t: t.update({down: t[down].to(torch.int64), norm: t[norm] > 0}))
+    with pytest.raises(CheckpointError) as info:
+        crosschip.from_pretrained(tmp_path, backend="torch")
+    message = str(info.value)
+    for key, dtype in ((down, "torch.int64"), (norm, "torch.bool")):
+        assert (f"key {key!r} in model.safetensors has dtype {dtype}, expected a floating-point dtype "
+                "(the model's torch.float32)") in message
 
 
 def test_missing_config_and_unknown_architecture(tmp_path):

@@ -15,6 +15,13 @@ def _backends_data(registry, backend=None) -> dict:
     from crosschip.runtime import Runtime
     from crosschip.specs import COMPONENTS
 
+    # Resolve first: validating the runtime may mark a plugin failed, which the rows then show.
+    runtime = Runtime(backend, registry=registry, strict=False)
+    resolved = {}
+    for component in COMPONENTS:
+        _, chosen, chain, declines = runtime.select(component)
+        resolved[component] = {"backend": chosen, "source": chain.source, "chain": list(chain.backends),
+                               "passed_over": [{"backend": b, "reason": r} for b, r in declines]}
     plugins = []
     for record in sorted(registry.plugins.values(), key=lambda p: (p.name != REFERENCE, p.name)):
         names = record.backends or [record.name]
@@ -44,12 +51,6 @@ def _backends_data(registry, backend=None) -> dict:
                     entry["reason"] = probe.reason
             plugins.append(entry)
 
-    runtime = Runtime(backend, registry=registry, strict=False)
-    resolved = {}
-    for component in COMPONENTS:
-        _, chosen, chain, declines = runtime.select(component)
-        resolved[component] = {"backend": chosen, "source": chain.source, "chain": list(chain.backends),
-                               "passed_over": [{"backend": b, "reason": r} for b, r in declines]}
     environment = {}
     for name in registry.backend_names():
         try:

@@ -55,6 +55,7 @@ class TensorSource(Protocol):
     def get(self, key: str) -> torch.Tensor: ...
     def get_slice(self, key: str, index: tuple) -> torch.Tensor: ...
     def describe(self, key: str) -> str: ...
+    # Optional: ``dtype(key) -> torch.dtype`` without reading the tensor, checked before loading.
 
 
 def _hf_name(path: str, local: str, prefixes: dict[str, str]) -> str:
@@ -175,17 +176,26 @@ def canonical_sizes(model: nn.Module) -> list[tuple[str, int]]:
 
 
 def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> list[Binding]:
-    """Strict key and shape check of a checkpoint against the model, before reading any tensor."""
+    """Strict key, shape and dtype check of a checkpoint against the model, before reading any
+    tensor. Floating-point weights convert to the model's dtype; an integer or bool tensor is
+    refused, since casting it would load numbers that were never weights."""
     found = bindings(model)
     available = set(source.keys())
     expected = {key: shape for b in found for key, shape in b.hf_shapes.items()}
+    model_dtype = {key: _dtype_of(b.module) for b in found for key in b.hf_shapes}
+    stored_dtype = getattr(source, "dtype", None)
     problems = []
     for key, shape in expected.items():
         if key not in available:
             problems.append(f"missing key {key!r} (expected shape {list(shape)})")
-        elif tuple(source.shape(key)) != tuple(shape):
+            continue
+        if tuple(source.shape(key)) != tuple(shape):
             problems.append(f"key {key!r} in {source.describe(key)} has shape "
                             f"{list(source.shape(key))}, expected {list(shape)}")
+        dtype = stored_dtype(key) if stored_dtype is not None else None
+        if dtype is not None and not dtype.is_floating_point:
+            problems.append(f"key {key!r} in {source.describe(key)} has dtype {dtype}, expected a "
+                            f"floating-point dtype (the model's {model_dtype[key]})")
     unexpected = sorted(available - set(expected) - set(ignored))
     problems += [f"unexpected key {k!r} in {source.describe(k)}" for k in unexpected]
     if problems:
@@ -205,6 +215,10 @@ def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = f
             _load_physical(b, b.from_hf({key: source.get(key) for key in b.hf_shapes}))
         if release is not None:
             release()  # unmap what this component touched, so file pages do not pile up
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.get_default_dtype())
 
 
 def _is_sharded(module: nn.Module) -> bool:

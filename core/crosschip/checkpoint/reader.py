@@ -1,5 +1,7 @@
 """Reads a local Hugging Face checkpoint directory tensor by tensor (``safe_open``), so loading
-never holds a second copy of the model, and names the file and key in every error."""
+never holds a second copy of the model, and names the file and key in every error. It reads only
+files inside the directory: a shard or a ``model.safetensors`` that resolves (through ``..`` or a
+symlink) anywhere else is refused."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import _TYPES as _SAFETENSORS_DTYPES  # safetensors' own name -> dtype table
 
 from crosschip.errors import CheckpointError
 
@@ -28,6 +31,10 @@ class SafetensorsCheckpoint:
         if index.is_file():
             self.key_to_file = self._read_index(index)
         elif single.is_file():
+            target = single.resolve()
+            if target.parent != self.directory.resolve():
+                raise CheckpointError(f"{single}: a symlink to {target}, outside the checkpoint "
+                                      "directory; refusing to read it")
             self.key_to_file = {k: single for k in self._open(single).keys()}
         else:
             found = sorted(p.name for p in self.directory.glob("*.safetensors"))
@@ -42,6 +49,10 @@ class SafetensorsCheckpoint:
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' "
                                   f"object): {exc}") from exc
+        bad = _malformed(weight_map)
+        if bad:
+            raise CheckpointError(f"{index}: not a valid index: 'weight_map' must map tensor names to "
+                                  f"shard file names (strings), found {bad}")
         root = self.directory.resolve()
         out = {}
         for key, name in weight_map.items():
@@ -78,6 +89,14 @@ class SafetensorsCheckpoint:
     def describe(self, key: str) -> str:
         return str(self.key_to_file[key].name)
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of ``key``, from the file header (no tensor data read)."""
+        path = self.key_to_file[key]
+        name = self._open(path).get_slice(key).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {name}, which torch cannot hold")
+        return _SAFETENSORS_DTYPES[name]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self.key_to_file[key]).get_slice(key).get_shape())
 
@@ -105,3 +124,13 @@ class SafetensorsCheckpoint:
         self._handles.clear()
 
     close = release
+
+
+def _malformed(weight_map) -> str:
+    """What is wrong with an index's ``weight_map`` (empty when it maps str to str)."""
+    if not isinstance(weight_map, dict):
+        return f"a {type(weight_map).__name__}"
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            return f"{key!r} -> {name!r} ({type(name).__name__})"
+    return ""

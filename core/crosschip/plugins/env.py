@@ -12,6 +12,7 @@ DISABLE_PLUGINS = "CROSSCHIP_DISABLE_PLUGINS"
 PLUGIN_AUTOLOAD = "CROSSCHIP_PLUGIN_AUTOLOAD"
 PLUGIN_MODULES = "CROSSCHIP_PLUGIN_MODULES"
 PLUGIN_TRACE = "CROSSCHIP_PLUGIN_TRACE"
+PROBE_TIMEOUT = "CROSSCHIP_PROBE_TIMEOUT"
 STRICT = "CROSSCHIP_STRICT"
 REQUIRE_HARDWARE = "CROSSCHIP_REQUIRE_HARDWARE"
 
@@ -43,3 +44,19 @@ def flag(var: str, default: bool = False) -> bool:
 
 def component_variable(component: str) -> str:
     return BACKEND_PREFIX + component.upper()
+
+
+def seconds(var: str, default: float) -> float:
+    """A positive, finite number of seconds, or ``default`` when the variable is unset or empty."""
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        from crosschip.errors import ConfigurationError
+
+        raise ConfigurationError(f"{var}={raw!r}: expected a positive number of seconds")
+    return value

@@ -66,7 +66,7 @@ def load_registry() -> Registry:
             continue
         _load(registry, record, ep.load)
 
-    for path in env.name_list(env.PLUGIN_MODULES) or []:
+    for path in dict.fromkeys(env.name_list(env.PLUGIN_MODULES) or []):  # each once, in order
         record = PluginRecord(path, "module", path)
         _load(registry, record, lambda p=path: importlib.import_module(p))
     return registry
@@ -75,7 +75,9 @@ def load_registry() -> Registry:
 def _load(registry: Registry, record: PluginRecord, load) -> None:
     try:
         module = load()
-    except Exception as exc:  # any import-time failure stays inside this plugin
+    # Any import-time failure, sys.exit included, stays inside this plugin; KeyboardInterrupt
+    # still stops the process.
+    except (Exception, SystemExit) as exc:
         record.status, record.reason = FAILED, f"import failed: {type(exc).__name__}: {exc}"
         logger.warning("crosschip plugin %r failed to import: %s", record.name, record.reason)
         registry.add_failure(record)

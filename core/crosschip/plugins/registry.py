@@ -10,8 +10,9 @@ from types import ModuleType
 
 import pluggy
 
-from crosschip.errors import PluginError, UnknownNameError
+from crosschip.errors import CrosschipError, PluginError, UnknownNameError
 from crosschip.plugins import env, hookspecs
+from crosschip.plugins.contracts import ContractError, registrations
 from crosschip.plugins.descriptors import (
     PLUGIN_API_VERSION,
     BackendDescriptor,
@@ -19,6 +20,7 @@ from crosschip.plugins.descriptors import (
     LayoutImpl,
     Probe,
 )
+from crosschip.plugins.probing import run_probe
 from crosschip.specs import COMPONENTS
 
 logger = logging.getLogger("crosschip.plugins")
@@ -57,21 +59,20 @@ class BackendRecord:
     descriptor: BackendDescriptor
     plugin: PluginRecord
     _probe: Probe | None = field(default=None, repr=False)
+    _probing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
         return self.descriptor.name
 
     def probe(self) -> Probe:
-        """Run the availability probe once; a probe that raises means unavailable."""
-        if self._probe is None:
-            try:
-                result = self.descriptor.probe()
-                if not isinstance(result, Probe):
-                    result = Probe(bool(result), "" if result else "probe returned false")
-            except Exception as exc:  # a broken probe must not break other backends
-                result = Probe(False, f"availability probe raised {type(exc).__name__}: {exc}")
-            self._probe = result
+        """The availability probe's answer, asked once per process and bounded in time (see
+        probing.py); a backend whose plugin failed after registration is unavailable."""
+        if not self.plugin.usable:
+            return Probe(False, f"its plugin is {self.plugin.status}: {self.plugin.reason}")
+        with self._probing:  # one probe run even when threads ask at once
+            if self._probe is None:
+                self._probe = run_probe(self.descriptor.probe, self.name)
         return self._probe
 
 
@@ -85,35 +86,49 @@ class Registry:
         self.backends: dict[str, BackendRecord] = {}
         self.components: dict[tuple[str, str], ComponentImpl] = {}
         self.layouts: dict[tuple[str, str], LayoutImpl] = {}
+        self._registered_by: dict[int, PluginRecord] = {}  # id(module) -> the record registering it
 
     # -- registration -------------------------------------------------------------------
     def add_plugin(self, record: PluginRecord, module: ModuleType) -> None:
         """Register one plugin module in isolation: any problem marks *this* plugin failed or
-        incompatible, unregisters it, and leaves everything else untouched."""
+        incompatible, unregisters it, and leaves everything else untouched. A module that is
+        already registered (an entry point and ``CROSSCHIP_PLUGIN_MODULES`` naming one module) is
+        recorded as disabled: registering it again would fail, and that failure must not
+        unregister the original's hooks."""
         self.plugins[record.name] = record
+        owner = self._registered_by.get(id(module))
+        if owner is not None and self.pm.is_registered(module):
+            record.status = DISABLED
+            record.reason = f"module {record.value} is already registered as plugin {owner.name!r}"
+            logger.info("crosschip plugin %r: %s", record.name, record.reason)
+            return
         record.module = module
         try:
             unknown = _unknown_hooks(module)
             if unknown:
-                raise _Incompatible(
+                raise ContractError(
                     f"implements unknown hook(s) {', '.join(unknown)}; known hooks: "
                     f"{', '.join(sorted(_known_hooks()))}"
                 )
             try:
                 self.pm.register(module, name=record.name)
             except pluggy.PluginValidationError as exc:
-                raise _Incompatible(f"hook validation failed: {exc}") from exc
-            descriptors = self._call_one(module, "crosschip_register_backends")
+                raise ContractError(f"hook validation failed: {exc}") from exc
+            self._registered_by[id(module)] = record
+            descriptors = self._call_one(module, "crosschip_register_backends", BackendDescriptor)
             self._check_descriptors(record, descriptors)
-            components = self._call_one(module, "crosschip_register_components")
-            layouts = self._call_one(module, "crosschip_register_layouts")
+            components = self._call_one(module, "crosschip_register_components", ComponentImpl)
+            layouts = self._call_one(module, "crosschip_register_layouts", LayoutImpl)
             owned = {d.name for d in descriptors}
-            self._check_owned(record, components, owned, ComponentImpl, "component")
-            self._check_owned(record, layouts, owned, LayoutImpl, "layout")
-        except _Incompatible as exc:
+            self._check_owned(record, components, owned, "component")
+            self._check_owned(record, layouts, owned, "layout")
+        except ContractError as exc:
             self._reject(record, module, INCOMPATIBLE, str(exc))
             return
-        except Exception as exc:
+        except _HookFailed as exc:
+            self._reject(record, module, FAILED, str(exc))
+            return
+        except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops the process
             self._reject(record, module, FAILED, f"{type(exc).__name__}: {exc}")
             return
         for descriptor in descriptors:
@@ -129,47 +144,55 @@ class Registry:
 
     def _reject(self, record: PluginRecord, module, status: str, reason: str) -> None:
         record.status, record.reason = status, reason
-        if self.pm.is_registered(module):
+        if self._registered_by.get(id(module)) is record:
+            del self._registered_by[id(module)]
             self.pm.unregister(module)
         logger.warning("crosschip plugin %r is %s: %s", record.name, status, reason)
 
-    def _call_one(self, module, hook_name: str) -> list:
-        """Call one hook on one plugin only, so a result is attributed to its plugin."""
+    def fail(self, record: PluginRecord, reason: str) -> None:
+        """Mark a registered plugin failed after the fact (a hook broke its contract). Its
+        backends stay registered, so models already built with them keep their layouts and
+        hooks, but they are unavailable to every chain resolved from now on."""
+        if record.usable:
+            record.status, record.reason = FAILED, reason
+            logger.warning("crosschip plugin %r is %s: %s", record.name, FAILED, reason)
+
+    def _call_one(self, module, hook_name: str, cls: type) -> list:
+        """Call one registration hook on one plugin only, so a result is attributed to its
+        plugin; what it returns is checked against the plugin API (contracts.py)."""
         caller = self.pm.subset_hook_caller(
             hook_name, remove_plugins=[p for p in self.pm.get_plugins() if p is not module]
         )
-        return [item for result in caller() for item in (result or [])]
+        try:
+            results = caller()
+        except (Exception, SystemExit) as exc:
+            raise _HookFailed(f"{hook_name} raised {type(exc).__name__}: {exc}") from exc
+        return registrations(hook_name, results, cls)
 
     def _check_descriptors(self, record: PluginRecord, descriptors) -> None:
         if not descriptors:
-            raise _Incompatible("registers no backend (crosschip_register_backends returned nothing)")
+            raise ContractError("registers no backend (crosschip_register_backends returned nothing)")
         for d in descriptors:
-            if not isinstance(d, BackendDescriptor):
-                raise _Incompatible(f"crosschip_register_backends returned {type(d).__name__}, "
-                                    "expected crosschip.BackendDescriptor")
             if d.api_version != PLUGIN_API_VERSION:
-                raise _Incompatible(
+                raise ContractError(
                     f"backend {d.name!r} declares plugin API version {d.api_version}, "
                     f"this crosschip supports version {PLUGIN_API_VERSION}"
                 )
             if (d.name == REFERENCE and record.source != "builtin") or d.name in self.backends:
                 owner = REFERENCE if d.name == REFERENCE else self.backends[d.name].plugin.name
-                raise _Incompatible(f"backend name {d.name!r} is already registered by {owner!r}")
+                raise ContractError(f"backend name {d.name!r} is already registered by {owner!r}")
         if record.source == "entry point" and record.name not in {d.name for d in descriptors}:
-            raise _Incompatible(
+            raise ContractError(
                 f"entry point {record.name!r} registers backend(s) "
                 f"{', '.join(d.name for d in descriptors)}; the entry-point name must be the "
                 "backend name"
             )
 
     @staticmethod
-    def _check_owned(record, impls, owned, cls, what) -> None:
+    def _check_owned(record, impls, owned, what) -> None:
         for impl in impls:
-            if not isinstance(impl, cls):
-                raise _Incompatible(f"{what} registration is {type(impl).__name__}, "
-                                    f"expected crosschip.{cls.__name__}")
             if impl.backend not in owned:
-                raise _Incompatible(f"registers a {what} for backend {impl.backend!r}, which it "
+                raise ContractError(f"registers a {what} for backend {impl.backend!r}, which it "
                                     f"does not own (owns {', '.join(sorted(owned))})")
             if impl.component not in COMPONENTS:
                 raise UnknownNameError("component", impl.component, COMPONENTS,
@@ -201,24 +224,50 @@ class Registry:
     def plugin_of(self, backend: str):
         return self.backend(backend).plugin.module
 
+    #: Hooks whose failure with anything but a crosschip error fails only their plugin:
+    #: validation runs on every backend a runtime *may* use, so one plugin's bug must not stop
+    #: runtimes (or ``crosschip backends``) that end up using others.
+    CONTAINED_HOOKS = frozenset({"crosschip_validate_runtime"})
+
     def call_on(self, backends, hook_name: str, **kwargs) -> list:
-        """Call a hook on the plugins owning ``backends`` (each plugin once, in the given order)."""
-        modules = []
+        """Call a hook on the plugins owning ``backends`` (each plugin once, in the given order).
+
+        A crosschip error (``ConfigurationError``) is the hook's answer and propagates. Another
+        error in a :data:`CONTAINED_HOOKS` hook fails its plugin (:meth:`fail`; an error when
+        the ``runtime`` argument is strict); in any other hook it propagates, but ``sys.exit``
+        becomes a :class:`PluginError` naming the plugin instead of silently ending the process.
+        """
+        records: list[PluginRecord] = []
         for name in backends:
-            module = self.plugin_of(name)
-            if module is not None and module not in modules:
-                modules.append(module)
+            record = self.backend(name).plugin
+            if hook_name in self.CONTAINED_HOOKS and not record.usable:
+                continue  # failed already: asked no more
+            if record.module is not None and all(r is not record for r in records):
+                records.append(record)
         results = []
-        for module in modules:
+        for record in records:
             caller = self.pm.subset_hook_caller(
-                hook_name, remove_plugins=[p for p in self.pm.get_plugins() if p is not module]
+                hook_name, remove_plugins=[p for p in self.pm.get_plugins() if p is not record.module]
             )
-            results.extend(caller(**kwargs))
+            try:
+                results.extend(caller(**kwargs))
+            except CrosschipError:
+                raise
+            except (Exception, SystemExit) as exc:
+                reason = f"{hook_name} raised {type(exc).__name__}: {exc}"
+                if hook_name in self.CONTAINED_HOOKS:
+                    self.fail(record, reason)
+                    if getattr(kwargs.get("runtime"), "strict", False):
+                        self.raise_for_problems()
+                    continue
+                if isinstance(exc, SystemExit):
+                    raise PluginError(f"plugin {record.name!r}: {reason}") from exc
+                raise
         return results
 
 
-class _Incompatible(Exception):
-    pass
+class _HookFailed(Exception):
+    """A registration hook raised: its plugin is failed, with the hook named in the reason."""
 
 
 def _known_hooks() -> set[str]:
