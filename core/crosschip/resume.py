@@ -59,8 +59,8 @@ def read_meta(resume: str, meta_file: Path) -> dict:
         raise ConfigurationError(f"--resume {resume}: {meta_file} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise ConfigurationError(f"--resume {resume}: {meta_file} holds a {type(meta).__name__}, expected an object")
-    problems = [f"{name} is missing" if name not in meta else f"{name} is a {type(meta[name]).__name__}, "
-                f"expected a {kind.__name__}" for name, kind in META_FIELDS.items()
+    problems = [f"{name} is missing" if name not in meta else f"{name} is {type(meta[name]).__name__}, "
+                f"expected {kind.__name__}" for name, kind in META_FIELDS.items()
                 if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool)]
     if not problems and len(meta["losses"]) != meta["step"]:
         problems.append(f"losses has {len(meta['losses'])} entries for step {meta['step']}")
