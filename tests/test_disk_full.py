@@ -59,8 +59,8 @@ def test_full_disk_names_the_path_and_errno(source, tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     message, verdict = result.stdout.strip().splitlines()[-2:]
-    assert message == (f"cannot write a checkpoint to {mount}/ck: the disk is full (errno ENOSPC); free some "
-                       "space and save again; the previous checkpoint there is unchanged")
+    assert message == (f"cannot write a checkpoint to {mount}/ck: the disk is full (errno ENOSPC: No space left "
+                       "on device); free some space and save again; the previous checkpoint there is unchanged")
     assert verdict == "unchanged"
 
 
@@ -73,6 +73,6 @@ def test_enospc_from_any_file_of_the_save_says_the_disk_is_full(source, tmp_path
             full.write("x" * 8192)
 
     with pytest.raises(CheckpointError, match=rf"cannot write a checkpoint to {tmp_path / 'out'}: the disk is full "
-                                              r"\(errno ENOSPC\)"):
+                                              r"\(errno ENOSPC: No space left on device\)"):
         model.save_pretrained(tmp_path / "out", extra_files=tokenizer_files)
     assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ was found, so a user can act on the message alone.
 from __future__ import annotations
 
 import errno
+import os
 import re
 
 class CrosschipError(Exception):
@@ -64,8 +65,9 @@ def save_failure(directory, exc: BaseException) -> CheckpointError | None:
     else:
         return None
     if code == errno.ENOSPC:
-        return CheckpointError(f"cannot write a checkpoint to {directory}: the disk is full (errno ENOSPC); "
-                               "free some space and save again; the previous checkpoint there is unchanged")
+        return CheckpointError(f"cannot write a checkpoint to {directory}: the disk is full (errno ENOSPC: "
+                               f"{os.strerror(code)}); free some space and save again; the previous checkpoint "
+                               "there is unchanged")
     return CheckpointError(f"cannot write a checkpoint to {directory}: {exc}; any previous checkpoint there is "
                            "unchanged")
 
