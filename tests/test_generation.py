@@ -78,3 +78,22 @@ def test_sampling_controls():
         SamplingConfig(temperature=0)
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingConfig(top_p=1.5)
+
+
+def test_generating_past_the_position_limit_warns_once(tmp_path):
+    import warnings
+
+    from crosschip.errors import CrosschipWarning
+
+    config, _ = CONFIGS["mistral_sliding"]  # max_position_embeddings 128
+    save_hf(tmp_path, config)
+    model = crosschip.from_pretrained(tmp_path)
+    ids = torch.randint(3, config.vocab_size, (1, 120))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(ids, max_new_tokens=8)  # exactly at the limit: silent
+        model.generate(ids, max_new_tokens=12)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CrosschipWarning)]
+    assert messages == ["generating up to 132 positions (prompt 120 + max_new_tokens 12), past this model's "
+                        "max_position_embeddings=128: the model was not trained on those positions"]
+    assert caught[-1].filename == __file__  # attributed to the caller of model.generate

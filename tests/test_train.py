@@ -94,13 +94,16 @@ def test_training_state_of_another_model_is_refused_naming_the_shapes(tmp_path):
     wide = train(TrainArgs(model=str(tmp_path / "wide"), out=str(tmp_path / "wide-out"), **small), progress=False)
     narrow = train(TrainArgs(model=str(tmp_path / "narrow"), out=str(tmp_path / "narrow-out"), **small),
                    progress=False)
+    meta = (narrow.out / "training_state" / "meta.json").read_bytes()
     shutil.rmtree(narrow.out / "training_state")
     shutil.copytree(wide.out / "training_state", narrow.out / "training_state")
+    # The wide tensors under the narrow run's own meta.json (whose recorded --model matches).
+    (narrow.out / "training_state" / "meta.json").write_bytes(meta)
     with pytest.raises(ConfigurationError, match=r"this training state was saved by a different model: "
                                                  r"model\.embed_tokens\.weight has shape \(300, 64\) there, "
                                                  r"\(300, 32\) in this model"):
-        train(TrainArgs(resume=str(narrow.out), out=str(tmp_path / "never"), **{**small, "steps": 2}),
-              progress=False)
+        train(TrainArgs(model=str(tmp_path / "narrow"), resume=str(narrow.out), out=str(tmp_path / "never"),
+                        **{**small, "steps": 2}), progress=False)
 
 
 def test_training_state_in_another_physical_layout_is_refused(tmp_path):

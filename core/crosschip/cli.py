@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from crosschip.errors import ConfigurationError, CrosschipError
@@ -128,12 +129,14 @@ def cmd_generate(args) -> int:
     import torch
 
     from crosschip.loading import from_pretrained
-    from crosschip.tokenizer import load_tokenizer
+    from crosschip.tokenizer import check_vocab_fits, load_tokenizer
 
+    _check_generate_args(args)  # before loading: a typo should not cost a model load
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model = from_pretrained(args.model, backend=args.backend, device=args.device)
     tokenizer = load_tokenizer(args.model)
+    check_vocab_fits(tokenizer, model.opts.vocab_size, where=args.model)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ConfigurationError("--prompt is empty")
@@ -143,6 +146,21 @@ def cmd_generate(args) -> int:
                          eos_token_id=tokenizer.eos_token_id)
     print(args.prompt + tokenizer.decode(out[0, len(prompt):].tolist()))
     return 0
+
+
+def _check_generate_args(args) -> None:
+    from crosschip.runtime import parse_device
+
+    if args.max_new_tokens < 0:
+        raise ConfigurationError(f"--max-new-tokens must be >= 0, found {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigurationError(f"--temperature must be >= 0 (0 decodes greedily), found {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigurationError(f"--top-k must be >= 1, found {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigurationError(f"--top-p must be in (0, 1], found {args.top_p}")
+    if args.device is not None:
+        parse_device(args.device, where="--device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
     train.add_argument("--stop-after", type=int, default=None,
                        help="stop and save after this many steps of this run; continue with --resume")
+    train.add_argument("--log-every", type=int, default=10, metavar="N",
+                       help="read the loss back from the device every N steps (one host sync): progress "
+                            "bar and the NaN/inf divergence check")
+    train.add_argument("--override", action="append", default=None, metavar="NAME=VALUE",
+                       help="with --resume: a run-defining setting (lr, seed, batch_size, seq_len, warmup, "
+                            "dtype, precision, fp8_recipe, text) that intentionally differs from the saved "
+                            "run; repeatable or comma-separated")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

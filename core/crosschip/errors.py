@@ -6,6 +6,9 @@ was found, so a user can act on the message alone.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 
 class CrosschipError(Exception):
     """Base class of every error crosschip raises on purpose."""
@@ -40,6 +43,33 @@ class ComponentBuildError(CrosschipError):
 
 class CheckpointError(CrosschipError):
     """A checkpoint on disk does not match what the model expects."""
+
+
+class TrainingDivergedError(CrosschipError):
+    """A training loss (or gradient norm) became NaN or infinite; nothing was saved."""
+
+    def __init__(self, message: str, step: int, loss: float, grad_norm: float):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(message)
+
+
+def save_failure(directory, exc: BaseException) -> CheckpointError | None:
+    """The error for an I/O failure met while writing a checkpoint into ``directory`` (whose
+    previous content the writer leaves in place), or None for anything else. A full disk is the
+    common case and its raw message names neither the checkpoint nor the remedy; safetensors
+    reports it as its own exception, "... I/O error: No space left on device (os error 28)"."""
+    if isinstance(exc, OSError):
+        code = exc.errno
+    elif type(exc).__name__ == "SafetensorError" and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+        code = int(found.group(1))
+    else:
+        return None
+    if code == errno.ENOSPC:
+        return CheckpointError(f"cannot write a checkpoint to {directory}: the disk is full (errno ENOSPC: "
+                               f"{os.strerror(code)}); free some space and save again; the previous checkpoint "
+                               "there is unchanged")
+    return CheckpointError(f"cannot write a checkpoint to {directory}: {exc}; any previous checkpoint there is "
+                           "unchanged")
 
 
 class CrosschipWarning(UserWarning):

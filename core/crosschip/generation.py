@@ -4,9 +4,12 @@ rotary components produce, and attention components receive the full keys with a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from crosschip.errors import ConfigurationError, CrosschipWarning
 
 
 class KVCache:
@@ -37,11 +40,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, found {self.temperature}")
+            raise ConfigurationError(f"temperature must be > 0, found {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, found {self.top_k}")
+            raise ConfigurationError(f"top_k must be >= 1, found {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], found {self.top_p}")
+            raise ConfigurationError(f"top_p must be in (0, 1], found {self.top_p}")
 
 
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator=None) -> torch.Tensor:
@@ -75,9 +78,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
              pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """``[batch, prompt + new]`` tokens. Rows that emit ``eos_token_id`` are padded after it."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
+        raise ConfigurationError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], found shape {tuple(input_ids.shape)}")
+    limit = model.opts.rope.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:  # once per call, before the first token
+        warnings.warn(f"generating up to {input_ids.shape[1] + max_new_tokens} positions (prompt "
+                      f"{input_ids.shape[1]} + max_new_tokens {max_new_tokens}), past this model's "
+                      f"max_position_embeddings={limit}: the model was not trained on those positions",
+                      CrosschipWarning, stacklevel=4)  # the caller of model.generate
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),

@@ -127,7 +127,7 @@ class Runtime:
             raise ConfigurationError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
         self.backend = backend
         self.components = dict(components or {})
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = parse_device(device) if device is not None else _default_device()
         self.dtype = _parse_dtype(dtype)
         self.parallel = parallel or ParallelSpec()
         #: The torch.distributed DeviceMesh of a parallel model, set by the backend that applies
@@ -368,6 +368,26 @@ class Runtime:
 
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_device(device: str | torch.device, where: str = "device") -> torch.device:
+    """``device`` as a torch.device that this machine has; ``where`` names the option in errors.
+    torch itself accepts ``cuda`` on a machine without CUDA and fails only at the first
+    allocation, with an assertion deep inside torch."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(f"{where} {device!r} is not a torch device (expected e.g. cpu, cuda, cuda:1): "
+                                 f"{exc}") from exc
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigurationError(f"{where} {device!r}: CUDA is not available on this machine "
+                                     f"(torch {torch.__version__}, cuda {torch.version.cuda}); use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigurationError(f"{where} {device!r}: this machine has {count} CUDA device(s), "
+                                     f"cuda:0 to cuda:{count - 1}")
+    return parsed
 
 
 _DTYPES = {

@@ -1,8 +1,10 @@
 """Sanity checks on model sizes, run before anything is allocated: a config with absurd or
-inconsistent sizes is rejected with the numbers that make it so."""
+inconsistent sizes (or a norm epsilon that turns every logit into NaN) is rejected with the
+numbers that make it so."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -32,6 +34,15 @@ def check_config_sizes(config, where: str = "config.json") -> None:
             raise ConfigurationError(f"{where}: {name} must be a positive integer, found {value!r}")
         if value > limit:
             raise ConfigurationError(f"{where}: {name}={value} is beyond any plausible model (limit {limit})")
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigurationError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+                                 f"{kv_heads} (each key/value head serves an equal group of query heads)")
+    eps = getattr(config, "rms_norm_eps", None)
+    # RMSNorm divides by sqrt(mean(x**2) + eps): a non-positive eps gives NaN wherever x is small.
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not math.isfinite(eps) or eps <= 0):
+        raise ConfigurationError(f"{where}: rms_norm_eps must be a positive finite number, found {eps!r}")
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

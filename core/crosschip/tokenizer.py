@@ -47,6 +47,15 @@ class HFTokenizer:
         self.tok.save_pretrained(directory)
 
 
+def check_vocab_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """Every token id the tokenizer can produce must index the model's embedding."""
+    if tokenizer.vocab_size > vocab_size:
+        from crosschip.errors import ConfigurationError
+
+        raise ConfigurationError(f"{where}: the model's vocab_size is {vocab_size}, smaller than its tokenizer's "
+                                 f"{tokenizer.vocab_size} tokens (ids past {vocab_size - 1} have no embedding)")
+
+
 def load_tokenizer(directory: str | Path | None):
     """The tokenizer saved with a model: Hugging Face files if present, else byte-level."""
     if directory is not None:

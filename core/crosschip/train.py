@@ -9,21 +9,22 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from crosschip import local_shards
 from crosschip.distributed import DP_DIM
-from crosschip.errors import ConfigurationError
+from crosschip.errors import ConfigurationError, TrainingDivergedError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
 from crosschip.models import model_class
 from crosschip.presets import preset_config
+from crosschip.resume import read_meta, recorded, resumed_args
 from crosschip.runtime import Runtime
 from crosschip.specs import ParallelSpec
-from crosschip.tokenizer import ByteTokenizer, load_tokenizer
+from crosschip.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
 
 STATE_DIR = "training_state"  # torch.distributed.checkpoint of model and optimizer, any layout
 STATE_META = "meta.json"
@@ -51,9 +52,15 @@ class TrainArgs:
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
+    # Losses are read back from the device (a host sync on accelerators) every this many steps:
+    # for the progress bar and the divergence check.
+    log_every: int = 10
+    # With resume: run-defining arguments that may differ from the saved run, "name=value"
+    # (several per item, comma-separated); see crosschip.resume.
+    override: list[str] | None = None
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "seq_len"):
+        for name in ("steps", "batch_size", "seq_len", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
         if self.stop_after is not None and self.stop_after <= 0:
@@ -65,6 +72,10 @@ class TrainArgs:
         if self.batch_size % self.dp:
             raise ConfigurationError(f"--batch-size {self.batch_size} is not divisible by --dp {self.dp}: each "
                                      "data-parallel rank trains on an equal part of every batch")
+        if self.device is not None:
+            from crosschip.runtime import parse_device
+
+            parse_device(self.device, where="--device")
 
 
 @dataclass
@@ -97,7 +108,11 @@ def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
         path = Path(args.text)
         if not path.is_file():
             raise ConfigurationError(f"--text {path}: no such file")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"--text {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                     "expected a text file") from None
     else:
         from crosschip.corpus import generate_corpus
 
@@ -108,8 +123,9 @@ def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
     return ids
 
 
-def _build(args: TrainArgs):
-    """Model, tokenizer and starting step (and optimizer state) for a fresh or resumed run."""
+def _build(args: TrainArgs, state: dict | None):
+    """Model and tokenizer for a fresh run, or for resuming the run whose ``meta.json`` is
+    ``state``."""
     source = args.resume or args.model
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
@@ -117,8 +133,6 @@ def _build(args: TrainArgs):
                                 activation_checkpointing=args.activation_checkpointing, tp=args.tp,
                                 dp=args.dp, sequence_parallel=args.sequence_parallel)
         tokenizer = load_tokenizer(source)
-    elif args.resume:
-        raise ConfigurationError(f"--resume {args.resume}: not a directory")
     else:
         config = preset_config(args.model)
         runtime = Runtime(args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
@@ -129,22 +143,14 @@ def _build(args: TrainArgs):
         init_weights(model, seed=args.seed, std=config.initializer_range)
         finalize(model)
         tokenizer = ByteTokenizer()
-    state = None
-    if args.resume:
-        meta_file = Path(args.resume) / STATE_DIR / STATE_META
-        if not meta_file.is_file():
-            raise ConfigurationError(f"--resume {args.resume}: {STATE_DIR}/{STATE_META} missing (not a training "
-                                     "checkpoint, or its save did not finish)")
-        state = json.loads(meta_file.read_text())
+    if state is not None:
         backends = _backends(model)
         if state["backends"] != backends:
             raise ConfigurationError(
                 f"--resume {args.resume}: optimizer state was saved with backends {state['backends']}, "
                 f"this run builds {backends}; resume on the same backend")
-    if tokenizer.vocab_size > model.opts.vocab_size:
-        raise ConfigurationError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                                 f"{model.opts.vocab_size}")
-    return model.train(), tokenizer, state
+    check_vocab_fits(tokenizer, model.opts.vocab_size, where=source)
+    return model.train(), tokenizer
 
 
 def _layouts(model) -> dict[str, str]:
@@ -163,9 +169,11 @@ def _backends(model) -> dict[str, list[str]]:
 
 def train(args: TrainArgs, progress: bool = True) -> TrainResult:
     args.check()
+    state = read_meta(args.resume, Path(args.resume) / STATE_DIR / STATE_META) if args.resume else None
+    args = resumed_args(args, state["args"] if state else None)  # --override applied
     _ensure_process_group(args)
     torch.manual_seed(args.seed)
-    model, tokenizer, state = _build(args)
+    model, tokenizer = _build(args, state)
     device = model.runtime.device
     tokens = _corpus_tokens(args, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,27 +192,55 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
     bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress or _rank() != 0,
                desc="train", unit="step", dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, gradient norm) not yet read back
     for step in bar:
-        batch = _data_parallel_part(batch_for_step(tokens, step, args), model).to(device)
+        batch = _to_device(_data_parallel_part(batch_for_step(tokens, step, args), model), device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         # Labels are the inputs: the loss component shifts them, as transformers does.
         loss = model(batch, labels=batch, return_logits=False).loss
         loss.backward()
-        clip_gradients(params, 1.0)
+        grad_norm = clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(_mean_over_data_parallel(loss.detach(), model).item())
+        pending.append((_mean_over_data_parallel(loss.detach(), model), grad_norm.detach()))
         seen += batch.numel() * args.dp  # every data-parallel rank ran its own part
-        rate = seen / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+        if len(pending) == args.log_every or step + 1 == end:
+            losses += _read_back(pending, step + 2 - len(pending), args)  # raises on divergence
+            pending = []
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
     bar.close()
 
     out = model.save_pretrained(args.out, extra_files=tokenizer.save_pretrained)
     _save_training_state(model, optimizer, out / STATE_DIR, {
-        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model),
+        "step": end, "losses": losses, "args": recorded(args), "backends": _backends(model),
         "layouts": _layouts(model), "tp": args.tp, "dp": args.dp})
     return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), out, model)
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy from pageable host memory waits for the device to finish its queued work (a host
+    sync per step); one from pinned memory is queued behind it instead."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int, args: TrainArgs) -> list[float]:
+    """The losses of the ``pending`` steps (``first_step`` counts from 1), read from the device
+    in one host sync. A NaN or infinite loss or gradient norm stops the run before anything is
+    saved, so ``--out`` keeps its last good checkpoint: the next optimizer step after a
+    non-finite gradient writes NaN into every weight."""
+    values, norms = torch.stack([torch.stack([loss.float(), norm.float().to(loss.device)])
+                                 for loss, norm in pending], dim=1).tolist()
+    for step, (loss, norm) in enumerate(zip(values, norms), start=first_step):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise TrainingDivergedError(
+                f"training diverged at step {step} of {args.steps}: loss {loss}, gradient norm {norm}; stopped "
+                f"without saving, so {args.out} keeps its previous checkpoint, if any (resume from a good save "
+                "with a lower --lr, e.g. --override lr=...)", step, loss, norm)
+    return values
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:

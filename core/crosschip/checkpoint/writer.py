@@ -83,9 +83,11 @@ def write_checkpoint(
         _swap_into_place(staging, directory)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write a checkpoint to {directory}: {exc}; any previous "
-                                  "checkpoint there is unchanged") from exc
+        from crosschip.errors import save_failure
+
+        failure = save_failure(directory, exc)  # an OSError, or safetensors' wrapper of one
+        if failure is not None:
+            raise failure from exc
         raise
     return directory
 

@@ -49,10 +49,16 @@ def check_component_name(name: str, where: str | None = None) -> str:
 
 
 def check_environment() -> None:
-    """Reject ``CROSSCHIP_BACKEND_<X>`` variables whose X is no component."""
+    """Reject ``CROSSCHIP_BACKEND_<X>`` variables whose X is no component, or not upper case:
+    resolution reads only the upper-case name (as environments are case-sensitive on POSIX), so
+    ``CROSSCHIP_BACKEND_attention`` would be silently ignored."""
     for var in os.environ:
         if var.startswith(env.BACKEND_PREFIX):
-            check_component_name(var[len(env.BACKEND_PREFIX):].lower(), where=f"environment variable {var}")
+            component = check_component_name(var[len(env.BACKEND_PREFIX):].lower(),
+                                              where=f"environment variable {var}")
+            if var != env.component_variable(component):
+                raise ConfigurationError(f"environment variable {var}: component variables are upper case; "
+                                         f"set {env.component_variable(component)} instead")
 
 
 def auto_order(registry: Registry) -> list[str]:

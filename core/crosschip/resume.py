@@ -1,0 +1,126 @@
+"""What a resume may change, and the saved ``meta.json`` it continues from.
+
+A run is defined by its RUN_DEFINING arguments (the model it started from, the data, the batch,
+the optimizer's schedule, the numerics): a resume that differs in one of them would silently
+become another run, so it is refused, naming the saved and the new value, unless
+``--override name=value`` says that the change is intended. Every other argument may change
+freely: how long (``--steps`` extends the run, stretching its cosine schedule over the new
+total, ``--stop-after``), where it is saved (``--out``, ``--resume``), how it is laid out and run
+(``--backend``, which must still build the same backends per component, ``--device``, ``--tp``,
+``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``) and shown (``--log-every``).
+The arguments recorded in the next save are the ones this run actually used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields, replace
+from pathlib import Path
+
+from crosschip.errors import ConfigurationError
+
+
+def _optional(parse):
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+#: argument -> how ``--override name=VALUE`` parses VALUE
+RUN_DEFINING = {
+    "model": str, "text": _optional(str), "seed": int, "batch_size": int, "seq_len": int, "lr": float,
+    "warmup": _optional(int), "dtype": str, "precision": str, "fp8_recipe": str,
+}
+#: What the saved meta.json must hold, with the type of each.
+META_FIELDS = {"step": int, "losses": list, "args": dict, "backends": dict}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def normalised(name: str, value):
+    """``value`` of argument ``name`` as it is recorded and compared: a path that exists as an
+    absolute path, so a resume from another working directory still matches."""
+    if name in ("model", "text") and isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def read_meta(resume: str, meta_file: Path) -> dict:
+    """The saved ``meta.json`` of ``--resume``, with every field a resume relies on."""
+    if not Path(resume).is_dir():
+        raise ConfigurationError(f"--resume {resume}: not a directory")
+    if not meta_file.is_file():
+        raise ConfigurationError(f"--resume {resume}: {meta_file.parent.name}/{meta_file.name} missing (not a "
+                                 "training checkpoint, or its save did not finish)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"--resume {resume}: {meta_file} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ConfigurationError(f"--resume {resume}: {meta_file} holds a {type(meta).__name__}, expected an object")
+    problems = [f"{name} is missing" if name not in meta else f"{name} is {type(meta[name]).__name__}, "
+                f"expected {kind.__name__}" for name, kind in META_FIELDS.items()
+                if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool)]
+    if not problems and len(meta["losses"]) != meta["step"]:
+        problems.append(f"losses has {len(meta['losses'])} entries for step {meta['step']}")
+    if problems:
+        raise ConfigurationError(f"--resume {resume}: {meta_file} is not a complete training state: "
+                                 f"{'; '.join(problems)}")
+    return meta
+
+
+def parse_overrides(items) -> dict:
+    """``["lr=1e-4", "seed=1,batch_size=8"]`` -> ``{"lr": 1e-4, "seed": 1, "batch_size": 8}``."""
+    parsed: dict = {}
+    for item in items or ():
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            name, sep, text = part.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in RUN_DEFINING:
+                raise ConfigurationError(f"--override {part!r}: expected name=value with a name among "
+                                         f"{', '.join(RUN_DEFINING)}")
+            if name == "model":
+                raise ConfigurationError("--override model: a resume always continues the weights saved in "
+                                         "--resume; to start a new run from them, pass that directory as --model "
+                                         "without --resume")
+            try:
+                value = RUN_DEFINING[name](text.strip())
+            except ValueError as exc:
+                raise ConfigurationError(f"--override {part!r}: {exc}") from exc
+            if name in parsed and parsed[name] != value:
+                raise ConfigurationError(f"--override gives {name} twice: {parsed[name]!r} and {value!r}")
+            parsed[name] = value
+    return parsed
+
+
+def resumed_args(args, saved: dict):
+    """``args`` with ``--override`` applied, once checked against the ``saved`` arguments of the
+    run it resumes (``saved`` None: a fresh run, which takes no override)."""
+    overrides = parse_overrides(args.override)
+    if saved is None:
+        if overrides:
+            raise ConfigurationError(f"--override {','.join(overrides)} applies only with --resume; a new run "
+                                     f"takes {', '.join(_option(n) for n in overrides)} directly")
+        return args
+    defaults = {f.name: f.default for f in fields(args)}
+    for name, value in overrides.items():  # a value given both ways must agree
+        given = getattr(args, name)
+        if given != defaults[name] and given != value:
+            raise ConfigurationError(f"{_option(name)} {given} and --override {name}={value} disagree")
+    args = replace(args, **overrides)
+    changed = [(name, saved[name], getattr(args, name)) for name in RUN_DEFINING
+               if name in saved and normalised(name, saved[name]) != normalised(name, getattr(args, name))
+               and name not in overrides]
+    if changed:
+        listed = ", ".join(f"{_option(n)} {new} (saved {old})" for n, old, new in changed)
+        hint = ",".join(f"{n}={new}" for n, _, new in changed if n != "model")
+        raise ConfigurationError(
+            f"--resume {args.resume} continues a run with other settings: {listed}; pass the saved values"
+            + (f", or --override {hint} if the change is intended" if hint else ""))
+    return args
+
+
+def recorded(args) -> dict:
+    """The arguments to save with the training state: what this run actually used."""
+    return {f.name: normalised(f.name, getattr(args, f.name)) for f in fields(args)}
