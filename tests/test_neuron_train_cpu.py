@@ -34,8 +34,8 @@ def _run(rank: int, world: int, root: Path) -> None:
     train(half, progress=False)
     os.environ[PLATFORM] = "trn2"
     try:
-        train(TrainArgs(backend="neuron", tp=world, resume=str(root / "kv1-half"), out=str(root / "kv1-trn2"),
-                        **ARGS), progress=False)
+        train(TrainArgs(model=str(root / "kv1"), backend="neuron", tp=world, resume=str(root / "kv1-half"),
+                        out=str(root / "kv1-trn2"), **ARGS), progress=False)
         refused = None
     except ConfigurationError as exc:
         refused = str(exc)

@@ -368,6 +368,55 @@ def kv_replication():
     s.save("kv-replication.svg")
 
 
+def neuron_layout():
+    bw, bh = 46, 34
+    s = SVG(960, 514, "Physical QKV layout of the neuron backend at tp = 4 with 2 KV heads, on trn1 and trn2")
+    s.defs()
+    s.text(20, 30, "neuron backend at tp = 4 > num_kv_heads = 2: NxD's fused weight_qkv, rank by rank, "
+                   "on each platform", 15, weight="bold")
+    y = 80
+    s.text(20, y - 12, "1. Hugging Face (canonical): num_heads = 8, num_kv_heads = 2", 14, weight="bold")
+    strip(s, 20, y, [("Q", f"Q{i}", f"g{i // 4}") for i in range(8)], bw, bh)
+    x2 = 20 + 8 * bw + 24
+    strip(s, x2, y, [("K", f"K{i}", f"g{i}") for i in range(2)], bw, bh)
+    strip(s, x2 + 2 * bw + 24, y, [("V", f"V{i}", f"g{i}") for i in range(2)], bw, bh)
+    s.text(940, y + bh + 18, "kv_size_multiplier = 2: each KV head stored twice", 12, "end", color="#555555")
+
+    rows = [  # (title, per rank: (first query head, KV head))
+        ("2. trn1: tiled KV replicas (NxD's KV-shared groups {0, 2} and {1, 3})", [(0, 0), (4, 1), (2, 0), (6, 1)]),
+        ("3. trn2: adjacent KV replicas (groups {0, 1} and {2, 3})", [(0, 0), (2, 0), (4, 1), (6, 1)]),
+    ]
+    fills = ["#E8EEF7", "#EAF4E6", "#F3EAF1", "#FFF4E0"]
+    y = 190
+    for title, ranks in rows:
+        s.text(20, y - 22, title, 14, weight="bold")
+        s.text(940, y - 22, "weight_qkv shard = [Q_r; K_r; V_r]", 12, "end", color="#555555", mono=True)
+        seen, x = set(), 14
+        for r, (q, kv) in enumerate(ranks):
+            sub = "copy" if kv in seen else f"g{kv}"
+            seen.add(kv)
+            blocks = [("Q", f"Q{q}", f"g{kv}"), ("Q", f"Q{q + 1}", f"g{kv}"),
+                      ("K", f"K{kv}", sub), ("V", f"V{kv}", sub)]
+            w = 4 * bw + 10 + 20
+            rank_band(s, x, y, w, 72, f"rank {r}", fills[r])
+            strip(s, x + 10, y + 24, blocks, bw, bh, (1,))
+            x += w + 14
+        y += 120
+    y -= 22
+    for line in (
+        "NxD sums a KV head's gradients over the ranks of its KV-shared group; the layout puts that head on",
+        "exactly those ranks (read from NxD's arrange_kv_groups for the platform).",
+        "Query heads follow their KV head (on trn1 they are permuted), and o_proj's input columns follow the "
+        "query heads.",
+        "Weights laid out for the other platform compute the same forward but wrong K/V gradients; saving keeps",
+        "the first copy, so the checkpoint is canonical.",
+        "gate_up_proj (ColumnParallelLinear, stride=2): rank r holds [gate rows of r; up rows of r].",
+    ):
+        s.text(20, y, line, 12, color="#333333")
+        y += 18
+    s.save("neuron-layout.svg")
+
+
 if __name__ == "__main__":
     import os
     import sys
@@ -379,3 +428,4 @@ if __name__ == "__main__":
     te_layout()
     names()
     kv_replication()
+    neuron_layout()
