@@ -20,28 +20,15 @@ _KV_PLATFORM: str | None = None
 _MESHES: dict = {}
 
 
-def check_parallel(parallel) -> None:
-    """Settings the neuron backend can honour (no NxD import)."""
-    if parallel.dp != 1:
-        raise ConfigurationError(
-            f"{parallel}: the neuron backend implements tensor (and sequence) parallelism through "
-            "neuronx-distributed; data parallelism (dp) is not implemented on it yet")
-
-
 def ensure(runtime):
     """Initialise NxD for ``runtime`` (idempotent); returns ``parallel_state``."""
     tp = runtime.parallel.tp
-    check_parallel(runtime.parallel)
     cpu_mode.nxd()
     import torch.distributed as dist
     from neuronx_distributed.parallel_layers import parallel_state
 
     if not dist.is_initialized():
-        if tp > 1:
-            raise ConfigurationError(
-                f"tp={tp} on the neuron backend needs a process group of {tp} ranks: launch with "
-                f"`torchrun --nproc_per_node {tp} ...` (or init_process_group) first")
-        _single_process_group(runtime)
+        _process_group(runtime)
     if dist.get_world_size() != tp:
         raise ConfigurationError(
             f"tp={tp} does not match the world size {dist.get_world_size()}: on the neuron backend "
@@ -60,22 +47,28 @@ def ensure(runtime):
     return parallel_state
 
 
-def _single_process_group(runtime) -> None:
-    """One process, tp=1: NxD's layers still look up their (one-rank) groups. In CPU mode an
-    in-memory gloo group serves; on a Trainium host the launcher sets up XLA's."""
+def _process_group(runtime) -> None:
+    """The process group NxD builds its groups on, when the caller has not made one: under
+    torchrun (``WORLD_SIZE`` set) XLA's on a Trainium host or gloo in CPU mode; in one process
+    without a launcher (CPU mode, tp=1) an in-memory one-rank gloo group."""
+    import os
+
     import torch.distributed as dist
 
-    if not cpu_mode.cpu_mode_requested():
-        import os
+    tp = runtime.parallel.tp
+    if "WORLD_SIZE" in os.environ:
+        if runtime.device.type == "xla":
+            from crosschip_neuron.xla import init_process_group
 
-        if "WORLD_SIZE" not in os.environ:
-            raise ConfigurationError(
-                "the neuron backend on a Trainium host runs under torchrun, one process per "
-                "NeuronCore (`torchrun --nproc_per_node N ...`), even at tp=1")
-        from crosschip_neuron.xla import init_process_group
-
-        init_process_group()
+            init_process_group()
+        else:
+            dist.init_process_group("gloo")
         return
+    if tp > 1 or not cpu_mode.cpu_mode_requested():
+        raise ConfigurationError(
+            f"tp={tp} on the neuron backend needs one process per "
+            f"{'rank' if cpu_mode.cpu_mode_requested() else 'NeuronCore'}: launch with "
+            f"`torchrun --nproc_per_node {tp} ...`")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 

@@ -203,6 +203,7 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
         grad_norm = clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        model.runtime.step_boundary()  # a lazily executing device (XLA) runs the step's graph here
         pending.append((_mean_over_data_parallel(loss.detach(), model), grad_norm.detach()))
         seen += batch.numel() * args.dp  # every data-parallel rank ran its own part
         if len(pending) == args.log_every or step + 1 == end:
@@ -338,7 +339,13 @@ def _ensure_process_group(args: TrainArgs) -> None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl")
+        elif device.startswith("xla"):  # Trainium: one process per NeuronCore, XLA's collectives
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+
+            dist.init_process_group("xla", init_method="xla://")
+        else:
+            dist.init_process_group("gloo")
 
 
 def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
