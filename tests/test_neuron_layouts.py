@@ -14,6 +14,21 @@ from crosschip.specs import GatedMLPSpec, LinearSpec, QKVSpec
 
 pytestmark = pytest.mark.neuron_cpu
 
+_STANDIN_ROOTS = ("neuronx_distributed", "torch_xla", "torch_neuronx", "neuronxcc")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _nxd_stays_in_this_module():
+    """NxD and its CPU-mode stand-ins (``torch_xla``...) leave ``sys.modules`` with this module,
+    so that no later test in the process sees a ``torch_xla`` that is not installed."""
+    import sys
+
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in _STANDIN_ROOTS:
+            del sys.modules[name]
+
 
 class _Ctx:
     def __init__(self, tp):

@@ -72,3 +72,19 @@ def test_cli_under_torchrun_trains_on_neuron_and_exits_cleanly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved a Hugging Face checkpoint to") == 1, result.stdout
     crosschip.from_pretrained(out, backend="reference")
+
+
+def test_the_neuron_example_runs_in_cpu_mode(tmp_path):
+    """examples/train_neuron.py as its docstring shows it, with sequence parallelism."""
+    import crosschip
+
+    save_hf_llama(tmp_path / "llama")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(root / "examples" / "train_neuron.py"), "--model", str(tmp_path / "llama"), "--out",
+         str(tmp_path / "out"), "--steps", "2", "--seq-len", "16", "--sequence-parallel"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NXD_CPU_MODE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1: loss" in result.stdout and "qkv_projection: neuron" in result.stdout, result.stdout
+    crosschip.from_pretrained(tmp_path / "out", backend="torch")
