@@ -39,6 +39,7 @@ def _save_models(root: Path) -> None:
     save_hf_llama(root / "kv1", num_key_value_heads=1)
     save_hf_llama(root / "heads7", hidden_size=56, num_attention_heads=7, num_key_value_heads=1, head_dim=8)
     save_hf_llama(root / "vocab129", vocab_size=129)
+    save_hf_llama(root / "inter95", intermediate_size=95)
 
 
 def _cpu_mode(platform: str = "trn1", fused: bool = True) -> None:
@@ -117,6 +118,8 @@ def _check_errors(root: Path, tp: int) -> None:
     _cpu_mode()
     with pytest.raises(ConfigurationError, match=rf"tp={tp} does not divide the number of query heads \(7\)"):
         crosschip.from_pretrained(root / "heads7", backend="neuron", tp=tp)
+    with pytest.raises(ConfigurationError, match=rf"tp={tp} does not divide the intermediate size \(95\)"):
+        crosschip.from_pretrained(root / "inter95", backend="neuron", tp=tp)
     with pytest.raises(StrictFallbackError, match=rf"neuron: tp={tp} does not divide the vocabulary \(129\)"):
         crosschip.from_pretrained(root / "vocab129", backend="neuron", tp=tp, strict=True)
     _cpu_mode("trn9")

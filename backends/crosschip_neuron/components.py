@@ -21,6 +21,7 @@ from neuronx_distributed.parallel_layers import layers, mappings
 from torch import nn
 from transformers.activations import ACT2FN
 
+from crosschip.distributed import check_gated_mlp
 from crosschip.errors import ConfigurationError
 from crosschip.kv_replication import kv_copies
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
@@ -125,6 +126,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, spec: GatedMLPSpec, ctx):
         super().__init__()
+        check_gated_mlp(spec, ctx.parallel.tp)
         sp = _sequence_parallel(ctx)
         common = dict(dtype=ctx.dtype, sequence_parallel_enabled=sp, sequence_dimension=_sequence_dim(sp))
         self.gate_up_proj = layers.ColumnParallelLinear(spec.hidden_size, 2 * spec.intermediate_size,
