@@ -16,7 +16,10 @@ import torch
 
 from crosschip import local_shards
 from crosschip.distributed import DP_DIM
-from crosschip.errors import ConfigurationError
+from crosschip.checkpoint import safe_dcp
+from crosschip.checkpoint.transaction import (atomic_save, committed_directory, holds_checkpoint, manifest,
+                                              output_lock)
+from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
 from crosschip.models import model_class
@@ -51,6 +54,7 @@ class TrainArgs:
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
+    overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -62,6 +66,10 @@ class TrainArgs:
             raise ConfigurationError(f"--lr must be positive, found {self.lr}")
         if self.tp <= 0 or self.dp <= 0:
             raise ConfigurationError(f"--tp and --dp must be positive, found --tp {self.tp} --dp {self.dp}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigurationError(f"--out {out}: exists and is not a directory (expected a directory "
+                                     "to save the checkpoint into)")
         if self.batch_size % self.dp:
             raise ConfigurationError(f"--batch-size {self.batch_size} is not divisible by --dp {self.dp}: each "
                                      "data-parallel rank trains on an equal part of every batch")
@@ -110,7 +118,9 @@ def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
 
 def _build(args: TrainArgs):
     """Model, tokenizer and starting step (and optimizer state) for a fresh or resumed run."""
-    source = args.resume or args.model
+    # A managed save resolved once: weights, tokenizer and training state of one save.
+    source = str(committed_directory(args.resume)) if args.resume and Path(args.resume).is_dir() else (
+        args.resume or args.model)
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
@@ -131,11 +141,11 @@ def _build(args: TrainArgs):
         tokenizer = ByteTokenizer()
     state = None
     if args.resume:
-        meta_file = Path(args.resume) / STATE_DIR / STATE_META
+        meta_file = Path(source) / STATE_DIR / STATE_META
         if not meta_file.is_file():
             raise ConfigurationError(f"--resume {args.resume}: {STATE_DIR}/{STATE_META} missing (not a training "
                                      "checkpoint, or its save did not finish)")
-        state = json.loads(meta_file.read_text())
+        state = _read_meta(meta_file, args.resume)
         backends = _backends(model)
         if state["backends"] != backends:
             raise ConfigurationError(
@@ -145,6 +155,34 @@ def _build(args: TrainArgs):
         raise ConfigurationError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                                  f"{model.opts.vocab_size}")
     return model.train(), tokenizer, state
+
+
+def _read_meta(meta_file: Path, resume: str) -> dict:
+    """meta.json as plain JSON, written by the same save as the weights beside it."""
+    try:
+        state = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_file}: not valid JSON (expected the training state's metadata): "
+                              f"{exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{meta_file}: expected a JSON object, found {type(state).__name__}")
+    saved = manifest(resume)
+    if saved is not None and state.get("save_id", saved["save_id"]) != saved["save_id"]:
+        raise CheckpointError(f"{meta_file}: belongs to save {state['save_id']}, but the weights beside "
+                              f"it to save {saved['save_id']}; refusing a mixed checkpoint")
+    return state
+
+
+def check_output(args: TrainArgs) -> None:
+    """Refuse, before any training, to replace a checkpoint in ``--out`` that this run did not
+    start from (``--resume`` or ``--model`` naming it), unless ``--overwrite``."""
+    out = Path(args.out)
+    if args.overwrite or not out.is_dir() or not holds_checkpoint(out):
+        return
+    started_from = {os.path.realpath(p) for p in (args.resume, args.model) if p and Path(p).is_dir()}
+    if os.path.realpath(out) not in started_from:
+        raise ConfigurationError(f"--out {out}: already holds a checkpoint that this run did not start from; "
+                                 "pass --overwrite to replace it, or choose another --out")
 
 
 def _layouts(model) -> dict[str, str]:
@@ -162,8 +200,41 @@ def _backends(model) -> dict[str, list[str]]:
 
 
 def train(args: TrainArgs, progress: bool = True) -> TrainResult:
+    """Train, then save weights, tokenizer and training state as one atomic save into
+    ``args.out``, which rank 0 holds locked from before the first step to the end of the save."""
     args.check()
+    check_output(args)
     _ensure_process_group(args)
+    with _locked_output(args):
+        return _train(args, progress)
+
+
+@contextlib.contextmanager
+def _locked_output(args: TrainArgs):
+    """Rank 0 holds the output lock and re-checks the output under it (another run may have
+    saved there meanwhile); every rank learns the outcome, so none trains alone."""
+    failure = None
+    with contextlib.ExitStack() as stack:
+        if _rank() == 0:
+            try:
+                stack.enter_context(output_lock(args.out))
+                check_output(args)
+            except Exception as exc:
+                failure = exc
+        if args.tp * args.dp > 1:
+            import torch.distributed as dist
+
+            outcome = [None if failure is None else (type(failure).__name__, str(failure))]
+            dist.broadcast_object_list(outcome, src=0)
+            if outcome[0] is not None and failure is None:
+                kind = ConfigurationError if outcome[0][0] == "ConfigurationError" else CheckpointError
+                failure = kind(outcome[0][1])
+        if failure is not None:
+            raise failure
+        yield
+
+
+def _train(args: TrainArgs, progress: bool) -> TrainResult:
     torch.manual_seed(args.seed)
     model, tokenizer, state = _build(args)
     device = model.runtime.device
@@ -173,7 +244,8 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
                                   fused=device.type == "cuda")
     start, losses = 0, []
     if state is not None:
-        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR, state, run_at=(args.tp, args.dp))
+        _load_training_state(model, optimizer, committed_directory(args.resume) / STATE_DIR, state,
+                             run_at=(args.tp, args.dp), resume=args.resume)
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
@@ -200,11 +272,14 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
     bar.close()
 
-    out = model.save_pretrained(args.out, extra_files=tokenizer.save_pretrained)
-    _save_training_state(model, optimizer, out / STATE_DIR, {
-        "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model),
-        "layouts": _layouts(model), "tp": args.tp, "dp": args.dp})
-    return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), out, model)
+    # Weights, tokenizer and training state: one save, committed only when every rank wrote its part.
+    with atomic_save(args.out, distributed=model._parallel()) as staging:
+        model.write_pretrained(staging, extra_files=tokenizer.save_pretrained)
+        _save_training_state(model, optimizer, staging / STATE_DIR, {
+            "step": end, "losses": losses, "args": asdict(args), "backends": _backends(model),
+            "layouts": _layouts(model), "tp": args.tp, "dp": args.dp,
+            "save_id": staging.name.removeprefix("save-")})
+    return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), Path(args.out), model)
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
@@ -321,8 +396,8 @@ def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
     _barrier()
 
 
-def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1, 1)) -> None:
-    import torch.distributed.checkpoint as dcp
+def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1, 1), resume=None) -> None:
+    resume = resume or directory.parent
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -334,16 +409,18 @@ def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(
     if meta.get("layouts", layouts) != layouts:
         changed = sorted(k for k in layouts if meta["layouts"].get(k) != layouts[k])
         raise ConfigurationError(
-            f"--resume {directory.parent}: its training state holds the weights of {', '.join(changed)} "
+            f"--resume {resume}: its training state holds the weights of {', '.join(changed)} "
             f"in another physical layout than this run builds (saved at tp={saved_at[0]}, dp={saved_at[1]}; "
             f"this run has tp={run_at[0]}, dp={run_at[1]}); resume at the saved layout, or start from the "
             "Hugging Face checkpoint in that directory (--model)")
     state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
     try:
         with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(directory))
+            safe_dcp.load(state, directory)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise ConfigurationError(f"--resume {directory.parent}: the saved training state does not fit this "
+        raise ConfigurationError(f"--resume {resume}: the saved training state does not fit this "
                                  f"model and layout: {exc}") from exc
     # optim_state was filled in place through the views.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
@@ -353,10 +430,10 @@ def _check_state_fits(model_state: dict, directory: Path, saved_at=(1, 1), run_a
     """The saved model state must have this model's weights at this model's (global) shapes,
     whatever layout either was sharded in; otherwise say which, with both shapes. (Global
     physical shapes depend on the layout only where KV heads are replicated, tp > KV heads.)"""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        saved = safe_dcp.read_metadata_file(directory / ".metadata").state_dict_metadata
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise ConfigurationError(f"{directory}: not a readable training state: {exc}") from exc
     saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
