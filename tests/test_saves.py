@@ -157,7 +157,7 @@ def test_second_writer_is_refused_naming_the_first_ones_pid(tmp_path):
     try:
         assert os.read(read_end, 1) == b"x"
         with pytest.raises(CheckpointError, match=rf"another process \(pid {pid}\) is writing a checkpoint"):
-            _train_once(out, overwrite=True)
+            _train_once(out, resume=str(out), steps=3)
         model = crosschip.from_pretrained(out)
         with pytest.raises(CheckpointError, match=rf"pid {pid}"):
             model.save_pretrained(out)
@@ -186,7 +186,7 @@ def test_cli_refuses_an_out_that_is_a_file_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     result = subprocess.run([sys.executable, "-m", "crosschip.cli", "train", "--steps", "100000", "--out",
-                             str(blocker), "--quiet"], capture_output=True, text=True, timeout=120)
+                             str(blocker), "--quiet"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"--out {blocker}: exists and is not a directory" in result.stderr
     assert "Traceback" not in result.stderr and blocker.read_text() == "not a directory"
