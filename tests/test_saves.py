@@ -75,6 +75,9 @@ def test_save_keeps_everything_it_does_not_own(tmp_path, start):
         assert all((target / name).is_file() for name in _PLAIN_SAVE) and _snapshot(target) == before
     model.save_pretrained(target, max_shard_size="40KB")  # sharded
     assert _snapshot(target) == before
+    edited = (target / "config.json").read_text()
+    (target / "config.json").unlink()  # as `sed -i` does: the link becomes a real, edited file
+    (target / "config.json").write_text(edited)
     model.save_pretrained(target)  # one file: its own stale shards go, nothing else
     assert _snapshot(target) == before
     assert not [p.name for p in target.iterdir() if p.name.startswith("model-")]
@@ -180,6 +183,13 @@ def test_existing_checkpoint_is_not_replaced_without_overwrite(tmp_path):
     assert all(torch.equal(t, before[k]) for k, t in _weights(first.out).items())
     _train_once(first.out, seed=9, overwrite=True)
     assert any(not torch.equal(t, before[k]) for k, t in _weights(first.out).items())
+    # One run's optimizer state beside another's weights: refused on resume.
+    state = (first.out / "training_state").resolve()
+    shutil.rmtree(state)
+    shutil.copytree((other.out / "training_state").resolve(), state)
+    with pytest.raises(CheckpointError, match=r"meta\.json: belongs to save \w+, but the weights beside it "
+                                              r"to save \w+; refusing a mixed checkpoint"):
+        _train_once(tmp_path / "c", resume=str(first.out), steps=3)
 
 
 def test_cli_refuses_an_out_that_is_a_file_before_training(tmp_path):

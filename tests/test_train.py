@@ -82,10 +82,8 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_training_state_of_another_model_is_refused_naming_the_shapes(tmp_path):
-    import shutil
-
     from crosschip.errors import ConfigurationError
-    from helpers import save_hf_llama
+    from helpers import save_hf_llama, transplant_training_state
 
     small = dict(steps=1, batch_size=2, seq_len=16)
     save_hf_llama(tmp_path / "wide", vocab_size=300)
@@ -94,8 +92,7 @@ def test_training_state_of_another_model_is_refused_naming_the_shapes(tmp_path):
     wide = train(TrainArgs(model=str(tmp_path / "wide"), out=str(tmp_path / "wide-out"), **small), progress=False)
     narrow = train(TrainArgs(model=str(tmp_path / "narrow"), out=str(tmp_path / "narrow-out"), **small),
                    progress=False)
-    shutil.rmtree(narrow.out / "training_state")
-    shutil.copytree(wide.out / "training_state", narrow.out / "training_state")
+    transplant_training_state(wide.out, narrow.out)
     with pytest.raises(ConfigurationError, match=r"this training state was saved by a different model: "
                                                  r"model\.embed_tokens\.weight has shape \(300, 64\) there, "
                                                  r"\(300, 32\) in this model"):

@@ -17,8 +17,8 @@ import torch
 from crosschip import local_shards
 from crosschip.distributed import DP_DIM
 from crosschip.checkpoint import safe_dcp
-from crosschip.checkpoint.transaction import (atomic_save, committed_directory, holds_checkpoint, manifest,
-                                              output_lock)
+from crosschip.checkpoint.lock import output_lock
+from crosschip.checkpoint.transaction import atomic_save, committed_directory, holds_checkpoint, manifest
 from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
@@ -167,8 +167,8 @@ def _read_meta(meta_file: Path, resume: str) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{meta_file}: expected a JSON object, found {type(state).__name__}")
     saved = manifest(resume)
-    if saved is not None and state.get("save_id", saved["save_id"]) != saved["save_id"]:
-        raise CheckpointError(f"{meta_file}: belongs to save {state['save_id']}, but the weights beside "
+    if saved is not None and not saved.get("adopted") and state.get("save_id") != saved["save_id"]:
+        raise CheckpointError(f"{meta_file}: belongs to save {state.get('save_id')}, but the weights beside "
                               f"it to save {saved['save_id']}; refusing a mixed checkpoint")
     return state
 

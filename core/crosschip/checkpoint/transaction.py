@@ -27,14 +27,13 @@ import shutil
 import uuid
 from pathlib import Path
 
+from crosschip.checkpoint.lock import CONTROL, LOCK, output_lock
 from crosschip.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-CONTROL = ".crosschip"
 CURRENT = "current"
 MANIFEST = "manifest.json"
-LOCK = "lock"
 FORMAT = "crosschip-save/1"
 _LINK_PREFIX = f"{CONTROL}/{CURRENT}/"
 _TMP_LINK = ".crosschip-tmp-"  # a top-level link being put in place
@@ -49,7 +48,10 @@ def committed_directory(directory: str | Path) -> Path:
     directory = Path(directory)
     current = directory / CONTROL / CURRENT
     if current.is_symlink():
-        target = directory / CONTROL / os.readlink(current)
+        name = os.readlink(current)
+        if Path(name).name != name or not name.startswith("save-"):
+            raise CheckpointError(f"{current}: points to {name!r}; expected a save-ID directory beside it")
+        target = directory / CONTROL / name
         if not (target / MANIFEST).is_file():
             raise CheckpointError(f"{current}: points to {target.name}, which holds no {MANIFEST}")
         return target
@@ -74,45 +76,6 @@ def manifest(directory: str | Path) -> dict | None:
 def holds_checkpoint(directory: Path) -> bool:
     return (directory / CONTROL / CURRENT).is_symlink() or any(
         (directory / name).exists() for name in ("config.json", *_WEIGHTS, "training_state"))
-
-
-# -- the lock ------------------------------------------------------------------------------
-_held: dict[str, list] = {}  # real path of a lock file -> [fd, depth]: re-entrant per process
-
-
-@contextlib.contextmanager
-def output_lock(directory: str | Path):
-    """Hold ``directory/.crosschip/lock`` exclusively (``flock``), or fail naming the holder."""
-    import fcntl
-
-    directory = Path(directory)
-    try:
-        (directory / CONTROL).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write a checkpoint to {directory}: {exc}") from exc
-    path = directory / CONTROL / LOCK
-    key = os.path.realpath(path)
-    if key in _held:
-        _held[key][1] += 1
-    else:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CheckpointError(f"{directory}: another process (pid {holder}) is writing a checkpoint "
-                                  f"there ({path} is locked); wait for it to finish or choose another "
-                                  "output directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _held[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            os.close(_held.pop(key)[0])  # closing releases the flock
 
 
 # -- one save ------------------------------------------------------------------------------
@@ -169,6 +132,9 @@ def clean_leftovers(directory: Path) -> None:
                 shutil.rmtree(item, ignore_errors=True)
             else:
                 item.unlink(missing_ok=True)
+    if keep is not None:  # a kill while _adopt_edited replaced a file of the committed save
+        for item in (control / keep).glob("tmp-*"):
+            item.unlink()
     listed = set(manifest(directory)["entries"]) if keep is not None else set()
     _unlink_unlisted(directory, listed)
 
@@ -209,6 +175,7 @@ def _adopt_unmanaged(directory: Path, entries: list[str]) -> None:
     same content; every step keeps the previous checkpoint whole."""
     control = directory / CONTROL
     if (control / CURRENT).is_symlink():
+        _adopt_edited(directory, entries)
         return
     names = set(entries) | set(_WEIGHTS)
     index = directory / _WEIGHTS[1]
@@ -230,7 +197,8 @@ def _adopt_unmanaged(directory: Path, entries: list[str]) -> None:
         else:
             _link_or_copy(source, previous / name)
     _fsync_tree(previous)
-    _write_json(previous / MANIFEST, {"format": FORMAT, "save_id": previous.name[5:], "entries": adopt})
+    _write_json(previous / MANIFEST, {"format": FORMAT, "save_id": previous.name[5:], "entries": adopt,
+                                      "adopted": True})  # its parts carry no save id
     _replace_link(control / CURRENT, previous.name)
     for name in adopt:
         source = directory / name
@@ -241,6 +209,24 @@ def _adopt_unmanaged(directory: Path, entries: list[str]) -> None:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             _replace_link(source, _LINK_PREFIX + name)
+
+
+def _adopt_edited(directory: Path, entries: list[str]) -> None:
+    """A real file where a managed save keeps a link (an editor replaced the link with the
+    edited file): it is what readers see, so it takes the committed save's copy's place
+    before the link is put back."""
+    committed = committed_directory(directory)
+    for name in entries:
+        source = directory / name
+        if source.is_symlink() or not source.exists():
+            continue
+        if source.is_dir():
+            raise CheckpointError(f"{source}: a directory where this save keeps a link to "
+                                  f"{_LINK_PREFIX}{name}; move it away to save here")
+        temporary = committed / f"tmp-{uuid.uuid4().hex[:12]}"
+        _link_or_copy(source, temporary)
+        os.replace(temporary, committed / name)
+        _replace_link(source, _LINK_PREFIX + name)
 
 
 def _link_or_copy(source, destination) -> None:
