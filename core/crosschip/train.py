@@ -117,7 +117,8 @@ def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
 
 
 def _build(args: TrainArgs):
-    """Model, tokenizer and starting step (and optimizer state) for a fresh or resumed run."""
+    """Model, tokenizer, the saved run's metadata (None for a fresh run) and the directory it was
+    read from (a resumed save's committed directory, resolved once)."""
     # A managed save resolved once: weights, tokenizer and training state of one save.
     source = str(committed_directory(args.resume)) if args.resume and Path(args.resume).is_dir() else (
         args.resume or args.model)
@@ -154,7 +155,7 @@ def _build(args: TrainArgs):
     if tokenizer.vocab_size > model.opts.vocab_size:
         raise ConfigurationError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                                  f"{model.opts.vocab_size}")
-    return model.train(), tokenizer, state
+    return model.train(), tokenizer, state, Path(source)
 
 
 def _read_meta(meta_file: Path, resume: str) -> dict:
@@ -236,7 +237,7 @@ def _locked_output(args: TrainArgs):
 
 def _train(args: TrainArgs, progress: bool) -> TrainResult:
     torch.manual_seed(args.seed)
-    model, tokenizer, state = _build(args)
+    model, tokenizer, state, source = _build(args)
     device = model.runtime.device
     tokens = _corpus_tokens(args, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -244,8 +245,8 @@ def _train(args: TrainArgs, progress: bool) -> TrainResult:
                                   fused=device.type == "cuda")
     start, losses = 0, []
     if state is not None:
-        _load_training_state(model, optimizer, committed_directory(args.resume) / STATE_DIR, state,
-                             run_at=(args.tp, args.dp), resume=args.resume)
+        _load_training_state(model, optimizer, source / STATE_DIR, state, run_at=(args.tp, args.dp),
+                             resume=args.resume)
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")

@@ -107,7 +107,8 @@ class Save:
         for name in entries:
             _link_through_current(self.directory, name)
         _fsync_dir(self.directory)
-        previous = self.control / os.readlink(self.control / CURRENT) if (self.control / CURRENT).is_symlink() else None
+        current = self.control / CURRENT
+        previous = self.control / os.readlink(current) if current.is_symlink() else None
         _replace_link(self.control / CURRENT, self.staging.name)  # THE commit
         _fsync_dir(self.control)
         if previous is not None and previous != self.staging:
@@ -118,6 +119,12 @@ class Save:
 def clean_leftovers(directory: Path) -> None:
     """Remove what killed saves left: uncommitted ``save-*``, temporary links, and top-level
     links of ours that the committed save does not list. Logged, never silent."""
+    # Beside the directory: what the writer before this one left when killed. An ".old-" one
+    # may be the only copy of a checkpoint, so it is reported, never removed.
+    for item in [*directory.parent.glob(f".{directory.name}.tmp-*"),
+                 *directory.parent.glob(f".{directory.name}.old-*")]:
+        logger.warning("%s: left by an interrupted save of an earlier crosschip; check it and remove it",
+                       item)
     control = directory / CONTROL
     if not control.is_dir():
         return
