@@ -106,3 +106,19 @@ def train_interrupted(root: Path, name: str, stop_after: int, **args) -> dict[st
 
     return {"full": run("full"), "half": run("half", stop_after=stop_after),
             "resumed": run("resumed", resume=str(root / f"{name}-half"))}
+
+
+def transplant_training_state(source: Path, target: Path) -> None:
+    """Put the training state saved in checkpoint ``source`` in place of the one in ``target``
+    (as a careless copy would), stamped with ``target``'s save id so that the resume checks
+    after the save-id check see it (``training_state`` is a link into the committed save)."""
+    import json
+    import shutil
+
+    state = (target / "training_state").resolve()
+    save_id = json.loads((state / "meta.json").read_text()).get("save_id")
+    shutil.rmtree(state)
+    shutil.copytree((source / "training_state").resolve(), state)
+    meta = json.loads((state / "meta.json").read_text())
+    meta["save_id"] = save_id
+    (state / "meta.json").write_text(json.dumps(meta))

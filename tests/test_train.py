@@ -82,10 +82,8 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_training_state_of_another_model_is_refused_naming_the_shapes(tmp_path):
-    import shutil
-
     from crosschip.errors import ConfigurationError
-    from helpers import save_hf_llama
+    from helpers import save_hf_llama, transplant_training_state
 
     small = dict(steps=1, batch_size=2, seq_len=16)
     save_hf_llama(tmp_path / "wide", vocab_size=300)
@@ -95,9 +93,8 @@ def test_training_state_of_another_model_is_refused_naming_the_shapes(tmp_path):
     narrow = train(TrainArgs(model=str(tmp_path / "narrow"), out=str(tmp_path / "narrow-out"), **small),
                    progress=False)
     meta = (narrow.out / "training_state" / "meta.json").read_bytes()
-    shutil.rmtree(narrow.out / "training_state")
-    shutil.copytree(wide.out / "training_state", narrow.out / "training_state")
-    # The wide tensors under the narrow run's own meta.json (whose recorded --model matches).
+    transplant_training_state(wide.out, narrow.out)
+    # The wide tensors under the narrow run's own meta.json (its recorded --model and save id match).
     (narrow.out / "training_state" / "meta.json").write_bytes(meta)
     with pytest.raises(ConfigurationError, match=r"this training state was saved by a different model: "
                                                  r"model\.embed_tokens\.weight has shape \(300, 64\) there, "

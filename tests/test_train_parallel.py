@@ -12,7 +12,7 @@ import pytest
 from crosschip.errors import ConfigurationError
 from crosschip.train import TrainArgs, train
 from gloo_spawn import spawn
-from helpers import save_hf_llama, train_interrupted
+from helpers import save_hf_llama, train_interrupted, transplant_training_state
 
 ARGS = dict(steps=8, batch_size=4, seq_len=32, lr=3e-3, seed=5)
 
@@ -46,14 +46,11 @@ def test_tp_training_resumes_exactly_and_at_another_layout(tmp_path):
     _assert_losses_close(other_layout.losses, losses["full"])
 
     # The sharded state in the directory of a different model: refused, naming the shapes.
-    import shutil
-
     save_hf_llama(tmp_path / "narrow", vocab_size=300, hidden_size=32, intermediate_size=64,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     other = train(TrainArgs(model=str(tmp_path / "narrow"), out=str(tmp_path / "narrow-out"),
                             **{**ARGS, "steps": 1}), progress=False)
-    shutil.rmtree(other.out / "training_state")
-    shutil.copytree(tmp_path / "tp-half" / "training_state", other.out / "training_state")
+    transplant_training_state(tmp_path / "tp-half", other.out)
     with pytest.raises(ConfigurationError, match=r"training_state: this training state does not fit this model: "
                                                  r"model\.embed_tokens\.weight has shape \(258, 128\) "
                                                  r"there, \(300, 32\) in this model.*saved at tp=2, dp=1 and this run "

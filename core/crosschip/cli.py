@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--seq-len", type=int, default=128)
     train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--out", default="crosschip-out", help="where to save the checkpoint")
+    train.add_argument("--out", default="crosschip-out", help="where to save the checkpoint (a directory; "
+                       "what else it holds is kept)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a checkpoint in --out that this run did not start from (--resume/--model)")
     train.add_argument("--resume", default=None, help="a checkpoint saved by crosschip train to continue from")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from crosschip import weights
-from crosschip.checkpoint import write_checkpoint
+from crosschip.checkpoint.transaction import atomic_save
+from crosschip.checkpoint.writer import write_weights
 from crosschip.errors import CheckpointError
 from crosschip.layouts import IDENTITY, Transform
 from crosschip.runtime import Runtime
@@ -76,9 +77,17 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
                         extra_files: Callable[[Path], None] | None = None) -> Path:
-        """Write a Hugging Face checkpoint (safetensors + config.json) that transformers loads.
-        ``extra_files(directory)`` may add files (tokenizer, training state) to the same atomic
-        write."""
+        """Write a Hugging Face checkpoint (safetensors + config.json) that transformers loads,
+        as one atomic save that replaces only what it writes. ``extra_files(directory)`` may add
+        files (tokenizer) to the same save. Under a process group every rank calls this."""
+        with atomic_save(path, distributed=self._parallel()) as staging:
+            self.write_pretrained(staging, max_shard_size, extra_files)
+        return Path(path)
+
+    def write_pretrained(self, staging: Path, max_shard_size: int | str = "5GB",
+                         extra_files: Callable[[Path], None] | None = None) -> None:
+        """The files of :meth:`save_pretrained` into the fresh ``staging`` directory of a save
+        (``crosschip.checkpoint.atomic_save``), which may take more files (training state)."""
         sizes = weights.canonical_sizes(self)
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
@@ -94,15 +103,17 @@ class CausalLM(nn.Module):
 
         tensors = weights.iter_canonical(self)
         if not self._parallel():
-            return write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
-        # Parallel: every rank takes part in gathering each component's shards, rank 0
-        # writes, and no rank returns before the checkpoint is in place.
+            write_weights(staging, sizes, tensors, max_shard_size)
+            write_extra(staging)
+            return
+        # Parallel: every rank takes part in gathering each component's shards, rank 0 writes.
         import torch.distributed as dist
 
         failure = None
         if dist.get_rank() == 0:
             try:
-                write_checkpoint(path, sizes, tensors, write_extra, max_shard_size)
+                write_weights(staging, sizes, tensors, max_shard_size)
+                write_extra(staging)
             except Exception as exc:  # reported to every rank below, so none waits forever
                 failure = f"{type(exc).__name__}: {exc}"
         # Every rank takes part in every remaining gather, whatever happened on rank 0.
@@ -111,8 +122,7 @@ class CausalLM(nn.Module):
         outcome = [failure]
         dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
-            raise CheckpointError(f"saving {path} failed on rank 0: {outcome[0]}")
-        return Path(path)
+            raise CheckpointError(f"saving {staging} failed on rank 0: {outcome[0]}")
 
     def _parallel(self) -> bool:
         return self.runtime.parallel.size > 1 and torch.distributed.is_initialized()

@@ -65,5 +65,7 @@ def load_tokenizer(directory: str | Path | None):
         if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+            # Never code from the directory (auto_map), only the tokenizer files themselves.
+            return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                             trust_remote_code=False))
     return ByteTokenizer()

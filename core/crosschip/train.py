@@ -16,7 +16,10 @@ import torch
 
 from crosschip import local_shards
 from crosschip.distributed import DP_DIM
-from crosschip.errors import ConfigurationError, TrainingDivergedError
+from crosschip.checkpoint import safe_dcp
+from crosschip.checkpoint.lock import output_lock
+from crosschip.checkpoint.transaction import atomic_save, committed_directory, holds_checkpoint, manifest
+from crosschip.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
 from crosschip.models import model_class
@@ -58,6 +61,7 @@ class TrainArgs:
     # With resume: run-defining arguments that may differ from the saved run, "name=value"
     # (several per item, comma-separated); see crosschip.resume.
     override: list[str] | None = None
+    overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every"):
@@ -69,6 +73,10 @@ class TrainArgs:
             raise ConfigurationError(f"--lr must be positive, found {self.lr}")
         if self.tp <= 0 or self.dp <= 0:
             raise ConfigurationError(f"--tp and --dp must be positive, found --tp {self.tp} --dp {self.dp}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigurationError(f"--out {out}: exists and is not a directory (expected a directory "
+                                     "to save the checkpoint into)")
         if self.batch_size % self.dp:
             raise ConfigurationError(f"--batch-size {self.batch_size} is not divisible by --dp {self.dp}: each "
                                      "data-parallel rank trains on an equal part of every batch")
@@ -123,10 +131,11 @@ def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
     return ids
 
 
-def _build(args: TrainArgs, state: dict | None):
+def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
     """Model and tokenizer for a fresh run, or for resuming the run whose ``meta.json`` is
-    ``state``."""
-    source = args.resume or args.model
+    ``state``, read from ``resumed`` (the committed directory of ``--resume``, resolved once, so
+    that weights, tokenizer and training state come from one save)."""
+    source = str(resumed) if resumed is not None else args.model
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
@@ -153,6 +162,34 @@ def _build(args: TrainArgs, state: dict | None):
     return model.train(), tokenizer
 
 
+def _resumed_state(args: TrainArgs) -> tuple[dict | None, Path | None]:
+    """The saved run's ``meta.json`` and the committed directory it was read from (None, None
+    for a fresh run). Its save id must be the weights': a state copied from another save is a
+    mixed checkpoint."""
+    if not args.resume:
+        return None, None
+    resumed = committed_directory(args.resume) if Path(args.resume).is_dir() else Path(args.resume)
+    meta_file = resumed / STATE_DIR / STATE_META
+    state = read_meta(args.resume, meta_file)
+    saved = manifest(args.resume)
+    if saved is not None and not saved.get("adopted") and state.get("save_id") != saved["save_id"]:
+        raise CheckpointError(f"{meta_file}: belongs to save {state.get('save_id')}, but the weights beside "
+                              f"it to save {saved['save_id']}; refusing a mixed checkpoint")
+    return state, resumed
+
+
+def check_output(args: TrainArgs) -> None:
+    """Refuse, before any training, to replace a checkpoint in ``--out`` that this run did not
+    start from (``--resume`` or ``--model`` naming it), unless ``--overwrite``."""
+    out = Path(args.out)
+    if args.overwrite or not out.is_dir() or not holds_checkpoint(out):
+        return
+    started_from = {os.path.realpath(p) for p in (args.resume, args.model) if p and Path(p).is_dir()}
+    if os.path.realpath(out) not in started_from:
+        raise ConfigurationError(f"--out {out}: already holds a checkpoint that this run did not start from; "
+                                 "pass --overwrite to replace it, or choose another --out")
+
+
 def _layouts(model) -> dict[str, str]:
     """``backend:component`` -> the weight layout its modules hold (its transforms' repr)."""
     from crosschip.weights import bindings
@@ -168,12 +205,45 @@ def _backends(model) -> dict[str, list[str]]:
 
 
 def train(args: TrainArgs, progress: bool = True) -> TrainResult:
+    """Train, then save weights, tokenizer and training state as one atomic save into
+    ``args.out``, which rank 0 holds locked from before the first step to the end of the save."""
     args.check()
-    state = read_meta(args.resume, Path(args.resume) / STATE_DIR / STATE_META) if args.resume else None
+    state, resumed = _resumed_state(args)
     args = resumed_args(args, state["args"] if state else None)  # --override applied
+    check_output(args)
     _ensure_process_group(args)
+    with _locked_output(args):
+        return _train(args, state, resumed, progress)
+
+
+@contextlib.contextmanager
+def _locked_output(args: TrainArgs):
+    """Rank 0 holds the output lock and re-checks the output under it (another run may have
+    saved there meanwhile); every rank learns the outcome, so none trains alone."""
+    failure = None
+    with contextlib.ExitStack() as stack:
+        if _rank() == 0:
+            try:
+                stack.enter_context(output_lock(args.out))
+                check_output(args)
+            except Exception as exc:
+                failure = exc
+        if args.tp * args.dp > 1:
+            import torch.distributed as dist
+
+            outcome = [None if failure is None else (type(failure).__name__, str(failure))]
+            dist.broadcast_object_list(outcome, src=0)
+            if outcome[0] is not None and failure is None:
+                kind = ConfigurationError if outcome[0][0] == "ConfigurationError" else CheckpointError
+                failure = kind(outcome[0][1])
+        if failure is not None:
+            raise failure
+        yield
+
+
+def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: bool) -> TrainResult:
     torch.manual_seed(args.seed)
-    model, tokenizer = _build(args, state)
+    model, tokenizer = _build(args, state, resumed)
     device = model.runtime.device
     tokens = _corpus_tokens(args, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,7 +251,8 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
                                   fused=device.type == "cuda")
     start, losses = 0, []
     if state is not None:
-        _load_training_state(model, optimizer, Path(args.resume) / STATE_DIR, state, run_at=(args.tp, args.dp))
+        _load_training_state(model, optimizer, resumed / STATE_DIR, state, run_at=(args.tp, args.dp),
+                             resume=args.resume)
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
@@ -213,11 +284,14 @@ def train(args: TrainArgs, progress: bool = True) -> TrainResult:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
     bar.close()
 
-    out = model.save_pretrained(args.out, extra_files=tokenizer.save_pretrained)
-    _save_training_state(model, optimizer, out / STATE_DIR, {
-        "step": end, "losses": losses, "args": recorded(args), "backends": _backends(model),
-        "layouts": _layouts(model), "tp": args.tp, "dp": args.dp})
-    return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), out, model)
+    # Weights, tokenizer and training state: one save, committed only when every rank wrote its part.
+    with atomic_save(args.out, distributed=model._parallel()) as staging:
+        model.write_pretrained(staging, extra_files=tokenizer.save_pretrained)
+        _save_training_state(model, optimizer, staging / STATE_DIR, {
+            "step": end, "losses": losses, "args": recorded(args), "backends": _backends(model),
+            "layouts": _layouts(model), "tp": args.tp, "dp": args.dp,
+            "save_id": staging.name.removeprefix("save-")})
+    return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), Path(args.out), model)
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -364,8 +438,8 @@ def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
     _barrier()
 
 
-def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1, 1)) -> None:
-    import torch.distributed.checkpoint as dcp
+def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1, 1), resume=None) -> None:
+    resume = resume or directory.parent
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -377,16 +451,18 @@ def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(
     if meta.get("layouts", layouts) != layouts:
         changed = sorted(k for k in layouts if meta["layouts"].get(k) != layouts[k])
         raise ConfigurationError(
-            f"--resume {directory.parent}: its training state holds the weights of {', '.join(changed)} "
+            f"--resume {resume}: its training state holds the weights of {', '.join(changed)} "
             f"in another physical layout than this run builds (saved at tp={saved_at[0]}, dp={saved_at[1]}; "
             f"this run has tp={run_at[0]}, dp={run_at[1]}); resume at the saved layout, or start from the "
             "Hugging Face checkpoint in that directory (--model)")
     state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
     try:
         with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(directory))
+            safe_dcp.load(state, directory)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise ConfigurationError(f"--resume {directory.parent}: the saved training state does not fit this "
+        raise ConfigurationError(f"--resume {resume}: the saved training state does not fit this "
                                  f"model and layout: {exc}") from exc
     # optim_state was filled in place through the views.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
@@ -396,10 +472,10 @@ def _check_state_fits(model_state: dict, directory: Path, saved_at=(1, 1), run_a
     """The saved model state must have this model's weights at this model's (global) shapes,
     whatever layout either was sharded in; otherwise say which, with both shapes. (Global
     physical shapes depend on the layout only where KV heads are replicated, tp > KV heads.)"""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        saved = safe_dcp.read_metadata_file(directory / ".metadata").state_dict_metadata
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise ConfigurationError(f"{directory}: not a readable training state: {exc}") from exc
     saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}

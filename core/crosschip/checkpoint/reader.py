@@ -32,7 +32,8 @@ class SafetensorsCheckpoint:
             self.key_to_file = self._read_index(index)
         elif single.is_file():
             target = single.resolve()
-            if target.parent != self.directory.resolve():
+            # A managed save's names are links into its own .crosschip/ (transaction.py): inside.
+            if self.directory.resolve() not in target.parents:
                 raise CheckpointError(f"{single}: a symlink to {target}, outside the checkpoint "
                                       "directory; refusing to read it")
             self.key_to_file = {k: single for k in self._open(single).keys()}
@@ -56,8 +57,9 @@ class SafetensorsCheckpoint:
         root = self.directory.resolve()
         out = {}
         for key, name in weight_map.items():
+            # A managed save's names are links into its own .crosschip/ (transaction.py).
             target = (self.directory / name).resolve()
-            if target.parent != root:
+            if Path(name).name != name or root not in target.parents:
                 raise CheckpointError(f"{index}: key {key!r} points to {name!r}, outside the "
                                       "checkpoint directory; refusing to read it")
             if not target.is_file():
