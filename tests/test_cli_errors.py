@@ -61,7 +61,7 @@ CASES = {
     "text-binary": (["train", "--text", "{binary}", *SMALL],
                     "--text {binary}: not UTF-8 text (invalid start byte at byte 128)"),
     "meta-fields": (["train", "--resume", "{meta}", "--steps", "3"],
-                    "is not a complete training state: step is str, expected int; backends is missing"),
+                    "not a complete training state (--resume {meta}): step is str, expected int; backends is missing"),
     "kv-heads": (["train", "--model", "{kv}", *SMALL],
                  "config.json: num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     "rms-norm-eps": (["generate", "--model", "{eps}", "--prompt", "x"],

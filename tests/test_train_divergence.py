@@ -19,7 +19,10 @@ SMALL = ["--batch-size", "2", "--seq-len", "16", "--quiet"]
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file under ``directory`` but the output lock (it records the last holder's pid, and
+    the diverging run held it; it is no part of any save)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.relative_to(directory).as_posix() != ".crosschip/lock"}
 
 
 def _cli(*args):
@@ -55,7 +58,9 @@ def test_poisoned_weights_stop_at_the_first_step_whatever_the_interval(tmp_path)
         train(TrainArgs(model=str(tmp_path / "poisoned"), steps=3, batch_size=2, seq_len=16, log_every=5,
                         out=str(tmp_path / "never")), progress=False)
     assert caught.value.step == 1 and math.isnan(caught.value.loss)
-    assert not (tmp_path / "never").exists()
+    # No save: the output holds only the lock the run took before its first step.
+    assert [p.relative_to(tmp_path / "never").as_posix() for p in (tmp_path / "never").rglob("*")] == [
+        ".crosschip", ".crosschip/lock"]
 
 
 def test_losses_do_not_depend_on_the_logging_interval(tmp_path):

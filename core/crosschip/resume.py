@@ -18,7 +18,7 @@ import os
 from dataclasses import fields, replace
 from pathlib import Path
 
-from crosschip.errors import ConfigurationError
+from crosschip.errors import CheckpointError, ConfigurationError
 
 
 def _optional(parse):
@@ -53,20 +53,22 @@ def read_meta(resume: str, meta_file: Path) -> dict:
     if not meta_file.is_file():
         raise ConfigurationError(f"--resume {resume}: {meta_file.parent.name}/{meta_file.name} missing (not a "
                                  "training checkpoint, or its save did not finish)")
-    try:
-        meta = json.loads(meta_file.read_text())
+    try:  # strict JSON, never a pickle: nothing read from a checkpoint runs code
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"--resume {resume}: {meta_file} is not valid JSON: {exc}") from exc
+        raise CheckpointError(f"{meta_file}: not valid JSON (the training state's metadata of --resume "
+                              f"{resume}): {exc}") from exc
     if not isinstance(meta, dict):
-        raise ConfigurationError(f"--resume {resume}: {meta_file} holds a {type(meta).__name__}, expected an object")
+        raise CheckpointError(f"{meta_file}: holds a {type(meta).__name__}, expected a JSON object (--resume "
+                              f"{resume})")
     problems = [f"{name} is missing" if name not in meta else f"{name} is {type(meta[name]).__name__}, "
                 f"expected {kind.__name__}" for name, kind in META_FIELDS.items()
                 if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool)]
     if not problems and len(meta["losses"]) != meta["step"]:
         problems.append(f"losses has {len(meta['losses'])} entries for step {meta['step']}")
     if problems:
-        raise ConfigurationError(f"--resume {resume}: {meta_file} is not a complete training state: "
-                                 f"{'; '.join(problems)}")
+        raise CheckpointError(f"{meta_file}: not a complete training state (--resume {resume}): "
+                              f"{'; '.join(problems)}")
     return meta
 
 

@@ -206,14 +206,14 @@ def _backends(model) -> dict[str, list[str]]:
 
 def train(args: TrainArgs, progress: bool = True) -> TrainResult:
     """Train, then save weights, tokenizer and training state as one atomic save into
-    ``args.out``, which rank 0 holds locked from before the first step to the end of the save."""
+    ``args.out``, which rank 0 holds locked from before the first step to the end of the save
+    (bad input is refused before that: it leaves no trace in ``--out``)."""
     args.check()
     state, resumed = _resumed_state(args)
     args = resumed_args(args, state["args"] if state else None)  # --override applied
     check_output(args)
     _ensure_process_group(args)
-    with _locked_output(args):
-        return _train(args, state, resumed, progress)
+    return _train(args, state, resumed, progress)
 
 
 @contextlib.contextmanager
@@ -256,8 +256,15 @@ def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: 
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
+    with _locked_output(args):
+        return _steps_and_save(args, model, tokenizer, optimizer, tokens, start, losses, progress)
 
+
+def _steps_and_save(args, model, tokenizer, optimizer, tokens, start: int, losses: list, progress: bool):
     from tqdm.auto import tqdm
+
+    device = model.runtime.device
+    params = [p for p in model.parameters() if p.requires_grad]
 
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress or _rank() != 0,
