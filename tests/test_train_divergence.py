@@ -58,9 +58,7 @@ def test_poisoned_weights_stop_at_the_first_step_whatever_the_interval(tmp_path)
         train(TrainArgs(model=str(tmp_path / "poisoned"), steps=3, batch_size=2, seq_len=16, log_every=5,
                         out=str(tmp_path / "never")), progress=False)
     assert caught.value.step == 1 and math.isnan(caught.value.loss)
-    # No save: the output holds only the lock the run took before its first step.
-    assert [p.relative_to(tmp_path / "never").as_posix() for p in (tmp_path / "never").rglob("*")] == [
-        ".crosschip", ".crosschip/lock"]
+    assert not (tmp_path / "never").exists()  # nor the lock the run took there before its first step
 
 
 def test_losses_do_not_depend_on_the_logging_interval(tmp_path):
