@@ -80,6 +80,27 @@ def assert_parallel_grads_match(model, single, tol: float, where: str) -> None:
                      f"{where} gradient norm")
 
 
+def assert_training_steps_match(model, single, ids, tol: float, where: str, steps: int = 3) -> None:
+    """``steps`` AdamW steps of a parallel ``model`` and of ``single`` on the same batch: logits,
+    loss, every gradient and the gradient norm agree within ``tol`` at each step.
+
+    eps well above float32 rounding of the gradients: with the default 1e-8 Adam divides each
+    gradient by its own magnitude, so an element near zero turns a rounding difference into a
+    full-size step of either sign, and the two runs drift apart for reasons unrelated to TP."""
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
+    for step in range(steps):
+        expected, got = single(ids, labels=ids), model(ids, labels=ids)
+        expected.loss.backward()
+        got.loss.backward()
+        at = f"{where} step {step}"
+        assert_rel_close(got.logits, expected.logits, tol, f"{at} logits")
+        assert_rel_close(got.loss, expected.loss, tol, f"{at} loss")
+        assert_parallel_grads_match(model, single, tol, at)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 def assert_saves_alike(model, single, directory: Path, rank: int, where: str) -> None:
     """A parallel ``model`` saved (every rank gathers, rank 0 writes) holds the same bytes, key
     by key, as ``single`` saved in one process."""

@@ -14,14 +14,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_cuda_test(require: str | None) -> subprocess.CompletedProcess:
+def _run_marked(test_file: str, keyword: str, require: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CROSSCHIP_REQUIRE_HARDWARE"}
     if require:
         env["CROSSCHIP_REQUIRE_HARDWARE"] = require
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-         "-k", "compiles_on_cuda"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run_cuda_test(require: str | None) -> subprocess.CompletedProcess:
+    return _run_marked("tests/test_cuda.py", "compiles_on_cuda", require)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour where CUDA is absent")
@@ -35,12 +38,7 @@ def test_cuda_tests_skip_without_cuda_and_fail_when_required():
 
 
 def _run_neuron_test(require: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "CROSSCHIP_REQUIRE_HARDWARE"}
-    if require:
-        env["CROSSCHIP_REQUIRE_HARDWARE"] = require
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_neuron_hardware.py",
-         "-k", "logits"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return _run_marked("tests/test_neuron_hardware.py", "logits", require)
 
 
 def test_neuron_tests_skip_without_trainium_and_fail_when_required():

@@ -19,7 +19,8 @@ import torch
 
 import crosschip
 from gloo_spawn import spawn
-from helpers import assert_parallel_grads_match, assert_rel_close, assert_saves_alike, rel_err, save_hf_llama
+from helpers import (assert_parallel_grads_match, assert_rel_close, assert_saves_alike,
+                     assert_training_steps_match, rel_err, save_hf_llama)
 
 pytestmark = pytest.mark.neuron_cpu
 
@@ -75,17 +76,7 @@ def _check_parity(root: Path, name: str, tp: int, platform: str, sp: bool, fused
     if not sp:  # greedy tokens equal (the KV cache holds this rank's heads)
         prompt = ids[:, :5]
         assert torch.equal(model.generate(prompt, max_new_tokens=3), single.generate(prompt, max_new_tokens=3))
-    # eps well above float32 rounding (as the torch backend's TP test explains).
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
-    for step in range(3):
-        expected, got = _step(single, ids), _step(model, ids)
-        at = f"{where} step {step}"
-        assert_rel_close(got.logits, expected.logits, TOL, f"{at} logits")
-        assert_rel_close(got.loss, expected.loss, TOL, f"{at} loss")
-        assert_parallel_grads_match(model, single, TOL, at)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
+    assert_training_steps_match(model, single, ids, TOL, where)
 
 
 def _check_wrong_platform_is_caught(root: Path, tp: int) -> None:

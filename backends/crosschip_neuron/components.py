@@ -21,8 +21,7 @@ from neuronx_distributed.parallel_layers import layers, mappings
 from torch import nn
 from transformers.activations import ACT2FN
 
-from crosschip.distributed import check_gated_mlp
-from crosschip.errors import ConfigurationError
+from crosschip.distributed import check_gated_mlp, check_sequence_divides
 from crosschip.kv_replication import kv_copies
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.specs import EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, QKVSpec
@@ -41,14 +40,6 @@ def _sequence_parallel(ctx) -> bool:
 
 def _sequence_dim(sp: bool):
     return 0 if sp else None
-
-
-def check_sequence(seq: int, tp: int) -> None:
-    if seq % tp:
-        raise ConfigurationError(
-            f"neuron sequence parallelism: tp={tp} does not divide the sequence length ({seq}); pad the "
-            "batch to a multiple of tp, or load the model with sequence_parallel=False for this use "
-            "(generation, whose decode steps have one position)")
 
 
 class _SwapFirstDims(torch.autograd.Function):
@@ -155,7 +146,7 @@ class Embedding(layers.ParallelEmbedding):
 
     def forward(self, input_ids):
         if self.sequence_parallel_enabled:
-            check_sequence(input_ids.shape[1], self.tensor_model_parallel_size)
+            check_sequence_divides(input_ids.shape[1], self.tensor_model_parallel_size, "neuron")
         return super().forward(input_ids)
 
 

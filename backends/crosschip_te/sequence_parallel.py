@@ -22,15 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from crosschip.errors import ConfigurationError
-
-
-def _check_divisible(seq: int, tp: int) -> None:
-    if seq % tp:
-        raise ConfigurationError(
-            f"te sequence parallelism: tp={tp} does not divide the sequence length ({seq}); pad the "
-            "batch to a multiple of tp, or load the model with sequence_parallel=False for this use "
-            "(generation, whose decode steps have one position)")
+from crosschip.distributed import check_sequence_divides
 
 
 class _ToStream(torch.autograd.Function):
@@ -39,7 +31,7 @@ class _ToStream(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         tp, rank = dist.get_world_size(group), dist.get_rank(group)
-        _check_divisible(x.shape[1], tp)
+        check_sequence_divides(x.shape[1], tp, "te")
         ctx.group = group
         return x.transpose(0, 1).chunk(tp)[rank].contiguous()
 

@@ -38,6 +38,15 @@ def check_divides(tp: int, size: int, what: str) -> None:
         raise ConfigurationError(f"tensor parallel degree tp={tp} does not divide the {what} ({size})")
 
 
+def check_sequence_divides(seq: int, tp: int, backend: str) -> None:
+    """Sequence parallelism cuts every sequence into ``tp`` equal parts."""
+    if seq % tp:
+        raise ConfigurationError(
+            f"{backend} sequence parallelism: tp={tp} does not divide the sequence length ({seq}); pad the "
+            "batch to a multiple of tp, or load the model with sequence_parallel=False for this use "
+            "(generation, whose decode steps have one position)")
+
+
 def check_gated_mlp(spec, tp: int) -> None:
     """A column-parallel gate/up and row-parallel down projection split the intermediate size."""
     if tp > 1:
