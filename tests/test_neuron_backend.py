@@ -127,3 +127,17 @@ def test_neuron_passes_the_conformance_kit_in_cpu_mode():
         # Only the replicated (non-attention) projection, which NxD's RowParallelLinear is not.
         assert result["declined"] == [["out_projection", "plain"]], (dtype, result["declined"])
         assert result["passed"] == 29, (dtype, result)
+
+
+def test_stand_ins_never_replace_an_installed_module(tmp_path):
+    """With a (here: fake) torch_xla installed, CPU mode registers stand-ins only for what is
+    missing; the installed module stays the one imported."""
+    (tmp_path / "torch_xla").mkdir()
+    (tmp_path / "torch_xla" / "__init__.py").write_text("REAL = True\n")
+    code = ("import sys; from crosschip_neuron import cpu_mode; cpu_mode._install_standins(); "
+            "import torch_xla, torch_neuronx; print(getattr(torch_xla, 'REAL', False), "
+            "getattr(torch_neuronx, '__crosschip_standin__', False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stdout
