@@ -217,3 +217,14 @@ def test_absurd_sizes_rejected_before_allocating(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigurationError, match=message):
         crosschip.from_pretrained(tmp_path)
+
+
+def test_load_hf_state_dict_refuses_integer_tensors_too(tmp_path):
+    save_hf_llama(tmp_path)
+    model = crosschip.from_pretrained(tmp_path, backend="torch")
+    state = model.hf_state_dict()
+    key = "model.layers.0.mlp.down_proj.weight"
+    state[key] = state[key].to(torch.int32)
+    with pytest.raises(CheckpointError, match=rf"key {key!r} in the given state dict has dtype torch.int32, "
+                                              r"expected a floating-point dtype"):
+        model.load_hf_state_dict(state)

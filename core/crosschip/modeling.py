@@ -138,6 +138,9 @@ class _DictSource:
     def shape(self, key):
         return tuple(self.tensors[key].shape)
 
+    def dtype(self, key):
+        return self.tensors[key].dtype
+
     def get(self, key):
         return self.tensors[key]
 
