@@ -35,6 +35,14 @@ def test_changed_hyperparameters_are_refused_naming_both_values(saved, tmp_path)
         train(TrainArgs(resume=str(saved), model="small-llama", out=str(tmp_path / "x"), **RUN), progress=False)
 
 
+def test_a_resume_continues_the_saved_settings_it_is_not_given(saved, tmp_path):
+    result = train(TrainArgs(resume=str(saved), out=str(tmp_path / "more"), steps=3), progress=False)
+    args = _meta(result.out)["args"]
+    assert {k: args[k] for k in ("lr", "seed", "batch_size", "seq_len")} == {
+        k: v for k, v in RUN.items() if k != "steps"}
+    assert len(result.losses) == 3
+
+
 def test_override_is_applied_and_recorded_while_free_args_change_freely(saved, tmp_path):
     # --steps extends the run, --out and --log-every are free; lr changes because it is overridden.
     given = {k: v for k, v in RUN.items() if k != "lr"}  # --lr left at its default: the override decides

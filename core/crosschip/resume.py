@@ -1,9 +1,11 @@
 """What a resume may change, and the saved ``meta.json`` it continues from.
 
 A run is defined by its RUN_DEFINING arguments (the model it started from, the data, the batch,
-the optimizer's schedule, the numerics): a resume that differs in one of them would silently
-become another run, so it is refused, naming the saved and the new value, unless
-``--override name=value`` says that the change is intended. Every other argument may change
+the optimizer's schedule, the numerics). A resume takes the saved value of each one it leaves at
+its default (``crosschip train --resume DIR`` continues the run as it was started); one given
+with another value would silently make it another run, so it is refused, naming the saved and
+the new value, unless ``--override name=value`` says that the change is intended (also the way
+back to a default value). Every other argument may change
 freely: how long (``--steps`` extends the run, stretching its cosine schedule over the new
 total, ``--stop-after``), where it is saved (``--out``, ``--resume``), how it is laid out and run
 (``--backend``, which must still build the same backends per component, ``--device``, ``--tp``,
@@ -110,7 +112,10 @@ def resumed_args(args, saved: dict):
         given = getattr(args, name)
         if given != defaults[name] and given != value:
             raise ConfigurationError(f"{_option(name)} {given} and --override {name}={value} disagree")
-    args = replace(args, **overrides)
+    # Left at its default, a run-defining argument continues the saved run's value.
+    inherited = {name: saved[name] for name in RUN_DEFINING
+                 if name in saved and name not in overrides and getattr(args, name) == defaults[name]}
+    args = replace(args, **inherited, **overrides)
     changed = [(name, saved[name], getattr(args, name)) for name in RUN_DEFINING
                if name in saved and normalised(name, saved[name]) != normalised(name, getattr(args, name))
                and name not in overrides]
