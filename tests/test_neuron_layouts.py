@@ -128,5 +128,10 @@ def test_a_platform_nxd_does_not_know_is_refused(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"platform target 'trn9' .* expected one of trn1, trn1n, inf2, "
                                                  r"trn2, trn3"):
         layout.qkv_layout(QKVSpec(32, 8, 1, 4), _Ctx(2))
-    # Where nothing is replicated the platform does not enter the layout at all.
+    # Where nothing is replicated the platform does not enter the layout at all, and with one KV
+    # head both platforms put its copies on every rank alike: only the label differs (which a
+    # training state records, so a resume still names the platform it was saved under).
     assert layout.head_orders(QKVSpec(32, 8, 2, 4), 2)[2] == ""
+    for tp in (2, 4, 8):
+        trn1, trn2 = (layout.head_orders(QKVSpec(32, 8, 1, 4), tp, p) for p in ("trn1", "trn2"))
+        assert trn1[:2] == trn2[:2] and trn1[2] != trn2[2]
