@@ -5,8 +5,12 @@ CROSSCHIP_REQUIRE_HARDWARE says it must be there."""
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
+# Tokenized datasets are cached by the datasets library; keep the tests' cache out of the user's.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="crosschip-test-datasets-"))
+
+import pytest  # noqa: E402
 import torch
 
 from crosschip.plugins.registry import reset_registry

@@ -143,3 +143,38 @@ def transplant_training_state(source: Path, target: Path) -> None:
     meta = json.loads((state / "meta.json").read_text())
     meta["save_id"] = save_id
     (state / "meta.json").write_text(json.dumps(meta))
+
+
+#: A chat template in the shape real ones take, with {% generation %} marks so that transformers'
+#: return_assistant_tokens_mask gives an independent account of the assistant tokens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT_SPECIALS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+
+
+def chat_tokenizer():
+    """A byte-level BPE tokenizer without merges (one token per byte) plus the chat specials,
+    built locally with the tokenizers library; nothing downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": CHAT_SPECIALS[3:]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_chat_model(path: Path, seed: int = 0):
+    """A tiny random Llama with :func:`chat_tokenizer` saved beside it in ``path``."""
+    tok = chat_tokenizer()
+    model = save_hf_llama(path, seed=seed, vocab_size=len(tok) + 8)
+    tok.save_pretrained(path)
+    return tok, model

@@ -125,6 +125,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_data_arguments(train) -> None:
+    """``--data`` and what shapes it into examples (see crosschip.data)."""
+    train.add_argument("--data", default=None, metavar="PATH_OR_ID",
+                       help="a dataset to fine-tune on: a local .jsonl, .json, .parquet, .txt or .arrow file, a "
+                            "save_to_disk directory, or a Hub dataset id (online); rows of text or chat messages")
+    train.add_argument("--text-field", default="text", help="the field holding plain text (default: text)")
+    train.add_argument("--messages-field", default="messages",
+                       help="the field holding chat messages, a list of {role, content}, rendered with the model's "
+                            "chat template (default: messages)")
+    train.add_argument("--train-on", default="assistant", choices=("assistant", "all"),
+                       help="chat data: the loss on assistant tokens only (default), or on every token")
+    train.add_argument("--long-documents", default="truncate", choices=("truncate", "split"),
+                       help="a document longer than --seq-len is truncated (default) or split into pieces")
+    train.add_argument("--eval-data", default=None, metavar="PATH", help="the validation split, a file as --data")
+    train.add_argument("--eval-fraction", type=float, default=0.0, metavar="F",
+                       help="hold out this fraction of --data's rows as the validation split (chosen by --seed)")
+    train.add_argument("--eval-every", type=int, default=None, metavar="N",
+                       help="validation loss and perplexity every N steps (and always at the end)")
+
+
+def _add_schedule_arguments(train) -> None:
+    """The optimizer's schedule and update, and the saves along the way."""
+    train.add_argument("--warmup", type=int, default=None, metavar="N",
+                       help="warm-up steps (default: min(100, steps / 10), at least one)")
+    train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "linear", "constant"),
+                       help="after the warm-up: cosine (default) or linear decay to --lr / 10, or constant")
+    train.add_argument("--grad-accumulation", type=int, default=1, metavar="N",
+                       help="micro-batches of --batch-size per optimizer step (the step's batch is N * batch size)")
+    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    train.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="clip the gradient norm to this (default: 1.0; 0 disables clipping)")
+    train.add_argument("--save-every", type=int, default=None, metavar="N",
+                       help="also save OUT/checkpoint-STEP every N steps, each a complete resumable checkpoint")
+    train.add_argument("--keep-last", type=int, default=None, metavar="K",
+                       help="with --save-every: keep only the K newest of this run's checkpoint-STEP saves")
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -199,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and residuals along the sequence")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
+    _add_data_arguments(train)
+    _add_schedule_arguments(train)
     train.add_argument("--stop-after", type=int, default=None,
                        help="stop and save after this many steps of this run; continue with --resume")
     train.add_argument("--log-every", type=int, default=10, metavar="N",

@@ -9,7 +9,9 @@ back to a default value). Every other argument may change
 freely: how long (``--steps`` extends the run, stretching its cosine schedule over the new
 total, ``--stop-after``), where it is saved (``--out``, ``--resume``), how it is laid out and run
 (``--backend``, which must still build the same backends per component, ``--device``, ``--tp``,
-``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``) and shown (``--log-every``).
+``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``), shown (``--log-every``),
+measured (``--eval-data``, ``--eval-every``) and saved along the way (``--save-every``,
+``--keep-last``).
 The arguments recorded in the next save are the ones this run actually used.
 """
 
@@ -31,6 +33,11 @@ def _optional(parse):
 RUN_DEFINING = {
     "model": str, "text": _optional(str), "seed": int, "batch_size": int, "seq_len": int, "lr": float,
     "warmup": _optional(int), "dtype": str, "precision": str, "fp8_recipe": str,
+    # The data and how it becomes tokens (the held-out fraction changes the training rows).
+    "data": _optional(str), "text_field": str, "messages_field": str, "train_on": str,
+    "long_documents": str, "eval_fraction": float,
+    # The optimizer's schedule and update.
+    "lr_schedule": str, "grad_accumulation": int, "weight_decay": float, "max_grad_norm": float,
 }
 #: What the saved meta.json must hold, with the type of each.
 META_FIELDS = {"step": int, "losses": list, "args": dict, "backends": dict}
@@ -43,7 +50,7 @@ def _option(name: str) -> str:
 def normalised(name: str, value):
     """``value`` of argument ``name`` as it is recorded and compared: a path that exists as an
     absolute path, so a resume from another working directory still matches."""
-    if name in ("model", "text") and isinstance(value, str) and os.path.exists(value):
+    if name in ("model", "text", "data") and isinstance(value, str) and os.path.exists(value):
         return os.path.realpath(value)
     return value
 

@@ -1,5 +1,7 @@
-"""The main job: train a causal LM on the built-in corpus (or a text file), on any backend, and
-save a Hugging Face checkpoint with everything needed to resume."""
+"""The main job: train a causal LM on the built-in corpus, a text file or a dataset
+(``--data``, see :mod:`crosschip.data`), on any backend, and save a Hugging Face checkpoint with
+everything needed to resume (and, with ``--save-every``, intermediate ones: see
+:mod:`crosschip.periodic_saves`)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ import json
 import math
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from crosschip import local_shards
+from crosschip import local_shards, periodic_saves
+from crosschip.data import Batch, collate, pad_id, step_indices, training_splits
 from crosschip.distributed import DP_DIM
 from crosschip.checkpoint import safe_dcp
 from crosschip.checkpoint.lock import output_lock
@@ -26,6 +30,7 @@ from crosschip.models import model_class
 from crosschip.presets import preset_config
 from crosschip.resume import read_meta, recorded, resumed_args
 from crosschip.runtime import Runtime
+from crosschip.schedule import SCHEDULES, learning_rate
 from crosschip.specs import ParallelSpec
 from crosschip.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
 
@@ -50,7 +55,22 @@ class TrainArgs:
     fp8_recipe: str = "delayed"
     activation_checkpointing: str = "none"
     text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
+    # A dataset (local JSONL, JSON, Parquet, text or Arrow file, or a Hub id) of text or chat rows.
+    data: str | None = None
+    text_field: str = "text"
+    messages_field: str = "messages"  # chat rows: a list of {"role", "content"}
+    train_on: str = "assistant"  # chat rows: the loss on assistant tokens only, or "all"
+    long_documents: str = "truncate"  # documents longer than seq_len: "truncate" or "split"
+    eval_data: str | None = None  # the validation split: a file, or ...
+    eval_fraction: float = 0.0  # ... this fraction of --data's rows held out (chosen by the seed)
+    eval_every: int | None = None  # evaluate every N steps (and at the end, whenever there is a split)
     warmup: int | None = None
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" to lr / 10, or "constant"
+    grad_accumulation: int = 1  # micro-batches of batch_size per optimizer step
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0: no clipping
+    save_every: int | None = None  # also save out/checkpoint-<step> every N steps ...
+    keep_last: int | None = None  # ... keeping only the K newest of this run's
     stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
@@ -64,11 +84,20 @@ class TrainArgs:
     overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accumulation"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
-        if self.stop_after is not None and self.stop_after <= 0:
-            raise ConfigurationError(f"--stop-after must be positive, found {self.stop_after}")
+        for name in ("stop_after", "eval_every", "save_every", "keep_last"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
+        self._check_data()
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigurationError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise ConfigurationError(f"--weight-decay and --max-grad-norm must be >= 0, found {self.weight_decay} "
+                                     f"and {self.max_grad_norm}")
+        if self.keep_last is not None and self.save_every is None:
+            raise ConfigurationError("--keep-last applies only with --save-every")
         if not self.lr > 0:
             raise ConfigurationError(f"--lr must be positive, found {self.lr}")
         if self.tp <= 0 or self.dp <= 0:
@@ -86,29 +115,67 @@ class TrainArgs:
             parse_device(self.device, where="--device")
 
 
+    def _check_data(self) -> None:
+        choices = {"train_on": ("assistant", "all"), "long_documents": ("truncate", "split")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigurationError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
+                                         f"{', '.join(valid)}")
+        if self.data and self.text:
+            raise ConfigurationError("--data and --text both name the training data; give one")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigurationError(f"--eval-fraction must be in [0, 1), found {self.eval_fraction}")
+        if self.eval_fraction and self.eval_data:
+            raise ConfigurationError("--eval-data and --eval-fraction both name the validation split; give one")
+        if (self.eval_fraction or self.eval_data) and not self.data:
+            raise ConfigurationError("--eval-data and --eval-fraction apply only with --data")
+        if self.eval_every is not None and not (self.eval_fraction or self.eval_data):
+            raise ConfigurationError("--eval-every needs a validation split: --eval-data or --eval-fraction")
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
     tokens_per_second: float = 0.0
     out: Path | None = None
     model: object = None
+    evals: list[dict] = field(default_factory=list)  # {"step", "loss", "perplexity"} on the validation split
+    saves: list[Path] = field(default_factory=list)  # the intermediate saves this run wrote
 
 
-def learning_rate(step: int, args: TrainArgs) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    warmup = args.warmup if args.warmup is not None else max(1, min(100, args.steps // 10))
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def batch_for_step(tokens: torch.Tensor, step: int, args: TrainArgs) -> torch.Tensor:
-    """The batch of a step depends only on (seed, step): an interrupted and resumed run sees
-    the same data in the same order."""
+def batch_for_step(tokens: torch.Tensor, step: int, args: TrainArgs, rows: int | None = None) -> torch.Tensor:
+    """The ``rows`` (default ``batch_size``) sequences of a step depend only on (seed, step): an
+    interrupted and resumed run sees the same data in the same order. The first ``batch_size``
+    of a larger draw are the smaller draw's, so N micro-batches are one batch of N*B."""
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    starts = torch.randint(0, len(tokens) - args.seq_len, (args.batch_size,), generator=gen)
+    starts = torch.randint(0, len(tokens) - args.seq_len, (rows or args.batch_size,), generator=gen)
     return torch.stack([tokens[s:s + args.seq_len] for s in starts.tolist()])
+
+
+class StepData:
+    """The whole batch of each step (``grad_accumulation * batch_size`` rows): from the corpus
+    (every token a label, no padding) or from ``--data`` (:mod:`crosschip.data`); either way a
+    function of (seed, step). ``evaluation``: the validation split's dataset, or None."""
+
+    def __init__(self, args: TrainArgs, tokenizer):
+        self.args, self.rows = args, args.batch_size * args.grad_accumulation
+        self.pad = pad_id(tokenizer)
+        self.evaluation = None
+        if args.data:
+            self.dataset, self.evaluation = training_splits(args, tokenizer)
+        else:
+            self.tokens = _corpus_tokens(args, tokenizer)
+
+    def __call__(self, step: int) -> Batch:
+        if not self.args.data:
+            ids = batch_for_step(self.tokens, step, self.args, self.rows)
+            return Batch(ids, ids, None)
+        indices = step_indices(step, self.rows, len(self.dataset), self.args.seed)
+        return collate(self.dataset[indices], self.args.seq_len, self.pad)
+
+    def evaluation_batches(self):
+        for start in range(0, len(self.evaluation), self.args.batch_size):
+            yield collate(self.evaluation[start:start + self.args.batch_size], self.args.seq_len, self.pad)
 
 
 def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
@@ -185,7 +252,10 @@ def check_output(args: TrainArgs) -> None:
     if args.overwrite or not out.is_dir() or not holds_checkpoint(out):
         return
     started_from = {os.path.realpath(p) for p in (args.resume, args.model) if p and Path(p).is_dir()}
-    if os.path.realpath(out) not in started_from:
+    # A resume from one of the run's own intermediate saves may replace the run's final save.
+    same_run = bool(args.resume) and periodic_saves.run_id_of(Path(args.resume)) is not None and \
+        periodic_saves.run_id_of(out) == periodic_saves.run_id_of(Path(args.resume))
+    if os.path.realpath(out) not in started_from and not same_run:
         raise ConfigurationError(f"--out {out}: already holds a checkpoint that this run did not start from; "
                                  "pass --overwrite to replace it, or choose another --out")
 
@@ -245,60 +315,129 @@ def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: 
     torch.manual_seed(args.seed)
     model, tokenizer = _build(args, state, resumed)
     device = model.runtime.device
-    tokens = _corpus_tokens(args, tokenizer)
+    data = StepData(args, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     start, losses = 0, []
+    # One id for the whole run, kept across resumes: --keep-last removes only this run's saves.
+    run_id = (state or {}).get("run_id") or uuid.uuid4().hex
     if state is not None:
         _load_training_state(model, optimizer, resumed / STATE_DIR, state, run_at=(args.tp, args.dp),
                              resume=args.resume)
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
         raise ConfigurationError(f"--resume {args.resume} is already at step {start}; ask for --steps > {start}")
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    if args.save_every and _rank() == 0:
+        periodic_saves.check_targets(args.out, _save_steps(args, start, end), run_id, args.overwrite)
     with _locked_output(args):
-        return _steps_and_save(args, model, tokenizer, optimizer, tokens, start, losses, progress)
+        return _steps_and_save(args, model, tokenizer, optimizer, data, start, end, losses, run_id, progress)
 
 
-def _steps_and_save(args, model, tokenizer, optimizer, tokens, start: int, losses: list, progress: bool):
+def _save_steps(args: TrainArgs, start: int, end: int) -> list[int]:
+    """The steps after which this run writes ``checkpoint-<step>`` (the last one goes to ``out``)."""
+    return [s for s in range(start + 1, end) if s % args.save_every == 0] if args.save_every else []
+
+
+def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: int, end: int, losses: list,
+                    run_id: str, progress: bool):
     from tqdm.auto import tqdm
 
     device = model.runtime.device
     params = [p for p in model.parameters() if p.requires_grad]
+    result = TrainResult(losses=losses, out=Path(args.out), model=model)
+    saves_at = set(_save_steps(args, start, end))
 
-    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress or _rank() != 0,
                desc="train", unit="step", dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, gradient norm) not yet read back
     for step in bar:
-        batch = _to_device(_data_parallel_part(batch_for_step(tokens, step, args), model), device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        # Labels are the inputs: the loss component shifts them, as transformers does.
-        loss = model(batch, labels=batch, return_logits=False).loss
-        loss.backward()
-        grad_norm = clip_gradients(params, 1.0)
+        loss, tokens = _accumulated_step(model, data(step), args, device)
+        grad_norm = clip_gradients(params, args.max_grad_norm or float("inf"))  # inf: measured, not clipped
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.runtime.step_boundary()  # a lazily executing device (XLA) runs the step's graph here
-        pending.append((_mean_over_data_parallel(loss.detach(), model), grad_norm.detach()))
-        seen += batch.numel() * args.dp  # every data-parallel rank ran its own part
-        if len(pending) == args.log_every or step + 1 == end:
+        pending.append((_mean_over_data_parallel(loss, model), grad_norm.detach()))
+        seen += tokens
+        if len(pending) == args.log_every or step + 1 == end or step + 1 in saves_at:
             losses += _read_back(pending, step + 2 - len(pending), args)  # raises on divergence
             pending = []
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+        if data.evaluation is not None and ((args.eval_every and (step + 1) % args.eval_every == 0)
+                                            or step + 1 == end):
+            result.evals.append({"step": step + 1, **evaluate(model, data, device)})
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", eval_loss=f"{result.evals[-1]['loss']:.3f}")
+        if step + 1 in saves_at:
+            target = periodic_saves.checkpoint_dir(args.out, step + 1)
+            _save(target, model, tokenizer, optimizer, step + 1, losses, args, run_id)
+            result.saves.append(target)
+            if _rank() == 0:
+                periodic_saves.prune(args.out, run_id, args.keep_last)
+            _barrier()
     bar.close()
 
     # Weights, tokenizer and training state: one save, committed only when every rank wrote its part.
-    with atomic_save(args.out, distributed=model._parallel()) as staging:
+    _save(args.out, model, tokenizer, optimizer, end, losses, args, run_id)
+    result.tokens_per_second = seen / max(time.perf_counter() - t0, 1e-9)
+    return result
+
+
+def _save(directory, model, tokenizer, optimizer, step: int, losses: list, args: TrainArgs, run_id: str) -> None:
+    with atomic_save(directory, distributed=model._parallel()) as staging:
         model.write_pretrained(staging, extra_files=tokenizer.save_pretrained)
         _save_training_state(model, optimizer, staging / STATE_DIR, {
-            "step": end, "losses": losses, "args": recorded(args), "backends": _backends(model),
-            "layouts": _layouts(model), "tp": args.tp, "dp": args.dp,
+            "step": step, "losses": list(losses), "args": recorded(args), "backends": _backends(model),
+            "layouts": _layouts(model), "tp": args.tp, "dp": args.dp, "run_id": run_id,
             "save_id": staging.name.removeprefix("save-")})
-    return TrainResult(losses, seen / max(time.perf_counter() - t0, 1e-9), Path(args.out), model)
+
+
+def _accumulated_step(model, whole: Batch, args: TrainArgs, device) -> tuple[torch.Tensor, int]:
+    """Forward and backward of one optimizer step's batch in ``grad_accumulation`` micro-batches
+    of ``batch_size`` rows; the (device) loss of the whole batch and its token count.
+
+    The loss is the mean over every counted label of the whole batch, as one big batch would
+    take it: each micro-batch's (and data-parallel rank's) mean is weighted by its share of the
+    counted labels (times dp, since data parallelism averages the ranks' gradients). Counts come
+    from the host-side labels: no host sync. With one micro-batch and every token counted (the
+    built-in corpus) the weight is exactly 1 and the step is the one it always was."""
+    total, dp = whole.targets, args.dp
+    step_loss, tokens = None, 0
+    for micro in range(args.grad_accumulation):
+        part = _data_parallel_part(whole.rows(slice(micro * args.batch_size, (micro + 1) * args.batch_size)),
+                                   model)
+        weight = part.targets * dp / total
+        ids, labels = _to_device(part.input_ids, device), _to_device(part.labels, device)
+        mask = None if part.attention_mask is None else _to_device(part.attention_mask, device)
+        # The loss component shifts the labels, as transformers does.
+        loss = model(ids, attention_mask=mask, labels=labels, return_logits=False).loss
+        if weight != 1.0:
+            loss = loss * weight
+        loss.backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        tokens += (part.input_ids.numel() if mask is None else int(part.attention_mask.sum())) * dp
+    return step_loss, tokens
+
+
+def evaluate(model, data: StepData, device) -> dict:
+    """Mean loss over every counted label of the validation split, and its perplexity. Every
+    rank runs every batch (a data-parallel model's forward is collective), so no reduction is
+    needed; one host sync at the end."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in data.evaluation_batches():
+            loss = model(_to_device(batch.input_ids, device), attention_mask=_to_device(batch.attention_mask, device),
+                         labels=_to_device(batch.labels, device), return_logits=False).loss
+            total[0] += loss.double() * batch.targets
+            total[1] += batch.targets
+    model.train()
+    mean = (total[0] / total[1]).item()
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -385,13 +524,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _data_parallel_part(batch: torch.Tensor, model) -> torch.Tensor:
+def _data_parallel_part(batch: Batch, model) -> Batch:
     """This data-parallel rank's equal share of the global batch (all of it without dp)."""
     dp = model.runtime.parallel.dp
     if dp == 1:
         return batch
     rank = model.runtime.device_mesh.get_local_rank(DP_DIM)
-    return batch.chunk(dp)[rank]
+    share = len(batch.input_ids) // dp
+    return batch.rows(slice(rank * share, (rank + 1) * share))
 
 
 def _mean_over_data_parallel(loss: torch.Tensor, model) -> torch.Tensor:
