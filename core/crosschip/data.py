@@ -57,6 +57,8 @@ def read_rows(source: str, option: str = "--data"):
         if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_info.json").is_file()):
             rows = datasets.load_from_disk(str(path))
         elif path.is_file():
+            if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+                raise ConfigurationError(f"{option} {source}: the dataset is empty (an empty file)")
             builder = BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise ConfigurationError(f"{option} {source}: unknown file type {path.suffix!r}; expected one of "
