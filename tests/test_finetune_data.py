@@ -68,8 +68,9 @@ def test_chat_data_trains_on_the_templates_assistant_tokens_evaluates_and_keeps_
     assert (out / "checkpoint-0" / "notes.txt").read_text() == "mine"
 
     # The held-out rows: 3 of 12, chosen by the seed; the evaluation is a separate forward over them.
-    _, held = held_out(12, 0.25, SMALL["seed"])
-    assert len(held) == 3
+    kept, held = held_out(12, 0.25, SMALL["seed"])
+    assert (kept, held) == held_out(12, 0.25, SMALL["seed"]) and len(held) == 3
+    assert sorted(kept + held) == list(range(12)) and held_out(12, 0.25, SMALL["seed"] + 1)[1] != held
     evaluation = tokenize(read_rows(str(data)).select(held), HFTokenizer(tok), Tokenization(seq_len=48), str(data))
     batch = collate(evaluation[:], 48, tok.pad_token_id)
     for step, directory in ((2, out / "checkpoint-2"), (4, out)):
@@ -85,13 +86,6 @@ def test_chat_data_trains_on_the_templates_assistant_tokens_evaluates_and_keeps_
     again = train(TrainArgs(model=str(tmp_path / "chat-model"), resume=str(out / "checkpoint-3"), steps=4,
                             out=str(tmp_path / "again")), progress=False)
     assert again.losses == result.losses
-
-
-def test_held_out_split_depends_on_the_seed_alone():
-    train_a, eval_a = held_out(50, 0.2, seed=1)
-    assert (train_a, eval_a) == held_out(50, 0.2, seed=1)
-    assert len(eval_a) == 10 and sorted(train_a + eval_a) == list(range(50))
-    assert held_out(50, 0.2, seed=2)[1] != eval_a
 
 
 def _text_rows():
