@@ -29,7 +29,7 @@ def _optional(parse):
 
 #: argument -> how ``--override name=VALUE`` parses VALUE
 RUN_DEFINING = {
-    "model": str, "text": _optional(str), "seed": int, "batch_size": int, "seq_len": int, "lr": float,
+    "model": str, "revision": _optional(str), "text": _optional(str), "seed": int, "batch_size": int, "seq_len": int, "lr": float,
     "warmup": _optional(int), "dtype": str, "precision": str, "fp8_recipe": str,
 }
 #: What the saved meta.json must hold, with the type of each.
