@@ -20,6 +20,7 @@ ALLOW = [
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "crosschip_tokenizer.json",  # the byte-level tokenizer of a model crosschip trained
 ]
 # fnmatch's "*" also matches "/": without this, "*.safetensors" would fetch sub-folders too
 # (other formats and variants some repositories keep there), which a load never reads.
