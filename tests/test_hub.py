@@ -110,18 +110,17 @@ def _sharded(tmp_path):
         tmp_path / "hub", "org/single", tmp_path / "plain")
 
 
-def test_cache_snapshot_links_into_its_own_blobs_are_read(tmp_path):
-    for snapshot in _sharded(tmp_path):
-        checkpoint = SafetensorsCheckpoint(snapshot)
-        assert checkpoint.get("model.embed_tokens.weight").shape == (128, 64)
-        checkpoint.close()
-
-
 @pytest.mark.parametrize("case", ["another repo's blobs", "a sub-directory of blobs",
                                   "a shard in another repo's blobs", "not a snapshots directory",
                                   "not a models-- repo"])
-def test_links_outside_the_cache_layout_are_still_refused(tmp_path, case):
+def test_cache_links_into_their_own_blobs_are_read_and_no_wider(tmp_path, case):
+    """Both cache snapshots (one file, and an index with shards) read through their links; each
+    case then links one file beyond exactly that rule and is refused."""
     sharded, single = _sharded(tmp_path)
+    for snapshot in (sharded, single):
+        checkpoint = SafetensorsCheckpoint(snapshot)
+        assert checkpoint.get("model.embed_tokens.weight").shape == (128, 64)
+        checkpoint.close()
     hub = tmp_path / "hub"
     if case == "another repo's blobs":
         link, target = single / "model.safetensors", hub / "models--org--sharded" / "blobs" / "w"
