@@ -82,6 +82,9 @@ def test_train_from_a_model_id_saves_its_tokenizer(cache, tmp_path):
     assert json.loads((result.out / "tokenizer.json").read_text()) == json.loads((cache / "tokenizer.json").read_text())
     meta = json.loads((result.out / "training_state" / "meta.json").read_text())
     assert (meta["args"]["model"], meta["args"]["revision"]) == ("org/tiny", REVISION)
+    with pytest.raises(ConfigurationError, match=rf"--revision v2 \(saved {REVISION}\)"):
+        train(TrainArgs(resume=str(result.out), revision="v2", steps=3, batch_size=2, seq_len=16,
+                        out=str(tmp_path / "out")), progress=False)
 
 
 def test_cli_generate_from_a_model_id_in_an_offline_environment(cache, tmp_path, capsys):
