@@ -322,8 +322,8 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int, args: TrainArgs):
-    """The losses and gradient norms of the ``pending`` steps (``first_step`` counts from 1), read from the device
-    in one host sync. A NaN or infinite loss or gradient norm stops the run before anything is
+    """The losses and gradient norms of the ``pending`` steps (``first_step`` counts from 1), read
+    from the device in one host sync. A NaN or infinite loss or gradient norm stops the run before anything is
     saved, so ``--out`` keeps its last good checkpoint: the next optimizer step after a
     non-finite gradient writes NaN into every weight."""
     values, norms = torch.stack([torch.stack([loss.float(), norm.float().to(loss.device)])
