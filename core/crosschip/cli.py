@@ -118,6 +118,7 @@ def cmd_train(args) -> int:
     print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
           f"{result.tokens_per_second:,.0f} tokens/s on {device}")
     print(f"saved a Hugging Face checkpoint to {result.out}")
+    print(f"step metrics: {result.out / 'metrics.jsonl'}")
     print("load it with:")
     print(f"  python -c \"import crosschip; m = crosschip.from_pretrained('{result.out}')\"")
     print(f"  crosschip generate --model {result.out} --prompt 'The engineer'")
