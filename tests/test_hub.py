@@ -58,6 +58,8 @@ def test_uncached_revision_or_id_is_one_clear_error(cache, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model id 'org/missing' at revision 'main': not in the Hugging Face cache" in err
     assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigurationError, match="from_pretrained 'org--x/y': not a valid Hub model id"):
+        crosschip.from_pretrained("org--x/y")
     with pytest.raises(ConfigurationError, match="--revision v1: --model 'tiny-llama' is not a Hub model id"):
         crosschip.train.train(crosschip.train.TrainArgs(revision="v1", out=str(tmp_path / "never")))
 

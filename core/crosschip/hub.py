@@ -50,10 +50,10 @@ def resolve(name, revision: str | None = None, option: str = "model") -> Path | 
         if revision is not None:
             raise ConfigurationError(f"--revision {revision}: {option} {name!r} is not a Hub model id (org/name)")
         return None
-    return _snapshot(name, revision)
+    return _snapshot(name, revision, option)
 
 
-def _snapshot(repo_id: str, revision: str | None) -> Path:
+def _snapshot(repo_id: str, revision: str | None, option: str) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
