@@ -178,3 +178,39 @@ def save_chat_model(path: Path, seed: int = 0):
     model = save_hf_llama(path, seed=seed, vocab_size=len(tok) + 8)
     tok.save_pretrained(path)
     return tok, model
+
+
+def hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "0" * 40, ref: str | None = "main") -> Path:
+    """Put the files of the model directory ``source`` into a Hugging Face hub cache at
+    ``cache`` as huggingface_hub lays it out: ``models--org--name/blobs/<sha256>``,
+    ``snapshots/<revision>/<file> -> ../../blobs/<sha256>`` and ``refs/<ref>`` holding the
+    revision. Returns the snapshot directory."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(p for p in Path(source).iterdir() if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob.name}")
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(revision)
+    return snapshot
+
+
+def word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level Hugging Face tokenizer of ``vocab_size`` tokens saved into ``directory``
+    (built locally: nothing downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)

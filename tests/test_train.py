@@ -69,7 +69,7 @@ def test_cli_train_then_generate(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--model", "nonexistent-preset"], "neither a directory nor a preset; presets: small-llama, tiny-llama"),
+    (["train", "--model", "nonexistent-preset"], "neither a directory, a Hub model id (org/name) nor a preset; presets: small-llama, tiny-llama"),
     (["train", "--steps", "0"], "--steps must be positive, found 0"),
     (["train", "--backend", "tpu"], "unknown backend 'tpu'"),
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent: not a directory"),

@@ -118,6 +118,7 @@ def cmd_train(args) -> int:
     print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
           f"{result.tokens_per_second:,.0f} tokens/s on {device}")
     print(f"saved a Hugging Face checkpoint to {result.out}")
+    print(f"step metrics: {result.out / 'metrics.jsonl'}")
     print("load it with:")
     print(f"  python -c \"import crosschip; m = crosschip.from_pretrained('{result.out}')\"")
     print(f"  crosschip generate --model {result.out} --prompt 'The engineer'")
@@ -165,14 +166,17 @@ def _add_schedule_arguments(train) -> None:
 def cmd_generate(args) -> int:
     import torch
 
+    from crosschip import hub
     from crosschip.loading import from_pretrained
     from crosschip.tokenizer import check_vocab_fits, load_tokenizer
 
     _check_generate_args(args)  # before loading: a typo should not cost a model load
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = from_pretrained(args.model, backend=args.backend, device=args.device)
-    tokenizer = load_tokenizer(args.model)
+    # Weights and tokenizer from one directory: the local one, or the id's cached snapshot.
+    directory = hub.resolve(args.model, args.revision, option="--model") or args.model
+    model = from_pretrained(directory, backend=args.backend, device=args.device)
+    tokenizer = load_tokenizer(directory)
     check_vocab_fits(tokenizer, model.opts.vocab_size, where=args.model)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -209,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     backends.set_defaults(func=cmd_backends)
 
     train = sub.add_parser("train", help="train a model (by default a tiny Llama on the built-in corpus)")
-    train.add_argument("--model", default="tiny-llama", help="a Hugging Face model directory or a preset name "
-                       "(tiny-llama, small-llama)")
+    train.add_argument("--model", default="tiny-llama", help="a Hugging Face model directory, a Hub model id "
+                       "(org/name, from the local Hugging Face cache, downloaded when online), or a preset "
+                       "name (tiny-llama, small-llama)")
+    train.add_argument("--revision", default=None, help="with a Hub model id: the branch, tag or commit "
+                       "(default main)")
     train.add_argument("--backend", default=None, help="backend or chain (default: auto)")
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=16)
@@ -247,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --resume: a run-defining setting (lr, seed, batch_size, seq_len, warmup, "
                             "dtype, precision, fp8_recipe, text) that intentionally differs from the saved "
                             "run; repeatable or comma-separated")
+    train.add_argument("--log", default=None, metavar="SINKS",
+                       help="also send the step metrics (always in OUT/metrics.jsonl) to tensorboard "
+                            "(OUT/tensorboard) and/or wandb, comma-separated; each must be installed")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample from a saved model")
-    gen.add_argument("--model", required=True, help="a Hugging Face model directory")
+    gen.add_argument("--model", required=True, help="a Hugging Face model directory, or a Hub model id "
+                     "(org/name, from the local Hugging Face cache, downloaded when online)")
+    gen.add_argument("--revision", default=None, help="with a Hub model id: the branch, tag or commit")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")

@@ -1,4 +1,5 @@
-"""``crosschip.from_pretrained``: a local Hugging Face directory onto any backend."""
+"""``crosschip.from_pretrained``: a local Hugging Face directory, or a Hub model id through the
+local cache (:mod:`crosschip.hub`), onto any backend."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from crosschip.plugins.resolution import BackendChoice
 from crosschip.runtime import Runtime
 from crosschip.specs import ParallelSpec
 from crosschip.sizes import check_config_sizes, check_fits
-from crosschip import weights
+from crosschip import hub, weights
 
 
 def load_config(path: str | Path):
@@ -72,8 +73,12 @@ def from_pretrained(
     sequence_parallel: bool = False,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ):
-    """Load a local Hugging Face causal-LM directory (config.json + safetensors) on any backend.
+    """Load a Hugging Face causal-LM (config.json + safetensors) on any backend: a local
+    directory, or a Hub model id ``org/name`` at ``revision`` (a branch, tag or commit; default
+    ``main``) from the Hugging Face cache, downloading its safetensors first when online. A local
+    directory of that name wins over the id.
 
     ``model.state_dict()`` then holds the backend's physical layout;
     ``model.save_pretrained(dir)`` writes the canonical Hugging Face layout back.
@@ -85,6 +90,7 @@ def from_pretrained(
     over the data-parallel ranks (FSDP2), which gather them to ``param_dtype`` for compute and
     average gradients in ``reduce_dtype``.
     """
+    path = hub.resolve(path, revision, option="from_pretrained") or path
     cls, config = load_config(path)
     if dtype is None:
         dtype = torch.float32

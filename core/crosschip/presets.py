@@ -29,5 +29,6 @@ def preset_config(name: str):
         return PRESETS[name]()
     except KeyError:
         raise ConfigurationError(
-            f"--model {name!r} is neither a directory nor a preset; presets: {', '.join(sorted(PRESETS))}"
+            f"--model {name!r} is neither a directory, a Hub model id (org/name) nor a preset; presets: "
+            f"{', '.join(sorted(PRESETS))}"
         ) from None

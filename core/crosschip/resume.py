@@ -1,7 +1,7 @@
 """What a resume may change, and the saved ``meta.json`` it continues from.
 
-A run is defined by its RUN_DEFINING arguments (the model it started from, the data, the batch,
-the optimizer's schedule, the numerics). A resume takes the saved value of each one it leaves at
+A run is defined by its RUN_DEFINING arguments (the model it started from and its revision, the
+data, the batch, the optimizer's schedule, the numerics). A resume takes the saved value of each one it leaves at
 its default (``crosschip train --resume DIR`` continues the run as it was started); one given
 with another value would silently make it another run, so it is refused, naming the saved and
 the new value, unless ``--override name=value`` says that the change is intended (also the way
@@ -9,9 +9,9 @@ back to a default value). Every other argument may change
 freely: how long (``--steps`` extends the run, stretching its cosine schedule over the new
 total, ``--stop-after``), where it is saved (``--out``, ``--resume``), how it is laid out and run
 (``--backend``, which must still build the same backends per component, ``--device``, ``--tp``,
-``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``), shown (``--log-every``),
-measured (``--eval-data``, ``--eval-every``) and saved along the way (``--save-every``,
-``--keep-last``).
+``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``), shown (``--log-every``,
+``--log``), measured (``--eval-data``, ``--eval-every``) and saved along the way
+(``--save-every``, ``--keep-last``).
 The arguments recorded in the next save are the ones this run actually used.
 """
 
@@ -38,6 +38,7 @@ RUN_DEFINING = {
     "long_documents": str, "eval_fraction": float,
     # The optimizer's schedule and update.
     "lr_schedule": str, "grad_accumulation": int, "weight_decay": float, "max_grad_norm": float,
+    "revision": _optional(str),  # with model: which revision of a Hub model id the run started from
 }
 #: What the saved meta.json must hold, with the type of each.
 META_FIELDS = {"step": int, "losses": list, "args": dict, "backends": dict}
@@ -91,8 +92,8 @@ def parse_overrides(items) -> dict:
             if not sep or name not in RUN_DEFINING:
                 raise ConfigurationError(f"--override {part!r}: expected name=value with a name among "
                                          f"{', '.join(RUN_DEFINING)}")
-            if name == "model":
-                raise ConfigurationError("--override model: a resume always continues the weights saved in "
+            if name in ("model", "revision"):
+                raise ConfigurationError(f"--override {name}: a resume always continues the weights saved in "
                                          "--resume; to start a new run from them, pass that directory as --model "
                                          "without --resume")
             try:
@@ -128,7 +129,7 @@ def resumed_args(args, saved: dict):
                and name not in overrides]
     if changed:
         listed = ", ".join(f"{_option(n)} {new} (saved {old})" for n, old, new in changed)
-        hint = ",".join(f"{n}={new}" for n, _, new in changed if n != "model")
+        hint = ",".join(f"{n}={new}" for n, _, new in changed if n not in ("model", "revision"))
         raise ConfigurationError(
             f"--resume {args.resume} continues a run with other settings: {listed}; pass the saved values"
             + (f", or --override {hint} if the change is intended" if hint else ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from crosschip import local_shards, periodic_saves
+from crosschip import hub, local_shards, periodic_saves
 from crosschip.data import Batch, collate, pad_id, step_indices, training_splits
 from crosschip.distributed import DP_DIM
 from crosschip.checkpoint import safe_dcp
@@ -26,6 +26,7 @@ from crosschip.checkpoint.transaction import atomic_save, committed_directory, h
 from crosschip.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
+from crosschip.metrics import StepMetrics, parse_log, peak_memory_bytes
 from crosschip.models import model_class
 from crosschip.presets import preset_config
 from crosschip.resume import read_meta, recorded, resumed_args
@@ -82,6 +83,8 @@ class TrainArgs:
     # (several per item, comma-separated); see crosschip.resume.
     override: list[str] | None = None
     overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
+    revision: str | None = None  # with a Hub model id as `model`: a branch, tag or commit
+    log: str | None = None  # "tensorboard,wandb": also send step metrics there (metrics.jsonl always)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accumulation"):
@@ -113,6 +116,7 @@ class TrainArgs:
             from crosschip.runtime import parse_device
 
             parse_device(self.device, where="--device")
+        parse_log(self.log)
 
 
     def _check_data(self) -> None:
@@ -203,6 +207,8 @@ def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
     ``state``, read from ``resumed`` (the committed directory of ``--resume``, resolved once, so
     that weights, tokenizer and training state come from one save)."""
     source = str(resumed) if resumed is not None else args.model
+    if resumed is None and (cached := hub.resolve(args.model, args.revision, option="--model")):
+        source = str(cached)  # a local directory, or the cached snapshot of a Hub model id
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
@@ -353,6 +359,8 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
                desc="train", unit="step", dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, gradient norm) not yet read back
+    metrics = StepMetrics(args.out, sinks=parse_log(args.log), resume=args.resume, start=start,
+                          config=recorded(args), enabled=_rank() == 0)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -364,10 +372,13 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
         pending.append((_mean_over_data_parallel(loss, model), grad_norm.detach()))
         seen += tokens
         if len(pending) == args.log_every or step + 1 == end or step + 1 in saves_at:
-            losses += _read_back(pending, step + 2 - len(pending), args)  # raises on divergence
+            values, norms = _read_back(pending, step + 2 - len(pending), args)  # raises on divergence
+            losses += values
             pending = []
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+            metrics.log(step + 1, {"loss": values[-1], "lr": learning_rate(step, args), "grad_norm": norms[-1],
+                                   "tokens_per_s": rate, "peak_memory_bytes": peak_memory_bytes(device)})
         if data.evaluation is not None and ((args.eval_every and (step + 1) % args.eval_every == 0)
                                             or step + 1 == end):
             result.evals.append({"step": step + 1, **evaluate(model, data, device)})
@@ -380,6 +391,7 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
                 periodic_saves.prune(args.out, run_id, args.keep_last)
             _barrier()
     bar.close()
+    metrics.close()
 
     # Weights, tokenizer and training state: one save, committed only when every rank wrote its part.
     _save(args.out, model, tokenizer, optimizer, end, losses, args, run_id)
@@ -448,9 +460,9 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device)
 
 
-def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int, args: TrainArgs) -> list[float]:
-    """The losses of the ``pending`` steps (``first_step`` counts from 1), read from the device
-    in one host sync. A NaN or infinite loss or gradient norm stops the run before anything is
+def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int, args: TrainArgs):
+    """The losses and gradient norms of the ``pending`` steps (``first_step`` counts from 1), read
+    from the device in one host sync. A NaN or infinite loss or gradient norm stops the run before anything is
     saved, so ``--out`` keeps its last good checkpoint: the next optimizer step after a
     non-finite gradient writes NaN into every weight."""
     values, norms = torch.stack([torch.stack([loss.float(), norm.float().to(loss.device)])
@@ -461,7 +473,7 @@ def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int
                 f"training diverged at step {step} of {args.steps}: loss {loss}, gradient norm {norm}; stopped "
                 f"without saving, so {args.out} keeps its previous checkpoint, if any (resume from a good save "
                 "with a lower --lr, e.g. --override lr=...)", step, loss, norm)
-    return values
+    return values, norms
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Reads a local Hugging Face checkpoint directory tensor by tensor (``safe_open``), so loading
 never holds a second copy of the model, and names the file and key in every error. It reads only
 files inside the directory: a shard or a ``model.safetensors`` that resolves (through ``..`` or a
-symlink) anywhere else is refused."""
+symlink) anywhere else is refused, with one exception, the Hugging Face cache's own layout (see
+:func:`_inside`)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class SafetensorsCheckpoint:
         elif single.is_file():
             target = single.resolve()
             # A managed save's names are links into its own .crosschip/ (transaction.py): inside.
-            if self.directory.resolve() not in target.parents:
+            if not _inside(self.directory, target):
                 raise CheckpointError(f"{single}: a symlink to {target}, outside the checkpoint "
                                       "directory; refusing to read it")
             self.key_to_file = {k: single for k in self._open(single).keys()}
@@ -54,12 +55,11 @@ class SafetensorsCheckpoint:
         if bad:
             raise CheckpointError(f"{index}: not a valid index: 'weight_map' must map tensor names to "
                                   f"shard file names (strings), found {bad}")
-        root = self.directory.resolve()
         out = {}
         for key, name in weight_map.items():
             # A managed save's names are links into its own .crosschip/ (transaction.py).
             target = (self.directory / name).resolve()
-            if Path(name).name != name or root not in target.parents:
+            if Path(name).name != name or not _inside(self.directory, target):
                 raise CheckpointError(f"{index}: key {key!r} points to {name!r}, outside the "
                                       "checkpoint directory; refusing to read it")
             if not target.is_file():
@@ -126,6 +126,19 @@ class SafetensorsCheckpoint:
         self._handles.clear()
 
     close = release
+
+
+def _inside(directory: Path, target: Path) -> bool:
+    """``target`` (resolved) is a file this checkpoint may read: inside ``directory``, or, for a
+    snapshot of the Hugging Face cache (``models--org--name/snapshots/<revision>/``, whose files
+    are links to ``../../blobs/<hash>``), in that same repository's ``blobs/`` and nowhere wider:
+    not another repository's blobs, not a sub-directory of them."""
+    root = directory.resolve()
+    if root in target.parents:
+        return True
+    snapshots, repo = root.parent, root.parent.parent
+    return (snapshots.name == "snapshots" and repo.name.startswith("models--")
+            and target.parent == repo / "blobs")
 
 
 def _malformed(weight_map) -> str:
