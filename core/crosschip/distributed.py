@@ -32,6 +32,21 @@ def shutdown() -> None:
     gc.collect()
 
 
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the default process group (nothing without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def check_divides(tp: int, size: int, what: str) -> None:
     """A tensor-parallel degree must split ``what`` (heads, features) evenly over the ranks."""
     if size % tp:

@@ -6,23 +6,22 @@ everything needed to resume (and, with ``--save-every``, intermediate ones: see
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from crosschip import hub, local_shards, periodic_saves
-from crosschip.data import Batch, collate, pad_id, step_indices, training_splits
-from crosschip.distributed import DP_DIM
-from crosschip.checkpoint import safe_dcp
+from crosschip import hub, periodic_saves
 from crosschip.checkpoint.lock import output_lock
 from crosschip.checkpoint.transaction import atomic_save, committed_directory, holds_checkpoint, manifest
+from crosschip.clipping import clip_gradients
+from crosschip.data import Batch, collate, pad_id, step_indices, training_splits
+from crosschip.distributed import DP_DIM, barrier
+from crosschip.distributed import rank as _rank
 from crosschip.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from crosschip.init import init_weights
 from crosschip.loading import build_model, finalize, from_pretrained
@@ -31,110 +30,11 @@ from crosschip.models import model_class
 from crosschip.presets import preset_config
 from crosschip.resume import read_meta, recorded, resumed_args
 from crosschip.runtime import Runtime
-from crosschip.schedule import SCHEDULES, learning_rate
+from crosschip.schedule import learning_rate
 from crosschip.specs import ParallelSpec
 from crosschip.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
-
-STATE_DIR = "training_state"  # torch.distributed.checkpoint of model and optimizer, any layout
-STATE_META = "meta.json"
-
-
-@dataclass
-class TrainArgs:
-    model: str = "tiny-llama"
-    backend: str | None = None
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    out: str = "crosschip-out"
-    resume: str | None = None
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "float32"
-    precision: str = "auto"  # "fp8": FP8 matmuls on a backend that implements them (te)
-    fp8_recipe: str = "delayed"
-    activation_checkpointing: str = "none"
-    text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
-    # A dataset (local JSONL, JSON, Parquet, text or Arrow file, or a Hub id) of text or chat rows.
-    data: str | None = None
-    text_field: str = "text"
-    messages_field: str = "messages"  # chat rows: a list of {"role", "content"}
-    train_on: str = "assistant"  # chat rows: the loss on assistant tokens only, or "all"
-    long_documents: str = "truncate"  # documents longer than seq_len: "truncate" or "split"
-    eval_data: str | None = None  # the validation split: a file, or ...
-    eval_fraction: float = 0.0  # ... this fraction of --data's rows held out (chosen by the seed)
-    eval_every: int | None = None  # evaluate every N steps (and at the end, whenever there is a split)
-    warmup: int | None = None
-    lr_schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" to lr / 10, or "constant"
-    grad_accumulation: int = 1  # micro-batches of batch_size per optimizer step
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # 0: no clipping
-    save_every: int | None = None  # also save out/checkpoint-<step> every N steps ...
-    keep_last: int | None = None  # ... keeping only the K newest of this run's
-    stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
-    tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
-    dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
-    sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
-    # Losses are read back from the device (a host sync on accelerators) every this many steps:
-    # for the progress bar and the divergence check.
-    log_every: int = 10
-    # With resume: run-defining arguments that may differ from the saved run, "name=value"
-    # (several per item, comma-separated); see crosschip.resume.
-    override: list[str] | None = None
-    overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
-    revision: str | None = None  # with a Hub model id as `model`: a branch, tag or commit
-    log: str | None = None  # "tensorboard,wandb": also send step metrics there (metrics.jsonl always)
-
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accumulation"):
-            if getattr(self, name) <= 0:
-                raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
-        for name in ("stop_after", "eval_every", "save_every", "keep_last"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
-        self._check_data()
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigurationError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(SCHEDULES)}")
-        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
-            raise ConfigurationError(f"--weight-decay and --max-grad-norm must be >= 0, found {self.weight_decay} "
-                                     f"and {self.max_grad_norm}")
-        if self.keep_last is not None and self.save_every is None:
-            raise ConfigurationError("--keep-last applies only with --save-every")
-        if not self.lr > 0:
-            raise ConfigurationError(f"--lr must be positive, found {self.lr}")
-        if self.tp <= 0 or self.dp <= 0:
-            raise ConfigurationError(f"--tp and --dp must be positive, found --tp {self.tp} --dp {self.dp}")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise ConfigurationError(f"--out {out}: exists and is not a directory (expected a directory "
-                                     "to save the checkpoint into)")
-        if self.batch_size % self.dp:
-            raise ConfigurationError(f"--batch-size {self.batch_size} is not divisible by --dp {self.dp}: each "
-                                     "data-parallel rank trains on an equal part of every batch")
-        if self.device is not None:
-            from crosschip.runtime import parse_device
-
-            parse_device(self.device, where="--device")
-        parse_log(self.log)
-
-
-    def _check_data(self) -> None:
-        choices = {"train_on": ("assistant", "all"), "long_documents": ("truncate", "split")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigurationError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
-                                         f"{', '.join(valid)}")
-        if self.data and self.text:
-            raise ConfigurationError("--data and --text both name the training data; give one")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigurationError(f"--eval-fraction must be in [0, 1), found {self.eval_fraction}")
-        if self.eval_fraction and self.eval_data:
-            raise ConfigurationError("--eval-data and --eval-fraction both name the validation split; give one")
-        if (self.eval_fraction or self.eval_data) and not self.data:
-            raise ConfigurationError("--eval-data and --eval-fraction apply only with --data")
-        if self.eval_every is not None and not (self.eval_fraction or self.eval_data):
-            raise ConfigurationError("--eval-every needs a validation split: --eval-data or --eval-fraction")
+from crosschip.train_args import TrainArgs
+from crosschip.training_state import STATE_DIR, STATE_META, layouts_of, load_training_state, save_training_state
 
 
 @dataclass
@@ -266,16 +166,6 @@ def check_output(args: TrainArgs) -> None:
                                  "pass --overwrite to replace it, or choose another --out")
 
 
-def _layouts(model) -> dict[str, str]:
-    """``backend:component`` -> the weight layout its modules hold (its transforms' repr)."""
-    from crosschip.weights import bindings
-
-    found: dict[str, set] = {}
-    for b in bindings(model):
-        found.setdefault(f"{b.info.backend}:{b.info.component}", set()).add(repr(b.transform))
-    return {k: " | ".join(sorted(v)) for k, v in sorted(found.items())}
-
-
 def _backends(model) -> dict[str, list[str]]:
     return {k: sorted(v["backend"] for v in entries) for k, entries in model.runtime.report.summary().items()}
 
@@ -329,7 +219,7 @@ def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: 
     # One id for the whole run, kept across resumes: --keep-last removes only this run's saves.
     run_id = (state or {}).get("run_id") or uuid.uuid4().hex
     if state is not None:
-        _load_training_state(model, optimizer, resumed / STATE_DIR, state, run_at=(args.tp, args.dp),
+        load_training_state(model, optimizer, resumed / STATE_DIR, state, run_at=(args.tp, args.dp),
                              resume=args.resume)
         start, losses = state["step"], list(state["losses"])
     if start >= args.steps:
@@ -389,7 +279,7 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
             result.saves.append(target)
             if _rank() == 0:
                 periodic_saves.prune(args.out, run_id, args.keep_last)
-            _barrier()
+            barrier()
     bar.close()
     metrics.close()
 
@@ -402,9 +292,9 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
 def _save(directory, model, tokenizer, optimizer, step: int, losses: list, args: TrainArgs, run_id: str) -> None:
     with atomic_save(directory, distributed=model._parallel()) as staging:
         model.write_pretrained(staging, extra_files=tokenizer.save_pretrained)
-        _save_training_state(model, optimizer, staging / STATE_DIR, {
+        save_training_state(model, optimizer, staging / STATE_DIR, {
             "step": step, "losses": list(losses), "args": recorded(args), "backends": _backends(model),
-            "layouts": _layouts(model), "tp": args.tp, "dp": args.dp, "run_id": run_id,
+            "layouts": layouts_of(model), "tp": args.tp, "dp": args.dp, "run_id": run_id,
             "save_id": staging.name.removeprefix("save-")})
 
 
@@ -476,66 +366,6 @@ def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int
     return values, norms
 
 
-def clip_gradients(params, max_norm: float) -> torch.Tensor:
-    """Scale gradients to a total 2-norm of at most ``max_norm``. Under tensor or data
-    parallelism gradients are DTensors on a ``(dp, tp)`` mesh, sharded on some of its dims and
-    replicated on others, possibly beside plain replicated tensors, which torch's
-    ``clip_grad_norm_`` cannot mix. Each gradient's local squares are summed over the whole mesh
-    and divided by the number of ranks holding the same values (the product of its replicated
-    dims); a plain gradient counts once. A parameter whose rows replicate one another (KV heads
-    copied where tp exceeds them) carries ``crosschip_row_copies(global_rows) -> copies``, and
-    each row counts once."""
-    params = [p for p in params if p.grad is not None]
-    grads = local_shards.gradients(params)  # a backend's local shards as DTensor views
-    copies_of = {id(g): p.crosschip_row_copies for p, g in zip(params, grads)
-                 if hasattr(p, "crosschip_row_copies")}
-    sharded = [g for g in grads if hasattr(g, "device_mesh")]
-    if not sharded:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    import torch.distributed as dist
-    from torch.distributed.tensor import Replicate
-
-    plain = [g for g in grads if not hasattr(g, "device_mesh")]
-    total = torch.zeros((), dtype=torch.float32, device=sharded[0].to_local().device)
-    for g in plain:
-        total += g.float().pow(2).sum()
-    by_mesh: dict = {}
-    for g in sharded:
-        copies = 1
-        for dim, placement in enumerate(g.placements):
-            if isinstance(placement, Replicate):
-                copies *= g.device_mesh.size(dim)
-        by_mesh.setdefault(g.device_mesh, []).append(_squares(g, copies_of.get(id(g))) / copies)
-    for mesh, squares in by_mesh.items():
-        part = torch.stack(squares).sum()
-        for dim in range(mesh.ndim):  # summed along each dim in turn: over every rank of the mesh
-            dist.all_reduce(part, group=mesh.get_group(dim))
-        total += part
-    norm = total.sqrt()
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:  # a shard scaled in place through its local view: no host sync per gradient
-        (g.to_local() if hasattr(g, "device_mesh") else g).mul_(scale.to(g.dtype))
-    return norm
-
-
-def _squares(grad, row_copies) -> torch.Tensor:
-    """Sum of squares of this rank's part of ``grad``, each row divided by its number of copies."""
-    local = grad.to_local().float()
-    if row_copies is None:
-        return local.pow(2).sum()
-    from crosschip.sharded_load import local_region
-
-    (start, stop), *_ = local_region(grad)
-    per_row = local.pow(2).reshape(local.shape[0], -1).sum(dim=1)
-    return (per_row / row_copies(torch.arange(start, stop, device=per_row.device))).sum()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _data_parallel_part(batch: Batch, model) -> Batch:
     """This data-parallel rank's equal share of the global batch (all of it without dp)."""
     dp = model.runtime.parallel.dp
@@ -581,93 +411,3 @@ def _ensure_process_group(args: TrainArgs) -> None:
             dist.init_process_group("gloo")
 
 
-def _save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
-    """Model and optimizer through torch.distributed.checkpoint (each rank writes its shards; a
-    later run may load them at another layout), then the metadata, written last: a save that did
-    not finish has no meta.json and is refused on resume."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    with _single_process_is_intended():
-        dcp.save({"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)},
-                 checkpoint_id=str(directory))
-    if _rank() == 0:
-        (directory / STATE_META).write_text(json.dumps(meta, indent=1) + "\n")
-    _barrier()
-
-
-def _load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1, 1), resume=None) -> None:
-    resume = resume or directory.parent
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    saved_at = (meta.get("tp", 1), meta.get("dp", 1))
-    _check_state_fits(model_state, directory, saved_at, run_at)
-    # The state holds physical weights: a layout that depends on the parallel degree (te's
-    # gate/up blocks per TP rank) orders them differently at another layout, shapes alike.
-    layouts = _layouts(model)
-    if meta.get("layouts", layouts) != layouts:
-        changed = sorted(k for k in layouts if meta["layouts"].get(k) != layouts[k])
-        raise ConfigurationError(
-            f"--resume {resume}: its training state holds the weights of {', '.join(changed)} "
-            f"in another physical layout than this run builds (saved at tp={saved_at[0]}, dp={saved_at[1]}; "
-            f"this run has tp={run_at[0]}, dp={run_at[1]}); resume at the saved layout, or start from the "
-            "Hugging Face checkpoint in that directory (--model)")
-    state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
-    try:
-        with _single_process_is_intended():
-            safe_dcp.load(state, directory)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(f"--resume {resume}: the saved training state does not fit this "
-                                 f"model and layout: {exc}") from exc
-    # optim_state was filled in place through the views.
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
-
-
-def _check_state_fits(model_state: dict, directory: Path, saved_at=(1, 1), run_at=(1, 1)) -> None:
-    """The saved model state must have this model's weights at this model's (global) shapes,
-    whatever layout either was sharded in; otherwise say which, with both shapes. (Global
-    physical shapes depend on the layout only where KV heads are replicated, tp > KV heads.)"""
-    try:
-        saved = safe_dcp.read_metadata_file(directory / ".metadata").state_dict_metadata
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(f"{directory}: not a readable training state: {exc}") from exc
-    saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
-    problems = []
-    for name, tensor in model_state.items():
-        entry = saved.get(name)
-        if entry is None:
-            problems.append(f"{name} is missing there")
-        elif hasattr(entry, "size") and tuple(entry.size) != tuple(tensor.shape):
-            problems.append(f"{name} has shape {tuple(entry.size)} there, {tuple(tensor.shape)} in this model")
-    problems += [f"{name} is there but not in this model" for name in saved if name not in model_state]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        listed = f"{'; '.join(problems[:3])}{more}"
-        if tuple(saved_at) != tuple(run_at):
-            raise ConfigurationError(
-                f"{directory}: this training state does not fit this model: {listed}; it was saved at "
-                f"tp={saved_at[0]}, dp={saved_at[1]} and this run has tp={run_at[0]}, dp={run_at[1]} (a "
-                "different model, or KV heads replicated where tp exceeds them, which resume only at "
-                "the same tp; the Hugging Face checkpoint in that directory loads at any layout)")
-        raise ConfigurationError(f"{directory}: this training state was saved by a different model: {listed}")
-
-
-@contextlib.contextmanager
-def _single_process_is_intended():
-    """torch.distributed.checkpoint warns when no process group exists; one process is fine."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

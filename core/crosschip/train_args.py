@@ -1,0 +1,108 @@
+"""The arguments of a training run (``crosschip train``'s options), checked before anything is
+built; which of them define a run on resume is :mod:`crosschip.resume`'s business."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from crosschip.errors import ConfigurationError
+from crosschip.metrics import parse_log
+from crosschip.schedule import SCHEDULES
+
+
+@dataclass
+class TrainArgs:
+    model: str = "tiny-llama"
+    backend: str | None = None
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    out: str = "crosschip-out"
+    resume: str | None = None
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"
+    precision: str = "auto"  # "fp8": FP8 matmuls on a backend that implements them (te)
+    fp8_recipe: str = "delayed"
+    activation_checkpointing: str = "none"
+    text: str | None = None  # a UTF-8 text file to train on instead of the built-in corpus
+    # A dataset (local JSONL, JSON, Parquet, text or Arrow file, or a Hub id) of text or chat rows.
+    data: str | None = None
+    text_field: str = "text"
+    messages_field: str = "messages"  # chat rows: a list of {"role", "content"}
+    train_on: str = "assistant"  # chat rows: the loss on assistant tokens only, or "all"
+    long_documents: str = "truncate"  # documents longer than seq_len: "truncate" or "split"
+    eval_data: str | None = None  # the validation split: a file, or ...
+    eval_fraction: float = 0.0  # ... this fraction of --data's rows held out (chosen by the seed)
+    eval_every: int | None = None  # evaluate every N steps (and at the end, whenever there is a split)
+    warmup: int | None = None
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" to lr / 10, or "constant"
+    grad_accumulation: int = 1  # micro-batches of batch_size per optimizer step
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0: no clipping
+    save_every: int | None = None  # also save out/checkpoint-<step> every N steps ...
+    keep_last: int | None = None  # ... keeping only the K newest of this run's
+    stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
+    tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
+    dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
+    sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
+    # Losses are read back from the device (a host sync on accelerators) every this many steps:
+    # for the progress bar and the divergence check.
+    log_every: int = 10
+    # With resume: run-defining arguments that may differ from the saved run, "name=value"
+    # (several per item, comma-separated); see crosschip.resume.
+    override: list[str] | None = None
+    overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
+    revision: str | None = None  # with a Hub model id as `model`: a branch, tag or commit
+    log: str | None = None  # "tensorboard,wandb": also send step metrics there (metrics.jsonl always)
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accumulation"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
+        for name in ("stop_after", "eval_every", "save_every", "keep_last"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigurationError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
+        self._check_data()
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigurationError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise ConfigurationError(f"--weight-decay and --max-grad-norm must be >= 0, found {self.weight_decay} "
+                                     f"and {self.max_grad_norm}")
+        if self.keep_last is not None and self.save_every is None:
+            raise ConfigurationError("--keep-last applies only with --save-every")
+        if not self.lr > 0:
+            raise ConfigurationError(f"--lr must be positive, found {self.lr}")
+        if self.tp <= 0 or self.dp <= 0:
+            raise ConfigurationError(f"--tp and --dp must be positive, found --tp {self.tp} --dp {self.dp}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigurationError(f"--out {out}: exists and is not a directory (expected a directory "
+                                     "to save the checkpoint into)")
+        if self.batch_size % self.dp:
+            raise ConfigurationError(f"--batch-size {self.batch_size} is not divisible by --dp {self.dp}: each "
+                                     "data-parallel rank trains on an equal part of every batch")
+        if self.device is not None:
+            from crosschip.runtime import parse_device
+
+            parse_device(self.device, where="--device")
+        parse_log(self.log)
+
+    def _check_data(self) -> None:
+        choices = {"train_on": ("assistant", "all"), "long_documents": ("truncate", "split")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigurationError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
+                                         f"{', '.join(valid)}")
+        if self.data and self.text:
+            raise ConfigurationError("--data and --text both name the training data; give one")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigurationError(f"--eval-fraction must be in [0, 1), found {self.eval_fraction}")
+        if self.eval_fraction and self.eval_data:
+            raise ConfigurationError("--eval-data and --eval-fraction both name the validation split; give one")
+        if (self.eval_fraction or self.eval_data) and not self.data:
+            raise ConfigurationError("--eval-data and --eval-fraction apply only with --data")
+        if self.eval_every is not None and not (self.eval_fraction or self.eval_data):
+            raise ConfigurationError("--eval-every needs a validation split: --eval-data or --eval-fraction")
