@@ -53,8 +53,10 @@ def test_neuron_training_matches_reference_and_resumes_exactly(tmp_path):
         assert abs(got - expected) <= 1e-5 * abs(expected), (losses["full"], single.losses)
     assert losses["half"] == losses["full"][:3]
     assert losses["resumed"] == losses["full"], "interrupted + resumed run differs from the uninterrupted one"
-    # The recorded layout names the platform whose KV groups the weights follow.
-    assert "neuron:qkv_projection in another physical layout" in (losses["refused"] or ""), losses["refused"]
+    # The recorded layout names the platform whose KV groups the weights follow; the refusal says so.
+    refused = losses["refused"] or ""
+    assert "neuron:qkv_projection in another physical layout" in refused, refused
+    assert "trn1: adjacent KV replicas" in refused and "trn2: adjacent KV replicas" in refused, refused
     saved = json.loads((tmp_path / "kv1-half" / "training_state" / "meta.json").read_text())["layouts"]
     assert "trn1: adjacent KV replicas" in saved["neuron:qkv_projection"], saved
 
