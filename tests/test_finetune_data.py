@@ -178,3 +178,25 @@ def test_bad_data_is_one_clear_error_naming_the_file_row_or_option(tmp_path):
                   "--steps", "1", "--out", str(tmp_path / "never"), "--quiet")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "chats.jsonl: holds chat messages, but the model's tokenizer has no chat template" in result.stderr
+
+
+def test_generate_chat_answers_as_transformers_does_from_the_template(tmp_path, capsys):
+    """`crosschip generate --chat` renders the prompt as a user turn with the model's chat template
+    and prints the greedy answer transformers gives from the same rendering."""
+    from crosschip.cli import main
+    from helpers import save_chat_model, save_hf_llama
+
+    tok, hf = save_chat_model(tmp_path / "chat")
+    assert main(["generate", "--model", str(tmp_path / "chat"), "--prompt", "Name a prime.", "--chat",
+                 "--max-new-tokens", "6", "--backend", "torch"]) == 0
+    got = capsys.readouterr().out.removesuffix("\n")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a prime."}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    out = hf.generate(**prompt, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    assert got == tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    save_hf_llama(tmp_path / "plain", vocab_size=258)  # no tokenizer files: byte-level, no template
+    assert main(["generate", "--model", str(tmp_path / "plain"), "--prompt", "hi", "--chat"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("crosschip: error: --chat: ") and "has no chat template (the byte-level tokenizer)" in last

@@ -168,7 +168,7 @@ def cmd_generate(args) -> int:
 
     from crosschip import hub
     from crosschip.loading import from_pretrained
-    from crosschip.tokenizer import check_vocab_fits, load_tokenizer
+    from crosschip.tokenizer import chat_prompt, check_vocab_fits, load_tokenizer
 
     _check_generate_args(args)  # before loading: a typo should not cost a model load
     if args.seed is not None:
@@ -178,14 +178,15 @@ def cmd_generate(args) -> int:
     model = from_pretrained(directory, backend=args.backend, device=args.device)
     tokenizer = load_tokenizer(directory)
     check_vocab_fits(tokenizer, model.opts.vocab_size, where=args.model)
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
+    if not args.prompt:
         raise ConfigurationError("--prompt is empty")
+    prompt = chat_prompt(tokenizer, args.prompt, args.model) if args.chat else tokenizer.encode(args.prompt)
     ids = torch.tensor([prompt], device=model.runtime.device)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
                          eos_token_id=tokenizer.eos_token_id)
-    print(args.prompt + tokenizer.decode(out[0, len(prompt):].tolist()))
+    answer = tokenizer.decode(out[0, len(prompt):].tolist())
+    print(answer if args.chat else args.prompt + answer)
     return 0
 
 
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(org/name, from the local Hugging Face cache, downloaded when online)")
     gen.add_argument("--revision", default=None, help="with a Hub model id: the branch, tag or commit")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true",
+                     help="the prompt is a user message: render it with the model's chat template and print the answer")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     gen.add_argument("--top-k", type=int, default=None)
