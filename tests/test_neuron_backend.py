@@ -84,14 +84,21 @@ ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 err = (model(ids).logits - ref(ids).logits).abs().max().item()
 same = torch.equal(model.generate(ids[:, :4], max_new_tokens=4), ref.generate(ids[:, :4], max_new_tokens=4))
 built = sorted({d.backend for d in model.runtime.report.decisions})
-print(json.dumps({"err": err, "same": same, "built": built,
+# A packed row (two documents, positions restarting): each document's logits as alone.
+docs = [ids[0, :5], ids[1, :7]]
+packed = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
+               document_ids=torch.tensor([[0] * 5 + [1] * 7])).logits
+alone = torch.cat([model(d[None]).logits for d in docs], dim=1)
+packed_err = ((packed - alone).abs().max() / alone.abs().max()).item()
+print(json.dumps({"err": err, "same": same, "built": built, "packed": packed_err,
                   "world": torch.distributed.get_world_size()}))
 """
 
 
 @pytest.mark.neuron_cpu
 def test_one_process_without_a_launcher(tmp_path):
-    """tp=1 needs no torchrun: the backend gives NxD its one-rank (in-memory gloo) group."""
+    """tp=1 needs no torchrun: the backend gives NxD its one-rank (in-memory gloo) group. Also
+    packed rows there (document_ids), as on the other CPU backends (tests/test_packing.py)."""
     from helpers import save_hf_llama
 
     save_hf_llama(tmp_path / "llama")
@@ -99,7 +106,7 @@ def test_one_process_without_a_launcher(tmp_path):
                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "NXD_CPU_MODE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["err"] < 1e-5 and result["same"], result
+    assert result["err"] < 1e-5 and result["same"] and result["packed"] < 1e-5, result
     assert result["built"] == ["neuron", "reference"] and result["world"] == 1, result
 
 

@@ -122,8 +122,8 @@ class RMSNorm(TEModules):
 
 class DotProductAttention(nn.Module):
     """``te.DotProductAttention`` (fused kernels, native GQA and sliding window) for full
-    sequences; batches with padding or cached keys (generation) take the masked SDPA path, which
-    TE's fused kernels would need packed sequences for."""
+    sequences; batches with padding, cached keys (generation) or packed documents take the
+    masked SDPA path (TE's fused kernels would need its own THD packed format for them)."""
 
     def __init__(self, spec: AttentionSpec, ctx):
         super().__init__()
@@ -141,6 +141,6 @@ class DotProductAttention(nn.Module):
 
     def forward(self, q, k, v, mask: AttentionMask | None = None):
         spec = self.spec
-        if mask is None or (mask.padding is None and mask.q_offset == 0):
+        if mask is None or mask.is_plain:
             return self.attn(q.contiguous(), k.contiguous(), v.contiguous())
         return sdpa(q, k, v, spec, mask, spec.dropout if self.training else 0.0)

@@ -14,11 +14,20 @@ class AttentionMask:
 
     ``padding``: bool ``[batch, kv_len]``, True for real tokens (Hugging Face's attention_mask),
     or None when every token is real. ``q_offset``: index of the first query within the keys
-    (non-zero when keys include cached tokens).
+    (non-zero when keys include cached tokens). ``documents``: int ``[batch, kv_len]``, the
+    document each position belongs to in a packed sequence (attention stays within a document),
+    or None for one document per row.
     """
 
     padding: torch.Tensor | None = None
     q_offset: int = 0
+    documents: torch.Tensor | None = None
+
+    @property
+    def is_plain(self) -> bool:
+        """Nothing beyond the causal (or sliding-window) structure of the spec: no padding, no
+        cached keys, no packed documents; what fused kernels handle without an explicit mask."""
+        return self.padding is None and self.q_offset == 0 and self.documents is None
 
 
 def allowed(
@@ -47,6 +56,10 @@ def allowed(
     if mask is not None and mask.padding is not None:
         pad = mask.padding.to(device=device, dtype=torch.bool)[:, None, None, :]
         result = pad if result is None else result & pad
+    if mask is not None and mask.documents is not None:
+        docs = mask.documents.to(device=device)
+        same = docs[:, None, offset:offset + q_len, None] == docs[:, None, None, :]
+        result = same if result is None else result & same
     return result
 
 
@@ -60,7 +73,7 @@ def sdpa(q, k, v, spec, mask: AttentionMask | None = None, dropout_p: float = 0.
 
     batch, q_len = q.shape[:2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    simple = (mask is None or (mask.padding is None and mask.q_offset == 0)) and spec.sliding_window is None
+    simple = (mask is None or mask.is_plain) and spec.sliding_window is None
     attn_mask = None
     if not simple:
         attn_mask = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,

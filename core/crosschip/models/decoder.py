@@ -158,9 +158,13 @@ class DecoderForCausalLM(CausalLM):
     ignored_checkpoint_keys = frozenset({"lm_head.weight"})
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache=None, return_logits: bool = True, last_logits_only: bool = False) -> CausalLMOutput:
-        """``attention_mask``: ``[batch, past + seq]``, 1 for real tokens; ``cache``: a
-        :class:`crosschip.generation.KVCache` holding the past keys and values;
+                cache=None, return_logits: bool = True, last_logits_only: bool = False,
+                document_ids=None) -> CausalLMOutput:
+        """``attention_mask``: ``[batch, past + seq]``, 1 for real tokens; ``document_ids``:
+        ``[batch, seq]``, the document of each position of a packed row (attention stays within
+        a document; give ``position_ids`` restarting at each document too, and labels of -100 at
+        each document's first token, so that no document predicts the next one's start);
+        ``cache``: a :class:`crosschip.generation.KVCache` holding the past keys and values;
         ``last_logits_only``: logits of the last position only (``[batch, 1, vocab]``: a
         generation's prompt step needs no others, and they are the largest tensor of a forward)."""
         if last_logits_only and labels is not None:
@@ -168,7 +172,9 @@ class DecoderForCausalLM(CausalLM):
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        mask = AttentionMask(padding=attention_mask, q_offset=past)
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids (packed sequences) apply to training forwards, not to cached generation")
+        mask = AttentionMask(padding=attention_mask, q_offset=past, documents=document_ids)
         with self.runtime.autocast():
             hidden = self.model(input_ids, mask, position_ids, cache)
             # A sequence-parallel stream is sharded (and laid out) as its backend keeps it, and its
