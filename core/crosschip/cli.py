@@ -139,6 +139,9 @@ def _add_data_arguments(train) -> None:
                        help="chat data: the loss on assistant tokens only (default), or on every token")
     train.add_argument("--long-documents", default="truncate", choices=("truncate", "split"),
                        help="a document longer than --seq-len is truncated (default) or split into pieces")
+    train.add_argument("--packing", action="store_true",
+                       help="pack several documents into each --seq-len row, attention and positions kept "
+                            "within each document (instead of padding every document to a row)")
     train.add_argument("--eval-data", default=None, metavar="PATH", help="the validation split, a file as --data")
     train.add_argument("--eval-fraction", type=float, default=0.0, metavar="F",
                        help="hold out this fraction of --data's rows as the validation split (chosen by --seed)")

@@ -6,7 +6,7 @@ Invariants: the examples of a step are a function of (seed, step) only, so a run
 anywhere (mid-epoch included) and resumed sees exactly the data an uninterrupted run sees; every
 example keeps at least one trained token (labels -100 elsewhere), and whatever is truncated or
 left out is counted in a warning, never dropped silently. Batches are built in one place,
-:func:`collate`, where packing can slot in later.
+:func:`collate`, or packed several to a row by :func:`collate_packed` (``--packing``).
 """
 
 from __future__ import annotations
@@ -30,19 +30,26 @@ FORMAT_VERSION = 1  # part of the cache key: bump when the tokens of a row chang
 @dataclass
 class Batch:
     """``input_ids`` and ``labels`` ``[rows, seq]``; ``attention_mask`` 1 on real tokens (None:
-    every token is real); ``targets``: how many labels the loss counts (after its shift)."""
+    every token is real); ``targets``: how many labels the loss counts (after its shift). Packed
+    rows also carry ``document_ids`` (the document of each position; -1 on padding) and
+    ``position_ids`` restarting at each document."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None
+    document_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
     @property
     def targets(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def rows(self, part: slice) -> Batch:
-        mask = None if self.attention_mask is None else self.attention_mask[part]
-        return Batch(self.input_ids[part], self.labels[part], mask)
+        def cut(t):
+            return None if t is None else t[part]
+
+        return Batch(self.input_ids[part], self.labels[part], cut(self.attention_mask), cut(self.document_ids),
+                     cut(self.position_ids))
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -262,6 +269,44 @@ def collate(examples: dict, seq_len: int, pad_id: int) -> Batch:
         labels[r, :len(labs)] = torch.tensor(labs, dtype=torch.long)
         mask[r, :len(ids)] = 1
     return Batch(input_ids, labels, mask)
+
+
+def pack_groups(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Examples (by index, in dataset order) grouped greedily into rows of at most ``seq_len``
+    tokens: the packed rows a ``--packing`` run samples its steps from, a function of the data
+    alone (so of (seed, step) once sampled, as unpacked examples are)."""
+    groups: list[list[int]] = []
+    used = seq_len
+    for index, length in enumerate(lengths):
+        if used + length > seq_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += length
+    return groups
+
+
+def collate_packed(dataset, groups: list[list[int]], seq_len: int, pad_id: int) -> Batch:
+    """One row per group: its examples side by side, each its own document (attention stays
+    within it, positions restart), the first label of every later document -100 (so no
+    document predicts the next one's first token), padding after the last."""
+    rows = len(groups)
+    input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((rows, seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((rows, seq_len), dtype=torch.long)
+    documents = torch.full((rows, seq_len), -1, dtype=torch.long)
+    positions = torch.zeros((rows, seq_len), dtype=torch.long)
+    for r, group in enumerate(groups):
+        examples, start = dataset[group], 0
+        for d, (ids, labs) in enumerate(zip(examples["input_ids"], examples["labels"])):
+            span = slice(start, start + len(ids))
+            input_ids[r, span], labels[r, span] = torch.tensor(ids), torch.tensor(labs)
+            if d:
+                labels[r, start] = IGNORE
+            mask[r, span], documents[r, span] = 1, d
+            positions[r, span] = torch.arange(len(ids))
+            start += len(ids)
+    return Batch(input_ids, labels, mask, documents, positions)
 
 
 def pad_id(tokenizer) -> int:

@@ -29,13 +29,19 @@ def _optional(parse):
     return lambda text: None if text.lower() == "none" else parse(text)
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"expected true or false, found {text!r}")
+    return text.lower() in ("true", "1")
+
+
 #: argument -> how ``--override name=VALUE`` parses VALUE
 RUN_DEFINING = {
     "model": str, "text": _optional(str), "seed": int, "batch_size": int, "seq_len": int, "lr": float,
     "warmup": _optional(int), "dtype": str, "precision": str, "fp8_recipe": str,
     # The data and how it becomes tokens (the held-out fraction changes the training rows).
     "data": _optional(str), "text_field": str, "messages_field": str, "train_on": str,
-    "long_documents": str, "eval_fraction": float,
+    "long_documents": str, "eval_fraction": float, "packing": _flag,
     # The optimizer's schedule and update.
     "lr_schedule": str, "grad_accumulation": int, "weight_decay": float, "max_grad_norm": float,
     "revision": _optional(str),  # with model: which revision of a Hub model id the run started from

@@ -19,7 +19,7 @@ from crosschip import hub, periodic_saves
 from crosschip.checkpoint.lock import output_lock
 from crosschip.checkpoint.transaction import atomic_save, committed_directory, holds_checkpoint, manifest
 from crosschip.clipping import clip_gradients
-from crosschip.data import Batch, collate, pad_id, step_indices, training_splits
+from crosschip.data import Batch, collate, collate_packed, pack_groups, pad_id, step_indices, training_splits
 from crosschip.distributed import DP_DIM, barrier
 from crosschip.distributed import rank as _rank
 from crosschip.errors import CheckpointError, ConfigurationError, TrainingDivergedError
@@ -67,6 +67,9 @@ class StepData:
         self.evaluation = None
         if args.data:
             self.dataset, self.evaluation = training_splits(args, tokenizer)
+            # --packing: a step samples packed rows (groups of examples) instead of examples.
+            self.groups = (pack_groups([len(ids) for ids in self.dataset["input_ids"]], args.seq_len)
+                           if args.packing else None)
         else:
             self.tokens = _corpus_tokens(args, tokenizer)
 
@@ -74,6 +77,9 @@ class StepData:
         if not self.args.data:
             ids = batch_for_step(self.tokens, step, self.args, self.rows)
             return Batch(ids, ids, None)
+        if self.groups is not None:
+            picked = step_indices(step, self.rows, len(self.groups), self.args.seed)
+            return collate_packed(self.dataset, [self.groups[i] for i in picked], self.args.seq_len, self.pad)
         indices = step_indices(step, self.rows, len(self.dataset), self.args.seed)
         return collate(self.dataset[indices], self.args.seq_len, self.pad)
 
@@ -314,9 +320,11 @@ def _accumulated_step(model, whole: Batch, args: TrainArgs, device) -> tuple[tor
                                    model)
         weight = part.targets * dp / total
         ids, labels = _to_device(part.input_ids, device), _to_device(part.labels, device)
-        mask = None if part.attention_mask is None else _to_device(part.attention_mask, device)
+        mask, documents, positions = (None if t is None else _to_device(t, device)
+                                      for t in (part.attention_mask, part.document_ids, part.position_ids))
         # The loss component shifts the labels, as transformers does.
-        loss = model(ids, attention_mask=mask, labels=labels, return_logits=False).loss
+        loss = model(ids, attention_mask=mask, labels=labels, return_logits=False, document_ids=documents,
+                     position_ids=positions).loss
         if weight != 1.0:
             loss = loss * weight
         loss.backward()

@@ -34,6 +34,7 @@ class TrainArgs:
     messages_field: str = "messages"  # chat rows: a list of {"role", "content"}
     train_on: str = "assistant"  # chat rows: the loss on assistant tokens only, or "all"
     long_documents: str = "truncate"  # documents longer than seq_len: "truncate" or "split"
+    packing: bool = False  # --data: several documents per row, attention kept within each
     eval_data: str | None = None  # the validation split: a file, or ...
     eval_fraction: float = 0.0  # ... this fraction of --data's rows held out (chosen by the seed)
     eval_every: int | None = None  # evaluate every N steps (and at the end, whenever there is a split)
@@ -96,6 +97,8 @@ class TrainArgs:
             if getattr(self, name) not in valid:
                 raise ConfigurationError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
                                          f"{', '.join(valid)}")
+        if self.packing and not self.data:
+            raise ConfigurationError("--packing applies only with --data")
         if self.data and self.text:
             raise ConfigurationError("--data and --text both name the training data; give one")
         if not 0 <= self.eval_fraction < 1:
