@@ -84,12 +84,26 @@ ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 err = (model(ids).logits - ref(ids).logits).abs().max().item()
 same = torch.equal(model.generate(ids[:, :4], max_new_tokens=4), ref.generate(ids[:, :4], max_new_tokens=4))
 built = sorted({d.backend for d in model.runtime.report.decisions})
-# A packed row (two documents, positions restarting): each document's logits as alone.
+# A packed row (two documents, positions restarting): each document's logits as alone, and the
+# row's loss and gradients those of the documents trained alone (each weighted by its targets).
+model.train()
 docs = [ids[0, :5], ids[1, :7]]
-packed = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
-               document_ids=torch.tensor([[0] * 5 + [1] * 7])).logits
-alone = torch.cat([model(d[None]).logits for d in docs], dim=1)
-packed_err = ((packed - alone).abs().max() / alone.abs().max()).item()
+row, labels = torch.cat(docs)[None], torch.cat(docs)[None].clone()
+labels[0, 5] = -100  # the second document's first token is no target of the first
+packed = model(row, labels=labels, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
+               document_ids=torch.tensor([[0] * 5 + [1] * 7]))
+packed.loss.backward()
+packed_grads = {k: g.clone() for k, g in model.hf_grads().items()}
+model.zero_grad()
+alone, loss = [], 0.0
+for d in docs:
+    out = model(d[None], labels=d[None])
+    (out.loss * (len(d) - 1) / 10).backward()
+    alone.append(out.logits)
+    loss += out.loss.item() * (len(d) - 1) / 10
+rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+packed_err = max(rel(packed.logits, torch.cat(alone, dim=1)), abs(packed.loss.item() - loss) / loss,
+                 *(rel(packed_grads[k], g) for k, g in model.hf_grads().items()))
 print(json.dumps({"err": err, "same": same, "built": built, "packed": packed_err,
                   "world": torch.distributed.get_world_size()}))
 """
