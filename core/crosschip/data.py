@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from crosschip.errors import ConfigurationError, CrosschipWarning
+from crosschip.tokenizer import has_chat_template
 
 IGNORE = -100  # the loss's ignore_index (LossSpec)
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -202,9 +203,8 @@ def assistant_mask(tok, messages: list[dict], where: str = "messages") -> tuple[
 
 
 def _check_chat_template(tokenizer, source: str, option: str) -> None:
-    tok = getattr(tokenizer, "tok", None)
-    if tok is None or not getattr(tok, "chat_template", None):
-        kind = "the byte-level tokenizer" if tok is None else "the model's tokenizer"
+    if not has_chat_template(tokenizer):
+        kind = "the byte-level tokenizer" if getattr(tokenizer, "tok", None) is None else "the model's tokenizer"
         raise ConfigurationError(f"{option} {source}: holds chat messages, but {kind} has no chat template "
                                  "(give --model a directory whose tokenizer has one, or use --text-field)")
 

@@ -47,17 +47,21 @@ class HFTokenizer:
         self.tok.save_pretrained(directory)
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` (crosschip's wrapper) carries a Hugging Face chat template."""
+    return bool(getattr(getattr(tokenizer, "tok", None), "chat_template", None))
+
+
 def chat_prompt(tokenizer, message: str, where: str) -> list[int]:
     """``message`` as the user's turn of a conversation rendered with the tokenizer's chat
     template, ending in the assistant's generation prompt (what the model answers from)."""
     from crosschip.errors import ConfigurationError
 
-    tok = getattr(tokenizer, "tok", None)
-    if tok is None or not getattr(tok, "chat_template", None):
-        kind = "the byte-level tokenizer" if tok is None else "its tokenizer"
+    if not has_chat_template(tokenizer):
+        kind = "the byte-level tokenizer" if getattr(tokenizer, "tok", None) is None else "its tokenizer"
         raise ConfigurationError(f"--chat: {where} has no chat template ({kind}); give the prompt as plain "
                                  "text without --chat")
-    ids = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+    ids = tokenizer.tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                   tokenize=True, return_dict=False)
     return list(ids)
 

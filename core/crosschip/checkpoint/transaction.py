@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from crosschip.checkpoint.lock import CONTROL, LOCK, output_lock
+from crosschip.distributed import rank as distributed_rank
 from crosschip.errors import CheckpointError, save_failure
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def atomic_save(directory: str | Path, distributed: bool = False):
     rank, when ``distributed``), else remove it, leaving the previous save whole. Under a
     process group rank 0 locks, stages and commits; every rank writes its own files there."""
     directory = Path(directory)
-    rank = _rank() if distributed else 0
+    rank = distributed_rank() if distributed else 0
     save, lock, failure, local = None, contextlib.ExitStack(), None, None
     if rank == 0:
         try:
@@ -323,12 +324,6 @@ def _describe(exc: Exception, directory: Path) -> str:
     if failure is not None:
         return str(failure)
     return f"saving {directory} failed: {type(exc).__name__}: {exc}"
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank()
 
 
 def _from_rank0(values: list, distributed: bool) -> list:
