@@ -42,6 +42,11 @@ def _sequence_dim(sp: bool):
     return 0 if sp else None
 
 
+#: Why adapters are declined on neuronx-distributed's layers (crosschip.lora reports it).
+LORA_DECLINE = ("neuronx-distributed's parallel layers do not apply LoRA adapters in crosschip yet "
+                "(untested here); use the reference or torch backend for adapters")
+
+
 class _SwapFirstDims(torch.autograd.Function):
     """``[a, b, ...] -> [b, a, ...]``, contiguous in both directions: NxD's backward passes view
     their inputs and gradients as 2-D, which a transposed view cannot be."""
@@ -66,6 +71,8 @@ class QKVProjection(GQAQKVColumnParallelLinear):
     group). NxD cannot build its own biases (its bias initialisation fails), so the biases are
     this module's, local like the weights and added by NxD's forward. Returns
     ``[batch, seq, heads, head_dim]`` tensors of this rank's heads."""
+
+    lora_decline = LORA_DECLINE
 
     def __init__(self, spec: QKVSpec, ctx):
         tp = ctx.parallel.tp
@@ -100,6 +107,8 @@ class Linear(layers.RowParallelLinear):
     """The attention output projection: NxD's ``RowParallelLinear`` over this rank's heads (its
     input), reducing (or, sequence parallel, reduce-scattering) the output over the TP group."""
 
+    lora_decline = LORA_DECLINE
+
     def __init__(self, spec: LinearSpec, ctx):
         sp = _sequence_parallel(ctx)
         super().__init__(spec.in_features, spec.out_features, bias=spec.bias, input_is_parallel=True,
@@ -114,6 +123,8 @@ class Linear(layers.RowParallelLinear):
 class GatedMLP(nn.Module):
     """``gate_up_proj``: one ``ColumnParallelLinear(stride=2)``, so rank r holds ``[gate_r;
     up_r]`` and splits its own output in halves; ``down_proj``: ``RowParallelLinear``."""
+
+    lora_decline = LORA_DECLINE
 
     def __init__(self, spec: GatedMLPSpec, ctx):
         super().__init__()
@@ -156,6 +167,8 @@ class LMHead(nn.Module):
     vocab rows: its own, or the embedding's when tied (the same rows: both shard the vocab).
     Returns the logits as a DTensor sharded on the vocab dim at tp > 1 (the loss reads this
     rank's shard; the model gathers them only where logits are returned)."""
+
+    lora_decline = LORA_DECLINE
 
     def __init__(self, spec: LMHeadSpec, ctx):
         super().__init__()

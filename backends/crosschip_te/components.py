@@ -33,6 +33,11 @@ def _device(ctx) -> torch.device | str:
 class TEModules(nn.Module):
     """A component holding Transformer Engine modules."""
 
+    #: Why adapters are declined here (crosschip.lora reports it when one is asked for).
+    lora_decline = ("Transformer Engine's fused modules do not apply LoRA adapters yet (the fused norm's "
+                    "output and each projection's rows are not handed to them); use the torch backend "
+                    "for these projections")
+
     def reset_buffers(self) -> None:
         """Once allocated from meta (``to_empty``): TE's own deferred initialisation, which also
         sets the attributes its parameters carry (TP partition dims, sequence-parallel marks).

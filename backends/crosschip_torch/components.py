@@ -10,6 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.layouts import split_grouped_heads
+from crosschip.lora.sites import adapt
 from crosschip.masks import AttentionMask, sdpa
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import LMHead as ReferenceLMHead
@@ -24,7 +25,10 @@ except ImportError:  # a torch build without torch.distributed: nothing is ever 
 
 
 class CombinedQKV(nn.Linear):
-    """One ``[Q_g | K_g | V_g]``-grouped projection; returns ``[batch, seq, heads, head_dim]``."""
+    """One ``[Q_g | K_g | V_g]``-grouped projection; returns ``[batch, seq, heads, head_dim]``.
+    Adapters on q, k and v each add their own update at their rows (``crosschip.lora``)."""
+
+    lora_sites = {"weight": None}
 
     def __init__(self, spec: QKVSpec):
         rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
@@ -43,11 +47,15 @@ class CombinedQKV(nn.Linear):
         if isinstance(out, DTensor):
             # Column-parallel: split this rank's shard (whole KV groups) into its own heads.
             out = out.to_local()
+            hidden = hidden.to_local()
+        out = adapt(self, "weight", hidden, out)
         return split_grouped_heads(out, s.group_size, s.head_dim)
 
 
 class GatedMLP(nn.Module):
     """``gate_up_proj`` rows interleave gate and up: ``[gate_0, up_0, gate_1, up_1, ...]``."""
+
+    lora_sites = {"gate_up_proj.weight": "gate_up_proj", "down_proj.weight": "down_proj"}
 
     def __init__(self, spec: GatedMLPSpec):
         super().__init__()
@@ -75,6 +83,8 @@ class RMSNorm(ReferenceRMSNorm):
 
 
 class Linear(nn.Linear):
+    lora_sites = {"weight": ""}
+
     def __init__(self, spec: LinearSpec):
         super().__init__(spec.in_features, spec.out_features, bias=spec.bias)
 

@@ -43,6 +43,7 @@ _LAZY = {
     "from_pretrained": "crosschip.loading",
     "AttentionMask": "crosschip.masks",
     "CausalLM": "crosschip.modeling",
+    "LoraConfig": "crosschip.lora.config",
 }
 
 
@@ -60,7 +61,7 @@ def __getattr__(name: str):
 __all__ = [
     "PLUGIN_API_VERSION", "AttentionMask", "AttentionSpec", "BackendDescriptor", "CausalLM",
     "CheckpointError", "ComponentImpl", "ConfigurationError", "CrosschipError", "CrosschipWarning",
-    "EmbeddingSpec", "GatedMLPSpec", "LMHeadSpec", "LayoutImpl", "LinearSpec", "LossSpec",
+    "EmbeddingSpec", "GatedMLPSpec", "LMHeadSpec", "LayoutImpl", "LinearSpec", "LoraConfig", "LossSpec",
     "NormSpec", "ParallelSpec", "PluginError", "Probe", "QKVSpec", "RopeSpec", "Runtime",
     "StrictFallbackError", "UnknownNameError", "from_pretrained", "hookimpl",
 ]

@@ -74,6 +74,8 @@ def from_pretrained(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
     revision: str | None = None,
+    lora=None,
+    adapter: str | Path | None = None,
 ):
     """Load a Hugging Face causal-LM (config.json + safetensors) on any backend: a local
     directory, or a Hub model id ``org/name`` at ``revision`` (a branch, tag or commit; default
@@ -89,7 +91,12 @@ def from_pretrained(
     optionally ``sequence_parallel``); ``dp`` shards parameters, gradients and optimizer state
     over the data-parallel ranks (FSDP2), which gather them to ``param_dtype`` for compute and
     average gradients in ``reduce_dtype``.
+
+    ``lora``: a :class:`crosschip.LoraConfig`, a new adapter (base weights frozen);
+    ``adapter``: a PEFT adapter directory to attach (from crosschip or from PEFT).
     """
+    if lora is not None and adapter is not None:
+        raise ConfigurationError("from_pretrained: give lora= (a new adapter) or adapter= (a saved one), not both")
     path = hub.resolve(path, revision, option="from_pretrained") or path
     cls, config = load_config(path)
     if dtype is None:
@@ -106,6 +113,10 @@ def from_pretrained(
     model.checkpoint_bytes_read = checkpoint.bytes_read
     checkpoint.close()
     finalize(model)
+    if lora is not None:
+        model.add_adapter(lora)
+    elif adapter is not None:
+        model.load_adapter(adapter)
     return model.eval()
 
 

@@ -124,6 +124,38 @@ class CausalLM(nn.Module):
         if outcome[0] is not None:
             raise CheckpointError(f"saving {staging} failed on rank 0: {outcome[0]}")
 
+    # -- adapters (LoRA, DoRA) in Hugging Face PEFT's format: crosschip.lora ----------------
+    def add_adapter(self, config) -> None:
+        """A new LoRA/DoRA adapter (:class:`crosschip.LoraConfig`); only its weights train."""
+        from crosschip.lora import attach
+
+        attach.attach(self, config)
+
+    def load_adapter(self, directory) -> None:
+        """Attach the PEFT adapter saved in ``directory`` (``adapter_config.json`` and
+        ``adapter_model.safetensors``, from crosschip or from PEFT)."""
+        from crosschip.lora import attach
+
+        attach.load(self, directory)
+
+    def save_adapter(self, directory, base_model: str | None = None) -> Path:
+        """Write the adapter as PEFT does, so ``peft.PeftModel.from_pretrained`` loads it on the
+        transformers model; ``base_model`` goes into ``base_model_name_or_path``."""
+        from crosschip.lora import attach
+
+        return attach.save(self, directory, base_model)
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the base weights (PEFT's ``merge_and_unload``) and take it off."""
+        from crosschip.lora import attach
+
+        attach.merge(self)
+
+    def remove_adapter(self) -> None:
+        from crosschip.lora import attach
+
+        attach.remove(self)
+
     def _parallel(self) -> bool:
         return self.runtime.parallel.size > 1 and torch.distributed.is_initialized()
 

@@ -97,6 +97,9 @@ def bindings(model: nn.Module) -> list[Binding]:
         found.append(Binding(path, module, info, transform, checkpoint_transform, names, hf_shapes))
         for p in module.parameters():
             owners[id(p)] = path
+    for module in model.modules():  # an adapter's parameters have no place in the base checkpoint
+        if getattr(module, "is_crosschip_adapter", False):
+            owners.update((id(p), "adapter") for p in module.parameters())
     strays = [n for n, p in model.named_parameters() if id(p) not in owners]
     if strays:
         raise TypeError(f"parameters outside any component cannot be mapped to a checkpoint: {strays}")

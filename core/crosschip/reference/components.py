@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from crosschip.lora.sites import adapt
 from crosschip.masks import AttentionMask, allowed
 from crosschip.rope import (
     RopeTables,
@@ -57,6 +58,8 @@ class RMSNorm(nn.Module):
 class QKVProjection(nn.Module):
     """Separate q, k and v projections; returns ``[batch, seq, heads, head_dim]`` tensors."""
 
+    lora_sites = {"q_proj.weight": "q_proj", "k_proj.weight": "k_proj", "v_proj.weight": "v_proj"}
+
     def __init__(self, spec: QKVSpec):
         super().__init__()
         self.spec = spec
@@ -75,11 +78,15 @@ class QKVProjection(nn.Module):
 
 
 class Linear(nn.Linear):
+    lora_sites = {"weight": ""}
+
     def __init__(self, spec: LinearSpec):
         super().__init__(spec.in_features, spec.out_features, bias=spec.bias)
 
 
 class GatedMLP(nn.Module):
+    lora_sites = {"gate_proj.weight": "gate_proj", "up_proj.weight": "up_proj", "down_proj.weight": "down_proj"}
+
     def __init__(self, spec: GatedMLPSpec):
         super().__init__()
         h, i = spec.hidden_size, spec.intermediate_size
@@ -148,6 +155,8 @@ class EagerAttention(nn.Module):
 
 
 class LMHead(nn.Module):
+    lora_sites = {"weight": None}  # forward applies them (before the logits divisor)
+
     def __init__(self, spec: LMHeadSpec):
         super().__init__()
         self.spec = spec
@@ -168,7 +177,7 @@ class LMHead(nn.Module):
         return self.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.output_weight(), self.bias)
+        logits = adapt(self, "weight", hidden, F.linear(hidden, self.output_weight(), self.bias))
         if self.spec.logits_divisor != 1.0:
             logits = logits / self.spec.logits_divisor
         return logits
