@@ -52,9 +52,35 @@ def attach(model, config: LoraConfig) -> LoraAdapter:
     for param in model.parameters():
         param.requires_grad_(False)
     model.lora_adapter = adapter
+    _replicate(model, adapter)
     for module, entries in per_module.values():
         sites.install(module, entries)
     return adapter
+
+
+def _replicate(model, adapter: LoraAdapter) -> None:
+    """The adapter is whole on every rank, initialised alike. Under data parallelism (the adapter (a small fraction of the weights, added after FSDP2
+    sharded the base) its gradients are averaged over the ``dp`` ranks
+    as they arrive, as FSDP2 averages the base's."""
+    runtime = model.runtime
+    if runtime.parallel.size == 1 or not model._parallel():
+        return
+    import torch.distributed as dist
+
+    for param in adapter.parameters():  # one initialisation on every rank
+        dist.broadcast(param.data, src=0)
+    if runtime.parallel.dp == 1:
+        return
+    group = runtime.device_mesh.get_group("dp")
+    size = runtime.parallel.dp
+
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad / size
+
+    for param in adapter.parameters():
+        param.register_hook(hook)
 
 
 def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraAdapter) -> list:
