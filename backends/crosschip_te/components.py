@@ -13,6 +13,7 @@ from torch import nn
 from crosschip.distributed import check_gated_mlp, check_linear
 from crosschip.kv_replication import kv_copies, physical_qkv_spec
 from crosschip.layouts import split_grouped_heads
+from crosschip.lora.sites import adapt, has_adapters
 from crosschip.masks import AttentionMask, sdpa
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 from crosschip_te import parallel
@@ -34,9 +35,14 @@ class TEModules(nn.Module):
     """A component holding Transformer Engine modules."""
 
     #: Why adapters are declined here (crosschip.lora reports it when one is asked for).
-    lora_decline = ("Transformer Engine's fused modules do not apply LoRA adapters yet (the fused norm's "
-                    "output and each projection's rows are not handed to them); use the torch backend "
-                    "for these projections")
+    lora_decline = ("tensor parallelism: this backend's shards are plain tensors that crosschip.lora "
+                    "cannot place adapters on yet; use tp=1 or the torch backend")
+    #: Weights whose adapters this module applies (crosschip.lora), at tp=1.
+    _lora_sites: dict = {}
+
+    @property
+    def lora_sites(self) -> dict:
+        return self._lora_sites if self.tp == 1 else {}
 
     def reset_buffers(self) -> None:
         """Once allocated from meta (``to_empty``): TE's own deferred initialisation, which also
@@ -54,7 +60,7 @@ class QKVProjection(TEModules):
 
     def __init__(self, spec: QKVSpec, ctx):
         super().__init__()
-        tp = parallel.tp_degree(ctx)
+        tp = self.tp = parallel.tp_degree(ctx)
         # KV heads replicated where tp exceeds them (one whole group per rank), as the layout.
         self.spec = spec = physical_qkv_spec(spec, tp)
         #: Set by the parallel plan when this rank's KV heads are replicas.
@@ -71,9 +77,22 @@ class QKVProjection(TEModules):
         else:
             self.proj = te.Linear(spec.hidden_size, rows, **common)
 
+    _lora_sites = {"proj.weight": None}
+
     def forward(self, hidden):
         s = self.spec
-        out = self.proj(hidden)
+        if has_adapters(self):
+            # An adapter sees the input of the matmul: with the norm fused in, its output,
+            # which LayerNormLinear hands back on request (it computes it anyway).
+            fused = isinstance(self.proj, te.LayerNormLinear)
+            self.proj.return_layernorm_output = fused
+            out = self.proj(hidden)
+            out, normed = out if fused else (out, hidden)
+            out = adapt(self, "proj.weight", normed, out)
+        else:
+            if isinstance(self.proj, te.LayerNormLinear):
+                self.proj.return_layernorm_output = False
+            out = self.proj(hidden)
         if self.sequence_parallel:
             out = out.transpose(0, 1)  # gathered [seq, batch, rows] -> [batch, seq, rows]
         return split_grouped_heads(out, s.group_size, s.head_dim)
@@ -81,6 +100,11 @@ class QKVProjection(TEModules):
 
 class GatedMLP(TEModules):
     """``te.LayerNormMLP``: RMSNorm, fc1 (gate and up in halves), SwiGLU, fc2 in one module."""
+
+    lora_decline = ("te.LayerNormMLP fuses the norm, gate/up, activation and down projections, so no "
+                    "adapter can reach its gate, up or down rows; build gated_mlp with the torch backend "
+                    "(components={'gated_mlp': 'torch'}) for adapters there")
+    lora_sites: dict = {}
 
     def __init__(self, spec: GatedMLPSpec, ctx):
         super().__init__()
@@ -99,7 +123,7 @@ class GatedMLP(TEModules):
 class Linear(TEModules):
     def __init__(self, spec: LinearSpec, ctx):
         super().__init__()
-        tp = parallel.tp_degree(ctx)
+        tp = self.tp = parallel.tp_degree(ctx)
         check_linear(spec, tp)
         mode = parallel.linear_mode(spec, tp)
         #: Sequence parallel (row-parallel only: the attention output projection): the whole
@@ -109,6 +133,8 @@ class Linear(TEModules):
         self.proj = te.Linear(spec.in_features, spec.out_features, bias=spec.bias,
                               params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
                               parallel_mode=mode, sequence_parallel=self.sequence_parallel)
+
+    _lora_sites = {"proj.weight": "proj"}
 
     def forward(self, x):
         if self.sequence_parallel:

@@ -59,9 +59,9 @@ def attach(model, config: LoraConfig) -> LoraAdapter:
 
 
 def _replicate(model, adapter: LoraAdapter) -> None:
-    """The adapter is whole on every rank, initialised alike. Under data parallelism (the adapter (a small fraction of the weights, added after FSDP2
-    sharded the base) its gradients are averaged over the ``dp`` ranks
-    as they arrive, as FSDP2 averages the base's."""
+    """The adapter is whole on every rank, initialised alike. Under data parallelism (the
+    adapter, a small fraction of the weights, is added after FSDP2 sharded the base) its
+    gradients are averaged over the ``dp`` ranks as they arrive, as FSDP2 averages the base's."""
     runtime = model.runtime
     if runtime.parallel.size == 1 or not model._parallel():
         return

@@ -92,6 +92,11 @@ def remove(module) -> None:
             delattr(module, attr)
 
 
+def has_adapters(module) -> bool:
+    """Whether ``module`` applies any adapter (a backend may take another path without)."""
+    return bool(getattr(module, SITES, None))
+
+
 def adapt(module, weight: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` (this rank's output of ``module``'s parameter ``weight`` for input ``x``, bias
     included) plus the update of every adapter on it. A no-op without adapters. ``x`` must be

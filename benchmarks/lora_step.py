@@ -1,0 +1,185 @@
+"""LoRA training-step benchmark on one GPU: forward + backward + fused AdamW of the adapter of a
+Llama-shaped model (r 16 on every linear projection, bf16), transformers + PEFT against
+crosschip's backends, all given identical base weights and identical adapter weights.
+
+    python benchmarks/lora_step.py --shape 1b 8b --out benchmarks/results/lora_step_h200.json
+
+Each (variant, shape) runs in its own process (peak memory and compile caches do not mix).
+Variants: ``peft`` (transformers' LlamaForCausalLM, sdpa, with peft.get_peft_model), ``torch``,
+``torch-compile`` (the torch backend, the model under torch.compile) and ``te`` (Transformer
+Engine's QKV with its fused norm and its output projection; the gated MLP on the torch backend,
+since te.LayerNormMLP takes no adapters). MFU counts only what a LoRA step computes: the
+forward of the base and the backward through it to its inputs (no base weight gradients), i.e.
+4 x non-embedding parameters + 12 x layers x hidden x seq FLOPs per token (the adapters' FLOPs
+are below 1% and left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import PEAK_TFLOPS, SHAPES, flops_per_token, llama_config, matmul_tflops, versions  # noqa: E402
+
+VARIANTS = ["peft", "torch", "torch-compile", "te"]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+R, ALPHA = 16, 32
+SEQ, TOKENS_PER_STEP = 2048, 4096
+
+
+def _fill_adapter(named, seed: int):
+    """The same adapter on both sides: every lora tensor from its PEFT file name and the seed
+    (lora_B non-zero, so the adapter path computes what a trained adapter does)."""
+    import torch
+
+    from crosschip.init import canonical_tensor
+
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(canonical_tensor(name, tuple(p.shape), seed, device=p.device, dtype=torch.float32).to(p.dtype))
+
+
+def build(variant: str, config, seed: int):
+    import torch
+
+    from crosschip.init import canonical_tensor
+
+    if variant == "peft":
+        import peft
+        from transformers import LlamaForCausalLM
+
+        config._attn_implementation = "sdpa"
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(canonical_tensor(name, tuple(p.shape), seed, device="cuda", dtype=p.dtype))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS)))
+        _fill_adapter([(n.replace(".default", ""), p) for n, p in model.named_parameters() if "lora_" in n], seed)
+        return model.train(), model
+    import crosschip
+    from crosschip.init import init_weights
+    from crosschip.loading import build_model
+    from crosschip.models import model_class
+    from crosschip.runtime import Runtime
+
+    backend = "te" if variant == "te" else "torch"
+    runtime = Runtime(backend, device="cuda", dtype="bf16", strict=True,
+                      components={"gated_mlp": "torch"} if variant == "te" else None)
+    model = build_model(model_class("LlamaForCausalLM"), config, runtime)
+    init_weights(model, seed=seed, device="cuda")
+    model.add_adapter(crosschip.LoraConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
+    _fill_adapter([(k, p) for s in model.lora_adapter.slots.values() for k, p in s.peft_tensors().items()], seed)
+    model.train()
+    return (torch.compile(model) if variant == "torch-compile" else model), model
+
+
+def worker(args) -> dict:
+    import torch
+
+    config = llama_config(args.shape, SEQ)
+    batch = TOKENS_PER_STEP // SEQ
+    result = dict(variant=args.variant, shape=args.shape, seq=SEQ, batch=batch, r=R, alpha=ALPHA,
+                  targets=list(TARGETS))
+    try:
+        step_model, model = build(args.variant, config, args.seed)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        result["trainable_params"] = sum(p.numel() for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (batch, SEQ), device="cuda", generator=gen)
+
+        def step():
+            loss = step_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        result["warmup_s"] = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+            losses.append(loss.item())
+        median = statistics.median(times)
+        full, non_embedding = flops_per_token(config, SEQ)
+        per_token = full - 2 * non_embedding  # no weight gradients of the frozen base
+        tokens = batch * SEQ
+        achieved = per_token * tokens / median / 1e12
+        result.update(status="ok", step_s_median=median, step_s_all=times, tokens_per_s=tokens / median,
+                      tflops=achieved, mfu_vs_peak=achieved / PEAK_TFLOPS, matmul_tflops=matmul_tflops(),
+                      peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses)
+        if args.variant != "peft":
+            result["backends"] = {k: sorted(v["backend"] for v in entries)
+                                  for k, entries in model.runtime.report.summary().items()}
+    except torch.OutOfMemoryError as exc:
+        result.update(status="oom", error=str(exc).splitlines()[0])
+    except Exception as exc:  # recorded, so one failing variant does not hide the others
+        result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["1b", "8b"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.shape = args.shape[0]
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    runs = []
+    report = {"command": "python " + " ".join(sys.argv), "versions": versions(), "seq": SEQ,
+              "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS, "runs": runs}
+    for shape in args.shape:
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", shape,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            run = json.loads(lines[-1][7:]) if lines else dict(variant=variant, shape=shape, status="crashed",
+                                                               error=proc.stderr[-2000:])
+            runs.append(run)
+            base = next((r for r in runs if r["shape"] == shape and r["variant"] == "peft"
+                         and r.get("status") == "ok"), None)
+            if run.get("status") == "ok":
+                if base:
+                    run["speedup_vs_peft"] = run["tokens_per_s"] / base["tokens_per_s"]
+                    run["memory_vs_peft"] = run["peak_memory_gib"] / base["peak_memory_gib"]
+                print(f"{shape} {variant:14s} {run['tokens_per_s']:10,.0f} tok/s  x{run.get('speedup_vs_peft', 1):.2f}"
+                      f"  MFU {run['mfu_vs_peak']:.1%}  peak {run['peak_memory_gib']:.1f} GiB", flush=True)
+            else:
+                print(f"{shape} {variant:14s} {run['status']}: {run.get('error', '')[:600]}", flush=True)
+            if args.out:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as fh:
+                    json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
