@@ -215,3 +215,32 @@ def test_fused_checkpoint_projection_is_declined_with_the_reason(tmp_path):
     with pytest.raises(ConfigurationError, match=r"has no .q_proj. projection \(it has .*qkv_proj"):
         model.add_adapter(crosschip.LoraConfig(target_modules=("q_proj",)))
     _assert_untouched(model)
+
+
+def test_example_trains_saves_and_merges(tmp_path):
+    """examples/lora_finetune.py as its docstring shows it: the adapter PEFT loads gives the
+    merged checkpoint's logits, and the loss went down."""
+    import runpy
+    import sys
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config()
+    peft_model(tmp_path, config)
+    argv = ["lora_finetune.py", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "out"),
+            "--backend", "torch", "--dora", "--steps", "6"]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "examples" / "lora_finetune.py"),
+                       run_name="__main__")
+    finally:
+        sys.argv = old
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged", attn_implementation="eager").eval()
+    ids = torch.randint(1, config.vocab_size, (1, 10))
+    assert_rel_close(merged(ids).logits, with_adapter(input_ids=ids).logits, 1e-5, "merged vs PEFT")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    assert not torch.allclose(merged(ids).logits, plain(ids).logits)  # the adapter learned something
