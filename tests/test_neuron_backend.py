@@ -162,3 +162,32 @@ def test_stand_ins_never_replace_an_installed_module(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"], out.stdout
+
+
+_ADAPTER = r"""
+import json, sys
+import crosschip
+from crosschip.errors import ConfigurationError
+model = crosschip.from_pretrained(sys.argv[1], backend="neuron")
+try:
+    model.add_adapter(crosschip.LoraConfig(target_modules=("q_proj",)))
+    print(json.dumps({"error": None}))
+except ConfigurationError as exc:
+    print(json.dumps({"error": str(exc), "clean": getattr(model, "lora_adapter", None) is None}))
+"""
+
+
+@pytest.mark.neuron_cpu
+def test_adapters_are_declined_with_the_reason(tmp_path):
+    """The neuron backend does not carry adapters yet: asking for one names the projection, the
+    backend and why, and leaves the model as it was."""
+    from helpers import save_hf_llama
+
+    save_hf_llama(tmp_path / "llama")
+    out = subprocess.run([sys.executable, "-c", _ADAPTER, str(tmp_path / "llama")], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT, env={**os.environ, "NXD_CPU_MODE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["error"] and "qkv_projection (q_proj)" in result["error"], result
+    assert "backend 'neuron'" in result["error"] and "do not apply LoRA adapters" in result["error"], result
+    assert result["clean"], result
