@@ -244,3 +244,24 @@ def test_example_trains_saves_and_merges(tmp_path):
     assert_rel_close(merged(ids).logits, with_adapter(input_ids=ids).logits, 1e-5, "merged vs PEFT")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
     assert not torch.allclose(merged(ids).logits, plain(ids).logits)  # the adapter learned something
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_bf16_base_gets_float32_adapters_as_peft_does(tmp_path, dora):
+    """PEFT's autocast_adapter_dtype: the adapter trains in float32 over a bf16 base, whose
+    outputs stay bf16; merging rounds once to bf16."""
+    config = tiny_llama_config()
+    _, adapter = peft_model(tmp_path, config, dora=dora)
+    model = crosschip.from_pretrained(tmp_path / "base", backend="torch", dtype="bf16", adapter=adapter).train()
+    assert {p.dtype for p in model.lora_adapter.parameters()} == {torch.float32}
+    ids = torch.randint(1, config.vocab_size, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.lora_adapter.parameters())
+    reference = crosschip.from_pretrained(tmp_path / "base", backend="reference", adapter=adapter)
+    expected = reference(ids).logits
+    assert_rel_close(out.logits.float(), expected, 3e-2, "bf16 logits")
+    model.merge_adapter()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert_rel_close(model(ids).logits.float(), expected, 3e-2, "merged bf16 logits")

@@ -100,8 +100,11 @@ def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraA
         raise ConfigurationError(f"LoRA on {where}: the backend cannot carry an adapter here: {reason}")
     out_features, in_features = b.hf_shapes[key]
     first = b.module.get_parameter(next(iter(holding)))
+    # As PEFT (autocast_adapter_dtype): a 16-bit base gets float32 adapters, which train
+    # without losing small updates to 16-bit rounding and cost little (r is small).
+    dtype = torch.float32 if first.dtype in (torch.bfloat16, torch.float16) else first.dtype
     slot = LoraSlot(key.removesuffix(".weight"), out_features, in_features, config,
-                    device=first.device, dtype=first.dtype)
+                    device=first.device, dtype=dtype)
     if config.use_dora:
         with torch.no_grad():
             base = b.to_hf(weights._physical(b, grads=False))[key]
@@ -268,15 +271,17 @@ def merge(model) -> None:
             continue
         canonical = b.to_hf(weights._physical(b, grads=False))
         for key, slot in mine.items():
-            w = canonical[key]
-            a, bb = (weights.whole(t).to(w.device, w.dtype) for t in (slot.lora_A, slot.lora_B))
+            # In the adapter's dtype (float32 over a 16-bit base), rounded once to the base's.
+            base = canonical[key]
+            a, bb = (weights.whole(t).to(base.device) for t in (slot.lora_A, slot.lora_B))
             delta = (bb @ a) * slot.scaling
+            w = base.to(delta.dtype)
             if slot.magnitude is None:
-                canonical[key] = w + delta
+                canonical[key] = (w + delta).to(base.dtype)
             else:
                 norm = torch.linalg.norm(w + delta, dim=1).to(w.dtype)
-                m = weights.whole(slot.magnitude).to(w.device, w.dtype)
-                canonical[key] = (m / norm).view(-1, 1) * (w + delta)
+                m = weights.whole(slot.magnitude).to(base.device, w.dtype)
+                canonical[key] = ((m / norm).view(-1, 1) * (w + delta)).to(base.dtype)
         weights._load_physical(b, b.from_hf(canonical))
     remove(model)
 

@@ -130,7 +130,8 @@ def _apply(module, entry: Entry, x, out):
         low = _SumForward.apply(low, entry.group)
     update = F.linear(low, b) * slot.scaling
     if slot.magnitude is None:
-        return out + update if positions is None else out.index_add(-1, positions, update.to(out.dtype))
+        update = update.to(out.dtype)
+        return out + update if positions is None else out.index_add(-1, positions, update)
     return _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols)
 
 
@@ -142,7 +143,7 @@ def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols
     if positions is not None:
         weight = weight.index_select(0, positions)
     with torch.no_grad():
-        merged = weight + slot.scaling * (b @ a)
+        merged = weight.to(a.dtype) + slot.scaling * (b @ a)
         if cols is None:
             norm = torch.linalg.norm(merged, dim=1).to(merged.dtype)
         else:
@@ -154,7 +155,7 @@ def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols
         magnitude = _GradSum.apply(magnitude, entry.group)
     gain = (magnitude if rows is None else magnitude.index_select(0, rows)) / norm
     if slot.training and slot.config.dropout:
-        base = F.linear(dropped, weight)
+        base = F.linear(dropped.to(weight.dtype), weight)
         if cols is not None:
             base = _SumForward.apply(base, entry.group)
     else:
@@ -162,8 +163,8 @@ def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols
         if entry.bias is not None:
             bias = _local(module.get_parameter(entry.bias))
             base = base - (bias if positions is None else bias.index_select(0, positions))
-    change = (gain - 1) * base + gain * update
-    return out + change if positions is None else out.index_add(-1, positions, change.to(out.dtype))
+    change = ((gain - 1) * base + gain * update).to(out.dtype)
+    return out + change if positions is None else out.index_add(-1, positions, change)
 
 
 def _local(tensor):
