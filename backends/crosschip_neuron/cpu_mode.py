@@ -149,6 +149,11 @@ class _CollectivesConfig:
 def _install_torch_xla() -> None:
     from crosschip_neuron import xla_standin
 
+    # accelerate (which transformers imports when installed) takes importable torch_xla modules
+    # for an XLA install and then imports parts of it no stand-in provides; its documented
+    # switch tells it to stay native. (No real torch_xla is present, or no stand-in is made.)
+    os.environ.setdefault("USE_TORCH_XLA", "0")
+
     xla_model = _module("torch_xla.core.xla_model", **xla_standin.xla_model_namespace())
     core = _module("torch_xla.core", xla_model=xla_model, xla_env_vars=_module("torch_xla.core.xla_env_vars"))
     serialization = _module("torch_xla.utils.serialization")
