@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from crosschip.errors import ConfigurationError, CrosschipError
 from crosschip.specs import CHECKPOINTING, FP8_RECIPES, PRECISIONS
@@ -117,6 +118,15 @@ def cmd_train(args) -> int:
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
           f"{result.tokens_per_second:,.0f} tokens/s on {device}")
+    if result.lora_base is not None:
+        base = result.lora_base
+        print(f"saved a PEFT adapter (adapter_config.json, adapter_model.safetensors) for {base} to {result.out}")
+        print(f"step metrics: {result.out / 'metrics.jsonl'}")
+        print("load it with:")
+        print(f"  python -c \"import crosschip; m = crosschip.from_pretrained('{base}', adapter='{result.out}')\"")
+        print(f"  crosschip generate --model {base} --adapter {result.out} --prompt 'The engineer'")
+        print(f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{result.out}')")
+        return 0
     print(f"saved a Hugging Face checkpoint to {result.out}")
     print(f"step metrics: {result.out / 'metrics.jsonl'}")
     print("load it with:")
@@ -178,7 +188,7 @@ def cmd_generate(args) -> int:
         torch.manual_seed(args.seed)
     # Weights and tokenizer from one directory: the local one, or the id's cached snapshot.
     directory = hub.resolve(args.model, args.revision, option="--model") or args.model
-    model = from_pretrained(directory, backend=args.backend, device=args.device)
+    model = from_pretrained(directory, backend=args.backend, device=args.device, adapter=args.adapter)
     tokenizer = load_tokenizer(directory)
     check_vocab_fits(tokenizer, model.opts.vocab_size, where=args.model)
     if not args.prompt:
@@ -206,6 +216,12 @@ def _check_generate_args(args) -> None:
         raise ConfigurationError(f"--top-p must be in (0, 1], found {args.top_p}")
     if args.device is not None:
         parse_device(args.device, where="--device")
+    if args.adapter is not None:
+        from crosschip.lora.attach import CONFIG_FILE
+
+        if not Path(args.adapter).is_dir():
+            raise ConfigurationError(f"--adapter {args.adapter}: not a directory (expected a PEFT adapter "
+                                     f"directory: {CONFIG_FILE} and adapter_model.safetensors)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log", default=None, metavar="SINKS",
                        help="also send the step metrics (always in OUT/metrics.jsonl) to tensorboard "
                             "(OUT/tensorboard) and/or wandb, comma-separated; each must be installed")
+    train.add_argument("--lora", default=None, metavar="SPEC",
+                       help="train a LoRA adapter on the frozen --model and save it (PEFT's format) instead of "
+                            "the base weights: r=N,alpha=X[,dropout=P][,dora][,rslora][,targets=q_proj+v_proj] "
+                            "(default targets: every projection but lm_head)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -268,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="a Hugging Face model directory, or a Hub model id "
                      "(org/name, from the local Hugging Face cache, downloaded when online)")
     gen.add_argument("--revision", default=None, help="with a Hub model id: the branch, tag or commit")
+    gen.add_argument("--adapter", default=None, metavar="DIR",
+                     help="a PEFT adapter directory (from crosschip train --lora, or from PEFT) to apply on --model")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true",
                      help="the prompt is a user message: render it with the model's chat template and print the answer")

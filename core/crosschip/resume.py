@@ -1,7 +1,7 @@
 """What a resume may change, and the saved ``meta.json`` it continues from.
 
 A run is defined by its RUN_DEFINING arguments (the model it started from and its revision, the
-data, the batch, the optimizer's schedule, the numerics). A resume takes the saved value of each one it leaves at
+adapter it trains (``--lora``), the data, the batch, the optimizer's schedule, the numerics). A resume takes the saved value of each one it leaves at
 its default (``crosschip train --resume DIR`` continues the run as it was started); one given
 with another value would silently make it another run, so it is refused, naming the saved and
 the new value, unless ``--override name=value`` says that the change is intended (also the way
@@ -45,6 +45,7 @@ RUN_DEFINING = {
     # The optimizer's schedule and update.
     "lr_schedule": str, "grad_accumulation": int, "weight_decay": float, "max_grad_norm": float,
     "revision": _optional(str),  # with model: which revision of a Hub model id the run started from
+    "lora": _optional(str),  # the adapter trained on the frozen base (its rank, scale, targets, ...)
 }
 #: What the saved meta.json must hold, with the type of each.
 META_FIELDS = {"step": int, "losses": list, "args": dict, "backends": dict}
@@ -59,7 +60,24 @@ def normalised(name: str, value):
     absolute path, so a resume from another working directory still matches."""
     if name in ("model", "text", "data") and isinstance(value, str) and os.path.exists(value):
         return os.path.realpath(value)
+    if name == "lora" and isinstance(value, str):
+        return _canonical_lora(value)
     return value
+
+
+def _canonical_lora(text: str) -> str:
+    """``--lora`` text spelled one way (``alpha=32,r=16`` and ``r=16,alpha=32.0`` alike), so a
+    resume compares adapters, not spellings; text that does not parse is kept as it is."""
+    from crosschip.lora.config import LoraConfig
+
+    try:
+        c = LoraConfig.parse(text)
+    except ConfigurationError:
+        return text
+    parts = [f"r={c.r}", f"alpha={float(c.alpha)!r}", f"dropout={float(c.dropout)!r}",
+             "targets=" + "+".join(c.target_modules)]
+    parts += [flag for flag, on in (("dora", c.use_dora), ("rslora", c.use_rslora)) if on]
+    return ",".join(parts + ([f"init={c.init}"] if c.init != "default" else []))
 
 
 def read_meta(resume: str, meta_file: Path) -> dict:
@@ -98,6 +116,9 @@ def parse_overrides(items) -> dict:
             if not sep or name not in RUN_DEFINING:
                 raise ConfigurationError(f"--override {part!r}: expected name=value with a name among "
                                          f"{', '.join(RUN_DEFINING)}")
+            if name == "lora":
+                raise ConfigurationError("--override lora: a resume continues the adapter saved in --resume; to "
+                                         "train another adapter, start a new run without --resume")
             if name in ("model", "revision"):
                 raise ConfigurationError(f"--override {name}: a resume always continues the weights saved in "
                                          "--resume; to start a new run from them, pass that directory as --model "
@@ -135,7 +156,7 @@ def resumed_args(args, saved: dict):
                and name not in overrides]
     if changed:
         listed = ", ".join(f"{_option(n)} {new} (saved {old})" for n, old, new in changed)
-        hint = ",".join(f"{n}={new}" for n, _, new in changed if n not in ("model", "revision"))
+        hint = ",".join(f"{n}={new}" for n, _, new in changed if n not in ("model", "revision", "lora"))
         raise ConfigurationError(
             f"--resume {args.resume} continues a run with other settings: {listed}; pass the saved values"
             + (f", or --override {hint} if the change is intended" if hint else ""))

@@ -28,7 +28,7 @@ from crosschip.loading import build_model, finalize, from_pretrained
 from crosschip.metrics import StepMetrics, parse_log, peak_memory_bytes
 from crosschip.models import model_class
 from crosschip.presets import preset_config
-from crosschip.resume import read_meta, recorded, resumed_args
+from crosschip.resume import normalised, read_meta, recorded, resumed_args
 from crosschip.runtime import Runtime
 from crosschip.schedule import learning_rate
 from crosschip.specs import ParallelSpec
@@ -45,6 +45,7 @@ class TrainResult:
     model: object = None
     evals: list[dict] = field(default_factory=list)  # {"step", "loss", "perplexity"} on the validation split
     saves: list[Path] = field(default_factory=list)  # the intermediate saves this run wrote
+    lora_base: str | None = None  # with --lora: the base model the saved adapter applies to
 
 
 def batch_for_step(tokens: torch.Tensor, step: int, args: TrainArgs, rows: int | None = None) -> torch.Tensor:
@@ -112,9 +113,15 @@ def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
     """Model and tokenizer for a fresh run, or for resuming the run whose ``meta.json`` is
     ``state``, read from ``resumed`` (the committed directory of ``--resume``, resolved once, so
     that weights, tokenizer and training state come from one save)."""
-    source = str(resumed) if resumed is not None else args.model
-    if resumed is None and (cached := hub.resolve(args.model, args.revision, option="--model")):
+    lora = args.lora_config()
+    # With --lora a save holds the adapter only: a resume rebuilds the frozen base from --model.
+    source = str(resumed) if resumed is not None and lora is None else args.model
+    if (resumed is None or lora is not None) and (cached := hub.resolve(args.model, args.revision,
+                                                                         option="--model")):
         source = str(cached)  # a local directory, or the cached snapshot of a Hub model id
+    if lora is not None and not Path(source).is_dir():
+        raise ConfigurationError(f"--lora: --model {args.model} is a preset; an adapter is saved without the base "
+                                 "weights, so it trains on a Hugging Face checkpoint (a directory or a Hub model id)")
     if Path(source).is_dir():
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
@@ -138,6 +145,9 @@ def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
                 f"--resume {args.resume}: optimizer state was saved with backends {state['backends']}, "
                 f"this run builds {backends}; resume on the same backend")
     check_vocab_fits(tokenizer, model.opts.vocab_size, where=source)
+    if lora is not None:
+        torch.manual_seed(args.seed)  # the adapter's initialisation follows the run's seed
+        model.add_adapter(lora)
     return model.train(), tokenizer
 
 
@@ -161,6 +171,9 @@ def check_output(args: TrainArgs) -> None:
     """Refuse, before any training, to replace a checkpoint in ``--out`` that this run did not
     start from (``--resume`` or ``--model`` naming it), unless ``--overwrite``."""
     out = Path(args.out)
+    if args.lora is not None and out.is_dir() and Path(args.model).is_dir() and \
+            os.path.realpath(out) == os.path.realpath(args.model):
+        raise ConfigurationError(f"--out {out}: is the base model (--model) the adapter trains on; choose another --out")
     if args.overwrite or not out.is_dir() or not holds_checkpoint(out):
         return
     started_from = {os.path.realpath(p) for p in (args.resume, args.model) if p and Path(p).is_dir()}
@@ -248,7 +261,8 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
 
     device = model.runtime.device
     params = [p for p in model.parameters() if p.requires_grad]
-    result = TrainResult(losses=losses, out=Path(args.out), model=model)
+    result = TrainResult(losses=losses, out=Path(args.out), model=model,
+                         lora_base=normalised("model", args.model) if args.lora is not None else None)
     saves_at = set(_save_steps(args, start, end))
 
     bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not progress or _rank() != 0,
@@ -258,6 +272,8 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
     metrics = StepMetrics(args.out, sinks=parse_log(args.log), resume=args.resume, start=start,
                           config=recorded(args), enabled=_rank() == 0)
     for step in bar:
+        if args.lora is not None:  # the adapter's dropout masks: a function of (seed, step), as the data
+            torch.manual_seed(args.seed * 1_000_003 + step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         loss, tokens = _accumulated_step(model, data(step), args, device)
@@ -297,7 +313,14 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
 
 def _save(directory, model, tokenizer, optimizer, step: int, losses: list, args: TrainArgs, run_id: str) -> None:
     with atomic_save(directory, distributed=model._parallel()) as staging:
-        model.write_pretrained(staging, extra_files=tokenizer.save_pretrained)
+        if args.lora is not None:  # the adapter in PEFT's format; the frozen base stays in --model
+            from crosschip.lora import attach
+
+            attach.write(model, staging, base_model=normalised("model", args.model))
+            if _rank() == 0:
+                tokenizer.save_pretrained(staging)
+        else:
+            model.write_pretrained(staging, extra_files=tokenizer.save_pretrained)
         save_training_state(model, optimizer, staging / STATE_DIR, {
             "step": step, "losses": list(losses), "args": recorded(args), "backends": _backends(model),
             "layouts": layouts_of(model), "tp": args.tp, "dp": args.dp, "run_id": run_id,

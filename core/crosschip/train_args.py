@@ -58,6 +58,9 @@ class TrainArgs:
     overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
     revision: str | None = None  # with a Hub model id as `model`: a branch, tag or commit
     log: str | None = None  # "tensorboard,wandb": also send step metrics there (metrics.jsonl always)
+    # "r=16,alpha=32[,dora][,dropout=P][,targets=q_proj+v_proj]": train a LoRA/DoRA adapter on the
+    # frozen base `model` and save the adapter (PEFT's format) instead of the base weights.
+    lora: str | None = None
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accumulation"):
@@ -90,6 +93,16 @@ class TrainArgs:
 
             parse_device(self.device, where="--device")
         parse_log(self.log)
+        self.lora_config()
+
+    def lora_config(self):
+        """``--lora`` as a :class:`crosschip.LoraConfig` (None without it); bad text is a
+        ConfigurationError naming ``--lora``."""
+        if self.lora is None:
+            return None
+        from crosschip.lora.config import LoraConfig
+
+        return LoraConfig.parse(self.lora, where="--lora")
 
     def _check_data(self) -> None:
         choices = {"train_on": ("assistant", "all"), "long_documents": ("truncate", "split")}

@@ -39,7 +39,7 @@ def save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
     with _single_process_is_intended():
         dcp.save({"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)},
                  checkpoint_id=str(directory))
@@ -52,7 +52,8 @@ def load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1
     resume = resume or directory.parent
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _options(model)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     saved_at = (meta.get("tp", 1), meta.get("dp", 1))
     _check_state_fits(model_state, directory, saved_at, run_at)
     # The state holds physical weights: a layout that depends on the parallel degree (te's
@@ -77,7 +78,20 @@ def load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1
         raise ConfigurationError(f"--resume {resume}: the saved training state does not fit this "
                                  f"model and layout: {exc}") from exc
     # optim_state was filled in place through the views.
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state,
+                   options=options)
+
+
+def _options(model):
+    """With an adapter the base is frozen and is not part of the run's state (it is the
+    ``--model`` the run starts from): only the trainable parameters are saved and restored
+    (loading is not strict about the frozen ones; the saved keys were checked to be exactly the
+    trainable ones by :func:`_check_state_fits`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if getattr(model, "lora_adapter", None) is None:
+        return None
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _check_state_fits(model_state: dict, directory: Path, saved_at=(1, 1), run_at=(1, 1)) -> None:
