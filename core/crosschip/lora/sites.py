@@ -121,6 +121,11 @@ def _apply(module, entry: Entry, x, out):
         b = b if cols is not None else _GradSum.apply(b, entry.group)
     a = a if cols is None else a.index_select(1, cols)
     b = b if rows is None else b.index_select(0, rows)
+    # Float32 adapters over a 16-bit base compute in the activations' dtype (autocast's rule for
+    # matmuls): casting the [r, in] and [out, r] weights is free, casting every [tokens, in]
+    # input to float32 is not. Gradients reach the float32 weights through the cast.
+    if x.dtype in (torch.bfloat16, torch.float16) and a.dtype != x.dtype:
+        a, b = a.to(x.dtype), b.to(x.dtype)
     if entry.group is not None and cols is None:
         # A column-parallel rank's part of the input gradient (through its rows of B) is partial.
         x = _GradSum.apply(x, entry.group)
