@@ -22,10 +22,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import PEAK_TFLOPS, SHAPES, flops_per_token, llama_config, matmul_tflops, versions  # noqa: E402
+from train_step import (  # noqa: E402
+    PEAK_TFLOPS, SHAPES, flops_per_token, llama_config, matmul_tflops, timed_steps, versions)
 
 VARIANTS = ["peft", "torch", "torch-compile", "te"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -97,28 +97,7 @@ def worker(args) -> dict:
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, SEQ), device="cuda", generator=gen)
 
-        def step():
-            loss = step_model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        torch.cuda.synchronize()
-        result["warmup_s"] = time.perf_counter() - t0
-        torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-            losses.append(loss.item())
+        times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result)
         median = statistics.median(times)
         full, non_embedding = flops_per_token(config, SEQ)
         per_token = full - 2 * non_embedding  # no weight gradients of the frozen base

@@ -107,6 +107,36 @@ def matmul_tflops() -> float:
     return 2 * n**3 / (statistics.median(times) / 1e3) / 1e12
 
 
+def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dict):
+    """``warmup`` untimed training steps (their time in ``result["warmup_s"]``), then ``steps``
+    timed ones from a reset memory peak: ``(seconds per step, losses)``."""
+    import torch
+
+    def step():
+        loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    result["warmup_s"] = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        losses.append(loss.item())
+    return times, losses
+
+
 def worker(args) -> dict:
     import torch
 
@@ -121,28 +151,7 @@ def worker(args) -> dict:
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda", generator=gen)
 
-        def step():
-            loss = step_model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        torch.cuda.synchronize()
-        result["warmup_s"] = time.perf_counter() - t0
-        torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-            losses.append(loss.item())
+        times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result)
         median = statistics.median(times)
         per_token, non_embedding = flops_per_token(config, args.seq)
         tokens = batch * args.seq
