@@ -48,20 +48,12 @@ def _fill_adapter(named, seed: int):
 def build(variant: str, config, seed: int):
     import torch
 
-    from crosschip.init import canonical_tensor
-
     if variant == "peft":
         import peft
-        from transformers import LlamaForCausalLM
 
-        config._attn_implementation = "sdpa"
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
-        torch.set_default_dtype(torch.float32)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(canonical_tensor(name, tuple(p.shape), seed, device="cuda", dtype=p.dtype))
+        import train_step
+
+        model = train_step.build("transformers", config, seed, "none")  # the same base weights
         model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS)))
         _fill_adapter([(n.replace(".default", ""), p) for n, p in model.named_parameters() if "lora_" in n], seed)
         return model.train(), model
