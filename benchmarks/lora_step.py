@@ -20,12 +20,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (  # noqa: E402
-    PEAK_TFLOPS, SHAPES, flops_per_token, llama_config, matmul_tflops, timed_steps, versions)
+    PEAK_TFLOPS, SHAPES, flops_per_token, in_own_process, llama_config, matmul_tflops, timed_steps, versions)
 
 VARIANTS = ["peft", "torch", "torch-compile", "te"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -130,10 +129,7 @@ def main(argv=None) -> int:
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", shape,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            run = json.loads(lines[-1][7:]) if lines else dict(variant=variant, shape=shape, status="crashed",
-                                                               error=proc.stderr[-2000:])
+            run = in_own_process(cmd, dict(variant=variant, shape=shape))
             runs.append(run)
             base = next((r for r in runs if r["shape"] == shape and r["variant"] == "peft"
                          and r.get("status") == "ok"), None)

@@ -107,6 +107,14 @@ def matmul_tflops() -> float:
     return 2 * n**3 / (statistics.median(times) / 1e3) / 1e12
 
 
+def in_own_process(cmd: list[str], identity: dict) -> dict:
+    """Run one ``--worker`` command in its own process and return its RESULT line (or
+    ``identity`` with status ``crashed`` and the end of its stderr)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else dict(identity, status="crashed", error=proc.stderr[-2000:])
+
+
 def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dict):
     """``warmup`` untimed training steps (their time in ``result["warmup_s"]``), then ``steps``
     timed ones from a reset memory peak: ``(seconds per step, losses)``."""
@@ -230,10 +238,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", args.shape,
                    "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--seed", str(args.seed), "--activation-checkpointing", args.activation_checkpointing]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            run = json.loads(lines[-1][7:]) if lines else dict(
-                variant=variant, seq=seq, status="crashed", error=proc.stderr[-2000:])
+            run = in_own_process(cmd, dict(variant=variant, seq=seq))
             runs.append(run)
             if run.get("status") == "ok":
                 print(f"{args.shape} seq {seq:5d} {variant:14s} {run['tokens_per_s']:10,.0f} tok/s  "
