@@ -124,6 +124,7 @@ def _apply(module, entry: Entry, x, out):
     # Float32 adapters over a 16-bit base compute in the activations' dtype (autocast's rule for
     # matmuls): casting the [r, in] and [out, r] weights is free, casting every [tokens, in]
     # input to float32 is not. Gradients reach the float32 weights through the cast.
+    stored = a, b  # DoRA's row norms use the stored (float32) weights
     if x.dtype in (torch.bfloat16, torch.float16) and a.dtype != x.dtype:
         a, b = a.to(x.dtype), b.to(x.dtype)
     if entry.group is not None and cols is None:
@@ -137,7 +138,7 @@ def _apply(module, entry: Entry, x, out):
     if slot.magnitude is None:
         update = update.to(out.dtype)
         return out + update if positions is None else out.index_add(-1, positions, update)
-    return _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols)
+    return _dora(module, entry, slot, *stored, dropped, out, update, positions, rows, cols)
 
 
 def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols):
@@ -148,7 +149,9 @@ def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols
     if positions is not None:
         weight = weight.index_select(0, positions)
     with torch.no_grad():
-        merged = weight.to(a.dtype) + slot.scaling * (b @ a)
+        # In at least float32 (as PEFT: the norm of a bf16 weight plus a float32 update).
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        merged = weight.to(wide) + slot.scaling * (b.to(wide) @ a.to(wide))
         if cols is None:
             norm = torch.linalg.norm(merged, dim=1).to(merged.dtype)
         else:
