@@ -224,6 +224,15 @@ def _check_generate_args(args) -> None:
                                      f"directory: {CONFIG_FILE} and adapter_model.safetensors)")
 
 
+def cmd_convert(args) -> int:
+    from crosschip.convert import convert
+
+    summary = convert(args.source, args.out, tp=args.tp, config=args.config, kv_layout=args.kv_layout,
+                      fuse_qkv=args.fuse_qkv, progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosschip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="Hugging Face checkpoint <-> neuronx-distributed (Trainium) shards; the "
+                          "source format is detected")
+    conv.add_argument("source", help="a Hugging Face model directory, or an NxD checkpoint: a tag directory "
+                      "(with model/), a directory of tags (the newest finished one is read), or an Optimum Neuron "
+                      "model directory (with shards/)")
+    conv.add_argument("--out", required=True, help="the directory to write (one atomic save; what else it holds "
+                      "is kept)")
+    conv.add_argument("--tp", type=int, default=None, help="Hugging Face -> NxD: the tensor parallel degree")
+    conv.add_argument("--config", default=None, help="the model's config.json (or its directory), where the "
+                      "source has none beside it")
+    conv.add_argument("--kv-layout", default=None, choices=("tile", "interleave"),
+                      help="where KV heads are replicated (tp above the KV heads): tile (Optimum Neuron, NxD on "
+                           "trn1; the default when sharding) or interleave (crosschip on trn2); needed to "
+                           "consolidate shards that have no metadata")
+    conv.add_argument("--fuse-qkv", action="store_true", help="Hugging Face -> NxD: one fused qkv_proj (Optimum "
+                      "Neuron's fuse_qkv) instead of separate q/k/v")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 

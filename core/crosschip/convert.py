@@ -127,8 +127,8 @@ def _consolidate(source: Path, out: Path, config_path, kv_layout, progress: bool
             if tuple(tensor.shape) != output.shape or tensor.dtype != output.dtype:  # a planning bug, never silent
                 raise CheckpointError(f"{output.name}: built {tuple(tensor.shape)} {tensor.dtype}, planned "
                                       f"{output.shape} {output.dtype}")
-            yield output.name, tensor
             bar.update(1)
+            yield output.name, tensor
 
     def extra(staging: Path) -> None:
         if companions is not None:
@@ -187,7 +187,7 @@ def _shard(source: Path, out: Path, tp: int, config_path, kv_layout: str, fuse_q
                 state = rank_state(reader, meta, physical, tp, rank)
                 if tied_head:
                     state["lm_head.weight"] = state["model.embed_tokens.weight"]
-                summary.tensors = len(state)
+                summary.tensors += len(state)
                 summary.bytes += sum(t.numel() * t.element_size() for t in state.values())
                 # Each tensor owns its storage: torch.save writes whole storages, not views.
                 torch.save({k: t.contiguous().clone() for k, t in state.items()},

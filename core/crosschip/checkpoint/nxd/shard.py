@@ -27,7 +27,11 @@ def layout(config, names: list[str], tp: int, kv_layout: str = TILE, fuse_qkv: b
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    meta = Metadata(source="crosschip")
+    meta = Metadata(source="written by crosschip, in Optimum Neuron's format")
+    fused = [n for n in names if ".self_attn.qkv_proj." in n or ".mlp.gate_up_proj." in n]
+    if fused:
+        raise CheckpointError(f"{fused[0]}: this checkpoint's own projections are fused (as Phi-3's); the NxD layout "
+                              "is defined for Hugging Face's separate q/k/v and gate/up projections")
     physical: list[str] = []
     for name in names:
         module, _, leaf = name.rpartition(".")
