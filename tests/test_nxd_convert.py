@@ -356,3 +356,19 @@ def test_cli(models, tmp_path, capsys):
     assert_bitwise(_weights(models / "kv1"), _weights(tmp_path / "hf"))
     assert main(["convert", str(tmp_path / "nxd"), "--out", str(tmp_path / "x"), "--tp", "4"]) == 2
     assert "already sharded" in capsys.readouterr().err
+
+
+def test_from_pretrained_loads_nxd_shards(models, tmp_path):
+    """Trainium shards load directly (consolidated one weight at a time) on any backend."""
+    import crosschip
+
+    convert(models / "llama", tmp_path / "nxd", tp=4, progress=False)
+    ids = torch.randint(0, 128, (2, 10))
+    for backend in ("reference", "torch"):
+        expected = crosschip.from_pretrained(models / "llama", backend=backend)
+        loaded = crosschip.from_pretrained(tmp_path / "nxd", backend=backend)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected(ids).logits), backend
+    (tmp_path / "nxd" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="without a config.json.*crosschip convert"):
+        crosschip.from_pretrained(tmp_path / "nxd")

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from crosschip.checkpoint.nxd import metadata as nxd_metadata
-from crosschip.checkpoint.nxd.consolidate import plan
 from crosschip.checkpoint.nxd.files import METADATA_FILE, OPTIMUM_TAG, NxdCheckpoint, is_nxd_checkpoint
+from crosschip.checkpoint.nxd.source import ConsolidatedSource
 from crosschip.checkpoint.nxd.metadata import KV_LAYOUTS, TILE, GQAQKV
 from crosschip.checkpoint.nxd.shard import layout, rank_state
 from crosschip.errors import CheckpointError, ConfigurationError
@@ -103,30 +102,14 @@ def _consolidate(source: Path, out: Path, config_path, kv_layout, progress: bool
     config_dir = Path(config_path) if config_path is not None else ckpt.config_dir
     config, companions = _load_config(config_dir) if config_dir is not None else (None, None)
     summary = Summary(source, out, f"{NXD} ({ckpt.format}, tp={ckpt.tp}, pp={ckpt.pp})", HF, ckpt.tp)
-    metas = {}
-    for pp in range(ckpt.pp):
-        path = ckpt.metadata_path(pp)
-        if path is not None:
-            metas[pp] = nxd_metadata.read(path)
-            continue
-        if config is None:
-            raise CheckpointError(
-                f"{ckpt.tag_dir}: no {METADATA_FILE.format(pp=pp)} and no config.json beside the shards: name the model "
-                "config (--config DIR) and, for replicated KV heads, the layout (--kv-layout tile|interleave)")
-        state = ckpt.tensors(pp, 0)
-        shapes = {k: tuple(state.get(k).shape) for k in state.keys()}
-        metas[pp] = nxd_metadata.derive(config, shapes, ckpt.tp, kv_layout, str(ckpt.tag_dir))
-    tied = bool(getattr(config, "tie_word_embeddings", False)) if config is not None else False
-    outputs = plan(ckpt, metas, tied_embeddings=tied)
+    source = ConsolidatedSource(ckpt, config, kv_layout)
+    outputs, metas = list(source.outputs.values()), source.metadata
     summary.notes += _layout_notes(metas)
     bar = _bar(len(outputs), "consolidating", progress)
 
     def stream():
         for output in outputs:
-            tensor = output.build()
-            if tuple(tensor.shape) != output.shape or tensor.dtype != output.dtype:  # a planning bug, never silent
-                raise CheckpointError(f"{output.name}: built {tuple(tensor.shape)} {tensor.dtype}, planned "
-                                      f"{output.shape} {output.dtype}")
+            tensor = source.get(output.name)
             bar.update(1)
             yield output.name, tensor
 
@@ -138,7 +121,7 @@ def _consolidate(source: Path, out: Path, config_path, kv_layout, progress: bool
         write_checkpoint(out, [(o.name, o.nbytes) for o in outputs], stream(), extra)
     finally:
         bar.close()
-        ckpt.release()
+        source.release()
     summary.tensors, summary.bytes = len(outputs), sum(o.nbytes for o in outputs)
     summary.files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if companions is None:

@@ -98,7 +98,8 @@ def from_pretrained(
     if lora is not None and adapter is not None:
         raise ConfigurationError("from_pretrained: give lora= (a new adapter) or adapter= (a saved one), not both")
     path = hub.resolve(path, revision, option="from_pretrained") or path
-    cls, config = load_config(path)
+    nxd = _nxd_checkpoint(path)
+    cls, config = load_config(nxd.config_dir if nxd is not None else path)
     if dtype is None:
         dtype = torch.float32
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
@@ -106,8 +107,13 @@ def from_pretrained(
                       activation_checkpointing=activation_checkpointing,
                       parallel=ParallelSpec(tp=tp, dp=dp, sequence_parallel=sequence_parallel,
                                             param_dtype=param_dtype, reduce_dtype=reduce_dtype))
-    checkpoint = SafetensorsCheckpoint(path)
-    model = build_model(cls, config, runtime, where=str(Path(path) / "config.json"))
+    if nxd is not None:  # Trainium shards, consolidated one weight at a time as they load
+        from crosschip.checkpoint.nxd.source import ConsolidatedSource
+
+        checkpoint = ConsolidatedSource(nxd, config)
+    else:
+        checkpoint = SafetensorsCheckpoint(path)
+    model = build_model(cls, config, runtime, where=str(Path(nxd.config_dir if nxd else path) / "config.json"))
     weights.load_canonical(model, checkpoint, set(model.ignored_checkpoint_keys))
     #: Tensor bytes this process read from the checkpoint (a sharded load reads only its part).
     model.checkpoint_bytes_read = checkpoint.bytes_read
@@ -118,6 +124,26 @@ def from_pretrained(
     elif adapter is not None:
         model.load_adapter(adapter)
     return model.eval()
+
+
+def _nxd_checkpoint(path):
+    """The NxD sharded checkpoint at ``path`` (Optimum Neuron's model directory, a tag, or a
+    directory of tags), or None for anything else (a Hugging Face directory, whose safetensors
+    win where both are present)."""
+    from crosschip.checkpoint.nxd.files import NxdCheckpoint, is_nxd_checkpoint
+
+    directory = Path(path)
+    if not directory.is_dir() or any((directory / n).is_file() for n in ("model.safetensors",
+                                                                          "model.safetensors.index.json")):
+        return None
+    if not is_nxd_checkpoint(directory):
+        return None
+    ckpt = NxdCheckpoint(directory)
+    if ckpt.config_dir is None:
+        raise CheckpointError(f"{directory}: neuronx-distributed shards without a config.json beside them (Optimum "
+                              "Neuron's layout puts it in the directory above the tag): consolidate them with "
+                              "`crosschip convert SRC --out DST --config CONFIG` and load DST")
+    return ckpt
 
 
 def finalize(model) -> None:
