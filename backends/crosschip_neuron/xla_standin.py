@@ -254,8 +254,13 @@ def process_group(groups):
 def all_reduce(reduce_type, inputs, scale: float = 1.0, groups=None, pin_layout: bool = True, **_):
     from neuronx_distributed.parallel_layers import comm
 
+    import torch
+
     single = not isinstance(inputs, (list, tuple))
-    tensors = [t.clone() for t in ([inputs] if single else inputs)]
+    # Row-major copies: gloo reduces raw memory, and a plain clone keeps a view's stride order
+    # (a transposed slice stays column-major on the rank that has it, while a peer's zeros are
+    # row-major: the sum then mixes elements).
+    tensors = [t.clone(memory_format=torch.contiguous_format) for t in ([inputs] if single else inputs)]
     comm.all_reduce(reduce_type, tensors, groups=process_group(groups))
     if scale != 1.0:
         tensors = [t * scale for t in tensors]
