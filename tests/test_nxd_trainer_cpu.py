@@ -142,3 +142,22 @@ def _run(rank: int, world: int, root: Path, tp: int) -> None:
 @pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 4), (2, 1)], ids=["tp2", "tp4", "tp1-dp2"])
 def test_nxd_trainer_checkpoints_round_trip_plain_and_xser(tmp_path, world, tp):
     spawn(world, tmp_path, _run, tp)
+
+
+def test_tensor_arena_walks_as_torch_xla_does():
+    from crosschip_neuron.xla_standin import ToXlaTensorArena
+
+    tied = torch.ones(2)
+    other = torch.zeros(3)
+    data = {"a": tied, "b": [tied, (other, 1.5)], "betas": (0.9, 0.95), other: "key", "s": {7}}
+    calls = []
+
+    def convert(values):
+        calls.append(values)
+        return [f"t{i}" for i in range(len(values))]
+
+    out = ToXlaTensorArena(convert, lambda v: isinstance(v, torch.Tensor)).transform(data)
+    assert len(calls) == 1 and calls[0][0] is tied and calls[0][1] is other and len(calls[0]) == 2
+    # The same object converts once; tuples come back lists; dict keys are walked.
+    assert out == {"a": "t0", "b": ["t0", ["t1", 1.5]], "betas": [0.9, 0.95], "t1": "key", "s": {7}}
+    assert data["a"] is tied and isinstance(data["betas"], tuple)  # the input is left as it was

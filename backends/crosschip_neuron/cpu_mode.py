@@ -15,8 +15,15 @@ What the stand-ins hold, and why:
   gloo process group NxD built for the replica groups they name (its TP or KV-shared group),
   through NxD's own CPU-mode collectives. (With the real torch_xla on CPU tensors that
   ``all_reduce`` is a silent no-op, and the K/V gradients come out wrong.)
-- ``torch_xla``, ``torch_xla.runtime``, ``torch_xla.core.xla_env_vars``,
-  ``torch_xla.utils.serialization``: empty modules that satisfy module-level imports.
+- for NxD's trainer checkpointing (``save_checkpoint`` / ``load_checkpoint``, plain and xser):
+  ``xm.rendezvous`` / ``xla_device`` / ``ToXlaTensorArena``, ``torch_xla.runtime``'s ordinals,
+  ``torch_xla.core.xla_env_vars.HOST_WORLD_SIZE`` (its variable defaulted here to one host),
+  ``torch_xla._XLAC._xla_sync_multi``, ``torch_xla.utils.serialization.TensorReference`` (pickled
+  under torch_xla's own name, so xser files are those NxD writes on Trainium), and import-only
+  ``ZeroRedundancyOptimizer``, ``MpDeviceLoader`` and ``torch_xla.utils.checkpoint.checkpoint``
+  that raise if used. What each does, and why: :mod:`crosschip_neuron.xla_standin`.
+- ``transformers.utils.fx.HFTracer`` (:func:`install_transformers_fx`, where transformers >= 5
+  has none): NxD's pipeline module, which its trainer imports, subclasses it at import.
 - ``torch_neuronx.utils.get_platform_target``: the platform NxD arranges KV-head groups for. It
   honours ``NEURON_PLATFORM_TARGET_OVERRIDE``, as the real one does (that is also how people
   compile for a platform on a host without devices), and is ``trn1`` otherwise.
