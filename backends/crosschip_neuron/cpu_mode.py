@@ -15,8 +15,15 @@ What the stand-ins hold, and why:
   gloo process group NxD built for the replica groups they name (its TP or KV-shared group),
   through NxD's own CPU-mode collectives. (With the real torch_xla on CPU tensors that
   ``all_reduce`` is a silent no-op, and the K/V gradients come out wrong.)
-- ``torch_xla``, ``torch_xla.runtime``, ``torch_xla.core.xla_env_vars``,
-  ``torch_xla.utils.serialization``: empty modules that satisfy module-level imports.
+- for NxD's trainer checkpointing (``save_checkpoint`` / ``load_checkpoint``, plain and xser):
+  ``xm.rendezvous`` / ``xla_device`` / ``ToXlaTensorArena``, ``torch_xla.runtime``'s ordinals,
+  ``torch_xla.core.xla_env_vars.HOST_WORLD_SIZE`` (its variable defaulted here to one host),
+  ``torch_xla._XLAC._xla_sync_multi``, ``torch_xla.utils.serialization.TensorReference`` (pickled
+  under torch_xla's own name, so xser files are those NxD writes on Trainium), and import-only
+  ``ZeroRedundancyOptimizer``, ``MpDeviceLoader`` and ``torch_xla.utils.checkpoint.checkpoint``
+  that raise if used. What each does, and why: :mod:`crosschip_neuron.xla_standin`.
+- ``transformers.utils.fx.HFTracer`` (:func:`install_transformers_fx`, where transformers >= 5
+  has none): NxD's pipeline module, which its trainer imports, subclasses it at import.
 - ``torch_neuronx.utils.get_platform_target``: the platform NxD arranges KV-head groups for. It
   honours ``NEURON_PLATFORM_TARGET_OVERRIDE``, as the real one does (that is also how people
   compile for a platform on a host without devices), and is ``trn1`` otherwise.
@@ -72,6 +79,7 @@ def nxd():
     """The ``neuronx_distributed`` package, importable for its parallel layers: as it is with the
     Neuron SDK, else with the stand-ins above and without running the package ``__init__``."""
     if sdk_installed():
+        install_transformers_fx()  # the package __init__ imports the trainer, and so the pipeline
         import neuronx_distributed
 
         return neuronx_distributed
@@ -132,6 +140,33 @@ def _register(*modules: types.ModuleType) -> None:
             setattr(sys.modules[parent], child, sys.modules[module.__name__])
 
 
+def install_transformers_fx() -> None:
+    """``transformers.utils.fx.HFTracer`` for NxD's pipeline module, where transformers is
+    installed without it (5.0 removed its fx tracer). ``neuronx_distributed.trainer`` imports the
+    pipeline (for an ``isinstance`` check in ``save_checkpoint``), whose tracer module subclasses
+    ``HFTracer`` at import when transformers is importable; the stand-in raises if used.
+    Separate from :func:`nxd` without the SDK: finding out imports ``transformers.utils``, which
+    the parallel layers never need."""
+    if not _find("transformers") or "transformers.utils.fx" in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec("transformers.utils.fx") is not None:
+            return
+    except (ImportError, ValueError):
+        return
+    import torch.fx
+
+    class HFTracer(torch.fx.Tracer):
+        """Stand-in: transformers >= 5 has no fx tracer."""
+
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("transformers.utils.fx.HFTracer is gone from transformers >= 5.0; NxD's "
+                               "pipeline tracing of Hugging Face models needs transformers < 5")
+
+    HFTracer.__module__ = "transformers.utils.fx"
+    _register(_module("transformers.utils.fx", HFTracer=HFTracer))
+
+
 def _get_platform_target() -> str:
     return os.environ.get(PLATFORM_OVERRIDE) or DEFAULT_PLATFORM
 
@@ -147,17 +182,28 @@ class _CollectivesConfig:
 
 
 def _install_torch_xla() -> None:
-    from crosschip_neuron import xla_standin
+    from crosschip_neuron import xla_standin as x
 
     # accelerate (which transformers imports when installed) takes importable torch_xla modules
     # for an XLA install and then imports parts of it no stand-in provides; its documented
     # switch tells it to stay native. (No real torch_xla is present, or no stand-in is made.)
     os.environ.setdefault("USE_TORCH_XLA", "0")
+    # NxD's trainer divides the world size by this many hosts to find the ranks per host (its
+    # save / load worker rounds); a CPU-mode run spread over several hosts sets it.
+    os.environ.setdefault(x.HOST_WORLD_SIZE, "1")
 
-    xla_model = _module("torch_xla.core.xla_model", **xla_standin.xla_model_namespace())
-    core = _module("torch_xla.core", xla_model=xla_model, xla_env_vars=_module("torch_xla.core.xla_env_vars"))
-    serialization = _module("torch_xla.utils.serialization")
-    utils = _module("torch_xla.utils", serialization=serialization)
-    runtime = _module("torch_xla.runtime")
-    root = _module("torch_xla", core=core, runtime=runtime, utils=utils)
-    _register(root, core, xla_model, core.xla_env_vars, runtime, utils, serialization)
+    xla_model = _module("torch_xla.core.xla_model", **x.xla_model_namespace())
+    env_vars = _module("torch_xla.core.xla_env_vars", HOST_WORLD_SIZE=x.HOST_WORLD_SIZE)
+    core = _module("torch_xla.core", xla_model=xla_model, xla_env_vars=env_vars)
+    serialization = _module("torch_xla.utils.serialization", **x.serialization_namespace())
+    act_checkpoint = _module("torch_xla.utils.checkpoint", checkpoint=x.checkpoint)
+    utils = _module("torch_xla.utils", serialization=serialization, checkpoint=act_checkpoint)
+    runtime = _module("torch_xla.runtime", **x.runtime_namespace())
+    xlac = _module("torch_xla._XLAC", _xla_sync_multi=x.sync_multi)
+    zero = _module("torch_xla.distributed.zero_redundancy_optimizer",
+                   ZeroRedundancyOptimizer=x.ZeroRedundancyOptimizer)
+    loader = _module("torch_xla.distributed.parallel_loader", MpDeviceLoader=x.MpDeviceLoader)
+    distributed = _module("torch_xla.distributed", zero_redundancy_optimizer=zero, parallel_loader=loader)
+    root = _module("torch_xla", core=core, runtime=runtime, utils=utils, distributed=distributed, _XLAC=xlac)
+    _register(root, core, xla_model, env_vars, runtime, utils, serialization, act_checkpoint, xlac, distributed, zero,
+              loader)
