@@ -127,6 +127,13 @@ def crosschip_step_boundary(runtime):
 
 
 @hookimpl
+def crosschip_training_state_format(model, runtime):
+    from crosschip_neuron.nxd_training_state import NxdTrainingState
+
+    return NxdTrainingState(runtime)
+
+
+@hookimpl
 def crosschip_environment_info():
     version = _nxd_version()
     return {

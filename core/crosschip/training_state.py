@@ -32,17 +32,36 @@ def layouts_of(model) -> dict[str, str]:
 
 
 
+DCP = "dcp"  # the default format: torch.distributed.checkpoint
+
+
+def native_format(model):
+    """The plan owner's own training-state format (``crosschip_training_state_format``), or None."""
+    runtime = model.runtime
+    owners = [runtime.plan_owner] if runtime.plan_owner else []
+    found = [f for f in runtime.registry.call_on(owners, "crosschip_training_state_format", model=model,
+                                                  runtime=runtime) if f is not None]
+    return found[0] if found else None
+
+
 def save_training_state(model, optimizer, directory: Path, meta: dict) -> None:
-    """Model and optimizer through torch.distributed.checkpoint (each rank writes its shards; a
-    later run may load them at another layout), then the metadata, written last: a save that did
-    not finish has no meta.json and is refused on resume."""
+    """Model and optimizer in the backend's own format where it has one (the neuron backend:
+    NxD's sharded checkpoint), else through torch.distributed.checkpoint (each rank writes its
+    shards; a later run may load them at another layout); then the metadata, written last: a
+    save that did not finish has no meta.json and is refused on resume."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
-    with _single_process_is_intended():
-        dcp.save({"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)},
-                 checkpoint_id=str(directory))
+    native = native_format(model)
+    meta = {**meta, "format": native.name if native is not None else DCP}
+    if native is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        native.save(model, optimizer, directory)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+        with _single_process_is_intended():
+            dcp.save({"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)},
+                     checkpoint_id=str(directory))
     if rank() == 0:
         (directory / STATE_META).write_text(json.dumps(meta, indent=1) + "\n")
     barrier()
@@ -52,10 +71,26 @@ def load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1
     resume = resume or directory.parent
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    options = _options(model)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     saved_at = (meta.get("tp", 1), meta.get("dp", 1))
-    _check_state_fits(model_state, directory, saved_at, run_at)
+    native = native_format(model)
+    saved_format, this_format = meta.get("format", DCP), (native.name if native is not None else DCP)
+    if saved_format not in (this_format, DCP):  # a DCP state (any backend's, or older) loads everywhere
+        raise ConfigurationError(
+            f"--resume {resume}: its training state is in the {saved_format!r} format (saved with backends "
+            f"{meta.get('backends', '?')}), this run saves {this_format!r}; resume on the backend that saved it, or "
+            "start from the Hugging Face checkpoint in that directory (--model)")
+    if saved_format == DCP:
+        native = None
+    if native is not None:
+        if tuple(saved_at) != tuple(run_at):
+            raise ConfigurationError(
+                f"--resume {resume}: its {saved_format} training state was saved at tp={saved_at[0]}, dp={saved_at[1]}; "
+                f"this run has tp={run_at[0]}, dp={run_at[1]}; it resumes only at the layout it was saved at (the "
+                "Hugging Face checkpoint in that directory loads at any)")
+    else:
+        options = _options(model)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        _check_state_fits(model_state, directory, saved_at, run_at)
     # The state holds physical weights: a layout that depends on the parallel degree (te's
     # gate/up blocks per TP rank) orders them differently at another layout, shapes alike.
     layouts = layouts_of(model)
@@ -68,6 +103,9 @@ def load_training_state(model, optimizer, directory: Path, meta: dict, run_at=(1
             f"this run has tp={run_at[0]}, dp={run_at[1]}; {first} saved as {meta['layouts'].get(first)}, "
             f"built as {layouts[first]}); resume at the saved layout, or start from the Hugging Face "
             "checkpoint in that directory (--model)")
+    if native is not None:
+        native.load(model, optimizer, directory)
+        return
     state = {"model": model_state, "optim": local_shards.optimizer_state_views(model, optim_state)}
     try:
         with _single_process_is_intended():

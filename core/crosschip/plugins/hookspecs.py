@@ -74,6 +74,16 @@ def crosschip_step_boundary(runtime):
 
 
 @hookspec
+def crosschip_training_state_format(model, runtime):
+    """Return the format a training run saves ``model``'s and its optimizer's state in, when this
+    backend has its own (neuronx-distributed's sharded checkpoints, say), or None for the default
+    (torch.distributed.checkpoint). The object has ``name`` (recorded in the state's meta.json),
+    ``save(model, optimizer, directory)`` and ``load(model, optimizer, directory)``; every rank
+    calls both. Loading must run no code from the files. Called only on the plan owner (see
+    ``crosschip_parallelize_model``)."""
+
+
+@hookspec
 def crosschip_environment_info():
     """Return a dict of diagnostic facts (library versions, devices); ``crosschip backends
     --json`` lists them per backend under ``environment``."""
