@@ -372,3 +372,16 @@ def test_from_pretrained_loads_nxd_shards(models, tmp_path):
     (tmp_path / "nxd" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="without a config.json.*crosschip convert"):
         crosschip.from_pretrained(tmp_path / "nxd")
+
+
+def test_the_example_runs(models, tmp_path, capsys):
+    """examples/trainium_checkpoint.py as its docstring shows it."""
+    import runpy
+
+    argv, sys.argv = sys.argv, ["trainium_checkpoint.py", "--model", str(models / "qwen3_qknorm"), "--out",
+                                str(tmp_path / "nxd"), "--tp", "2"]
+    try:
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "trainium_checkpoint.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert "back bit for bit" in capsys.readouterr().out

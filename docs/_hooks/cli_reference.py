@@ -54,7 +54,8 @@ def _value(action: argparse.Action) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    # Brackets in help text are literal (``[,dora]``), never Markdown links.
+    return text.replace("|", "\\|").replace("\n", " ").replace("[", "\\[").replace("]", "\\]")
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> tuple[dict, dict]:

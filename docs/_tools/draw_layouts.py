@@ -417,6 +417,74 @@ def neuron_layout():
     s.save("neuron-layout.svg")
 
 
+def nxd_checkpoint():
+    """An NxD sharded checkpoint (tp = 4, 8 query heads, 2 KV heads, tiled) and how consolidation
+    maps its rank files back to the Hugging Face weights."""
+    bw, bh = 34, 32
+    s = SVG(1040, 660, "How an NxD sharded checkpoint at tp = 4 maps to Hugging Face weights")
+    s.defs()
+    s.text(20, 30, "An NxD sharded checkpoint (tp = 4, 8 query heads, 2 KV heads) and its Hugging Face weights",
+           15, weight="bold")
+    tree = [(0, "model-dir/", "Optimum Neuron's save_pretrained (crosschip convert writes the same)"),
+            (1, "config.json", ""),
+            (1, "shards/", "the tag"),
+            (2, "checkpoint, done", "written first, and once every rank has finished"),
+            (2, "mp_metadata_pp_rank_0.json", "per parameter: partition_dim, partition_stride, num_partitions;"),
+            (2, "", "per module: FusedLinearsSpec, GQAQKVColumnParallelLinearSpec"),
+            (2, "model/dp_rank_00_tp_rank_0R_pp_rank_00.pt", "one per tp rank (xser: a .pt.tensors/ folder beside)"),
+            (2, "optim/dp_rank_00_tp_rank_0R_pp_rank_00.pt", "the optimizer state of rank R")]
+    y = 62
+    for depth, name, note in tree:
+        s.text(30 + 22 * depth, y, name, 12, mono=True, color="#222222")
+        s.text(470, y, note, 12, color="#555555")
+        y += 18
+    y = 262
+    s.text(20, y - 26, "Rank files: rank r holds qkv_proj.weight_qkv = [its Q heads; one K copy; one V copy] "
+                       "and gate_up_proj.weight = [gate_r; up_r]", 13, weight="bold")
+    fills = ["#E8EEF7", "#EAF4E6", "#F3EAF1", "#FFF4E0"]
+    ranks = [(0, 0), (4, 1), (2, 0), (6, 1)]  # tiled: rank r holds KV head r mod 2
+    x = 14
+    starts = []
+    for r, (q, kv) in enumerate(ranks):
+        w = 6 * bw + 2 * 10 + 20
+        rank_band(s, x, y, w, 70, f"rank {r}", fills[r])
+        sub = "copy" if r >= 2 else f"g{kv}"
+        strip(s, x + 10, y + 26, [("Q", f"Q{q}", f"g{kv}"), ("Q", f"Q{q + 1}", f"g{kv}"), ("K", f"K{kv}", sub),
+                                   ("V", f"V{kv}", sub), ("g", f"G{r}", "gate"), ("u", f"U{r}", "up")],
+              bw, bh, (3,))
+        starts.append(x + 10)
+        x += w + 14
+    y = 440
+    s.text(20, y - 52, "Consolidated (Hugging Face): every transform reversed, bit for bit", 13, weight="bold")
+    s.text(20, y - 22, "q_proj: query heads put back in order", 12, color="#333333")
+    strip(s, 20, y, [("Q", f"Q{i}", f"g{i // 4}") for i in range(8)], bw, bh)
+    s.text(330, y - 30, "k_proj, v_proj: the first copy", 12, color="#333333")
+    s.text(330, y - 14, "of each head (the others checked equal)", 12, color="#333333")
+    strip(s, 330, y, [("K", "K0", "g0"), ("K", "K1", "g1")], bw, bh)
+    strip(s, 330 + 2 * bw + 14, y, [("V", "V0", "g0"), ("V", "V1", "g1")], bw, bh)
+    s.text(620, y - 22, "gate_proj, up_proj: the stride-2 blocks split", 12, color="#333333")
+    strip(s, 620, y, [("g", f"G{i}", "gate") for i in range(4)], bw, bh)
+    strip(s, 620 + 4 * bw + 14, y, [("u", f"U{i}", "up") for i in range(4)], bw, bh)
+    for r, x0 in enumerate(starts):  # rank r's query heads into their canonical places
+        q = ranks[r][0]
+        for i in range(2):
+            s.line(x0 + i * bw + bw / 2, 262 + 58, 20 + (q + i) * bw + bw / 2, y - 2, "#4C78A8", 1, arrow=True)
+    y += 70
+    for line in (
+        "o_proj (row-parallel): the rank shards concatenated along its input columns, which then follow the query "
+        "heads back into order.",
+        "Embedding and lm_head: vocab-parallel, concatenated along dim 0. Norms: replicated, taken from rank 0.",
+        "Optimum Neuron tiles the KV copies (NxD's grouping on trn1); crosschip on trn2 keeps a head's copies on "
+        "adjacent ranks, queries in order,",
+        "and marks that spec kv_layout: interleave. Without the metadata, --config and --kv-layout say the same; "
+        "a wrong layout compares copies",
+        "of different heads, and consolidation stops before anything is written.",
+    ):
+        s.text(20, y, line, 12, color="#333333")
+        y += 18
+    s.save("nxd-checkpoint.svg")
+
+
 if __name__ == "__main__":
     import os
     import sys
@@ -429,3 +497,4 @@ if __name__ == "__main__":
     names()
     kv_replication()
     neuron_layout()
+    nxd_checkpoint()
