@@ -139,3 +139,27 @@ def test_neuron_training_state_is_an_nxd_checkpoint(tmp_path):
     convert(state, tmp_path / "consolidated", config=tmp_path / "run", progress=False)
     _assert_bitwise(load_file(tmp_path / "run" / "model.safetensors"),
                     load_file(tmp_path / "consolidated" / "model.safetensors"))
+
+
+def test_optimum_neuron_consolidates_what_crosschip_writes(saved, tmp_path):
+    """Optimum Neuron's own consolidation reads the shards ``crosschip convert`` writes and those
+    of the neuron backend, bit for bit; the one arrangement it cannot reverse (trn2's adjacent
+    copies of several KV heads) it refuses, on the metadata's ``kv_layout``, instead of
+    consolidating it wrongly."""
+    from optimum_neuron import consolidate
+
+    for name in MODELS:
+        hf = load_file(saved / name / "model.safetensors")
+        for tp in (1, 2, 4):
+            for fuse in (False, True):
+                out = tmp_path / f"{name}-{tp}-{fuse}"
+                convert(saved / name, out, tp=tp, fuse_qkv=fuse, progress=False)
+                _assert_bitwise(hf, consolidate(out / "shards"))
+        for source in _variants(saved):
+            if not source.name.startswith(f"{name}-") or not source.name.endswith("plain"):
+                continue
+            if name == "kv2" and "-tp4-trn2-" in source.name:
+                with pytest.raises(TypeError, match="kv_layout"):
+                    consolidate(source / "shards")
+            else:
+                _assert_bitwise(hf, consolidate(source / "shards"))

@@ -12,12 +12,10 @@ ones the model was built with, so metadata that would consolidate wrongly is nev
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from crosschip.checkpoint.nxd.heads import kv_order, query_order
-from crosschip.checkpoint.nxd.metadata import INTERLEAVE, TILE, FusedLinears, GQAQKV, Metadata, Partition
+from crosschip.checkpoint.nxd.heads import kv_order, named_layout, query_order
+from crosschip.checkpoint.nxd.metadata import INTERLEAVE, TILE, FusedLinears, GQAQKV, Metadata, Partition, partition_of
 from crosschip.errors import ConfigurationError
 
 
@@ -44,8 +42,7 @@ def metadata(model, runtime) -> Metadata:
             entry = GQAQKV(parent, "qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", spec.num_heads,
                            spec.num_kv_heads, module.copies, module.q_output_size_per_partition,
                            module.kv_output_size_per_partition, module.fuse_qkv, spec.bias, tp, layout)
-            if layout == INTERLEAVE and _same_as_tiled(entry):
-                entry = dataclasses.replace(entry, kv_layout=TILE)  # one KV head: both read alike; Optimum's name
+            entry = named_layout(entry)  # one KV head: both arrangements alike, and Optimum's name
             if list(queries) != query_order(entry) or list(kvs) != kv_order(entry):
                 raise ConfigurationError(
                     f"{path}: the KV-head arrangement this model was built with ({label or 'no replicas'}) is not "
@@ -59,14 +56,11 @@ def metadata(model, runtime) -> Metadata:
             strides.update({f"{path}.gate_up_proj.weight": 2, f"{path}.gate_up_proj.bias": 2})
     for name, param in model.named_parameters():
         shard = getattr(param, "crosschip_local_shard", None)
-        if shard is None or tp == 1:
-            meta.parameters[name] = Partition()
-            continue
-        (placement,) = shard[1]
-        meta.parameters[name] = Partition(placement.dim, strides.get(name, 1), tp)
+        if shard is not None:
+            (placement,) = shard[1]
+            meta.parameters[name] = Partition(placement.dim, strides.get(name, 1), tp)
+        else:  # tp=1: NxD's layers still mark their weights parallel (one partition), as Optimum records
+            part = partition_of(name, tp)
+            meta.parameters[name] = Partition(part.dim, strides.get(name, 1), tp) if part.dim is not None else part
     return meta
 
-
-def _same_as_tiled(entry: GQAQKV) -> bool:
-    tiled = dataclasses.replace(entry, kv_layout=TILE)
-    return query_order(tiled) == query_order(entry) and kv_order(tiled) == kv_order(entry)

@@ -8,7 +8,9 @@ consolidation (gather by the inverse) and sharding (gather by the order).
 
 from __future__ import annotations
 
-from crosschip.checkpoint.nxd.metadata import INTERLEAVE, GQAQKV
+import dataclasses
+
+from crosschip.checkpoint.nxd.metadata import INTERLEAVE, TILE, GQAQKV
 
 
 def kv_order(spec: GQAQKV) -> list[int]:
@@ -48,3 +50,12 @@ def inverse(order: list[int]) -> list[int]:
     for physical, canonical in enumerate(order):
         out[canonical] = physical
     return out
+
+
+def named_layout(spec: GQAQKV) -> GQAQKV:
+    """``spec`` named ``tile`` where its arrangement is also the tiled one (one KV head, or no
+    replicas): Optimum Neuron's reader knows only that name."""
+    tiled = dataclasses.replace(spec, kv_layout=TILE)
+    if spec.kv_layout != TILE and query_order(tiled) == query_order(spec) and kv_order(tiled) == kv_order(spec):
+        return tiled
+    return spec

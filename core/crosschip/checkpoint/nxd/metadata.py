@@ -243,7 +243,7 @@ def derive(config, shapes: dict[str, tuple], tp: int, kv_layout: str | None, whe
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     for name in names:
-        meta.parameters[name] = _partition_of(name, tp)
+        meta.parameters[name] = partition_of(name, tp)
     modules = sorted({n.rsplit(".", 2)[0] for n in names if ".self_attn.qkv_proj." in n})
     for module in modules:
         fused = f"{module}.qkv_proj.weight_qkv" in names
@@ -285,12 +285,11 @@ def derive(config, shapes: dict[str, tuple], tp: int, kv_layout: str | None, whe
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
 
 
-def _partition_of(name: str, tp: int) -> Partition:
+def partition_of(name: str, tp: int) -> Partition:
     """NxD's layers as Optimum Neuron's Llama builds them: vocab-parallel embedding and LM head,
     column-parallel projections (weight and bias), row-parallel o_proj and down_proj weights
-    (their biases whole), everything else (norms) replicated."""
-    if tp == 1:
-        return Partition()
+    (their biases whole), everything else (norms) replicated. NxD marks a layer's weights
+    parallel at tp=1 too (one partition)."""
     parts = name.split(".")
     module, param = (parts[-2], parts[-1]) if len(parts) > 1 else ("", parts[-1])
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):

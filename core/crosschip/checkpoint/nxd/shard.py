@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from crosschip.checkpoint.nxd.heads import kv_order, query_order
-from crosschip.checkpoint.nxd.metadata import TILE, FusedLinears, GQAQKV, Metadata, Partition, _partition_of, check_gqa
+from crosschip.checkpoint.nxd.heads import kv_order, named_layout, query_order
+from crosschip.checkpoint.nxd.metadata import TILE, FusedLinears, GQAQKV, Metadata, Partition, partition_of, check_gqa
 from crosschip.errors import CheckpointError
 
 
@@ -49,6 +49,7 @@ def layout(config, names: list[str], tp: int, kv_layout: str = TILE, fuse_qkv: b
                               heads // tp * head_dim, kv * copies // tp * head_dim, fuse_qkv, bias, tp,
                               kv_layout if copies > 1 else TILE)
                 check_gqa(spec, f"{parent} at tp={tp}")
+                spec = named_layout(spec)
                 meta.specs.append(spec)
                 for p in ("weight", "bias") if bias else ("weight",):
                     for piece in ("qkv",) if fuse_qkv else ("q", "k", "v"):
@@ -59,12 +60,12 @@ def layout(config, names: list[str], tp: int, kv_layout: str = TILE, fuse_qkv: b
                                                (heads * head_dim,) * 3, tp))
                 for p in ("weight", "bias") if bias else ("weight",):
                     physical.append(f"{parent}.qkv_proj.{p}")
-                    meta.parameters[physical[-1]] = Partition(0, 3, tp) if tp > 1 else Partition()
+                    meta.parameters[physical[-1]] = Partition(0, 3, tp)
             else:
                 for p in ("weight", "bias") if bias else ("weight",):
                     for proj in ("q_proj", "k_proj", "v_proj"):
                         physical.append(f"{parent}.{proj}.{p}")
-                        meta.parameters[physical[-1]] = _partition_of(physical[-1], tp)
+                        meta.parameters[physical[-1]] = partition_of(physical[-1], tp)
         elif linear in ("gate_proj", "up_proj") and parent.endswith(".mlp"):
             if linear != "gate_proj" or (leaf == "bias" and f"{parent}.gate_proj.weight" in names):
                 continue
@@ -73,10 +74,10 @@ def layout(config, names: list[str], tp: int, kv_layout: str = TILE, fuse_qkv: b
                                            (config.intermediate_size,) * 2, tp))
             for p in ("weight", "bias") if bias else ("weight",):
                 physical.append(f"{parent}.gate_up_proj.{p}")
-                meta.parameters[physical[-1]] = Partition(0, 2, tp) if tp > 1 else Partition()
+                meta.parameters[physical[-1]] = Partition(0, 2, tp)
         else:
             physical.append(name)
-            meta.parameters[name] = _partition_of(name, tp)
+            meta.parameters[name] = partition_of(name, tp)
     return meta, physical
 
 
