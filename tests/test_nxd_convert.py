@@ -385,3 +385,32 @@ def test_the_example_runs(models, tmp_path, capsys):
     finally:
         sys.argv = argv
     assert "back bit for bit" in capsys.readouterr().out
+
+
+def test_consolidation_builds_each_weight_only_when_it_is_written(models, tmp_path, monkeypatch):
+    """Streaming: a weight is assembled when the writer asks for it, after the file before it was
+    written (and the source keeps only the last one), so memory holds the file being written plus
+    one weight. With one weight per file the events alternate: build, write, build, write."""
+    from crosschip.checkpoint import SafetensorsCheckpoint, writer
+    from crosschip.checkpoint.nxd.source import ConsolidatedSource
+
+    convert(models / "qwen2_bias", tmp_path / "nxd", tp=4, progress=False)
+    events = []
+    get, save_file = ConsolidatedSource.get, writer.save_file
+
+    def logged_get(self, key):
+        if self._last is None or self._last[0] != key:
+            events.append("build")
+        return get(self, key)
+
+    def logged_save(tensors, path, **kwargs):
+        events.append("write")
+        return save_file(tensors, path, **kwargs)
+
+    monkeypatch.setattr(ConsolidatedSource, "get", logged_get)
+    monkeypatch.setattr(writer, "save_file", logged_save)
+    summary = convert(tmp_path / "nxd", tmp_path / "hf", progress=False, max_shard_size=1)
+    assert events == ["build", "write"] * summary.tensors, events
+    back = SafetensorsCheckpoint(tmp_path / "hf")
+    expected = _weights(models / "qwen2_bias")
+    assert sorted(back.keys()) == sorted(expected) and all(torch.equal(back.get(k), expected[k]) for k in expected)

@@ -228,7 +228,7 @@ def cmd_convert(args) -> int:
     from crosschip.convert import convert
 
     summary = convert(args.source, args.out, tp=args.tp, config=args.config, kv_layout=args.kv_layout,
-                      fuse_qkv=args.fuse_qkv, progress=not args.quiet)
+                      fuse_qkv=args.fuse_qkv, progress=not args.quiet, max_shard_size=args.max_shard_size)
     print("\n".join(summary.lines()))
     return 0
 
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "consolidate shards that have no metadata")
     conv.add_argument("--fuse-qkv", action="store_true", help="Hugging Face -> NxD: one fused qkv_proj (Optimum "
                       "Neuron's fuse_qkv) instead of separate q/k/v")
+    conv.add_argument("--max-shard-size", default="5GB", help="NxD -> Hugging Face: the largest safetensors file "
+                      "to write (more are written with an index); each is assembled in memory")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
     return parser

@@ -58,11 +58,14 @@ def detect(path: str | Path) -> str:
 
 
 def convert(source: str | Path, out: str | Path, *, tp: int | None = None, config: str | Path | None = None,
-            kv_layout: str | None = None, fuse_qkv: bool = False, progress: bool = True) -> Summary:
+            kv_layout: str | None = None, fuse_qkv: bool = False, progress: bool = True,
+            max_shard_size: int | str = "5GB") -> Summary:
     """Convert ``source`` into ``out`` (see the module docstring). NxD -> Hugging Face reads the
     shards' metadata, or, where there is none, ``config`` (a model directory or config.json)
     and ``kv_layout`` (``"tile"`` or ``"interleave"``, needed only for replicated KV heads).
-    Hugging Face -> NxD needs ``tp``; ``kv_layout`` defaults to tile (Optimum Neuron's)."""
+    Hugging Face -> NxD needs ``tp``; ``kv_layout`` defaults to tile (Optimum Neuron's).
+    ``max_shard_size``: of the safetensors files a consolidation writes (each is assembled in
+    memory, one weight at a time)."""
     source, out = Path(source), Path(out)
     if kv_layout is not None and kv_layout not in KV_LAYOUTS:
         raise ConfigurationError(f"kv_layout={kv_layout!r}: expected one of {', '.join(KV_LAYOUTS)}")
@@ -72,7 +75,7 @@ def convert(source: str | Path, out: str | Path, *, tp: int | None = None, confi
         if tp is not None:
             raise ConfigurationError(f"tp={tp}: {source} is already sharded (NxD); converting it writes a Hugging Face "
                                      "checkpoint, which has no tp")
-        return _consolidate(source, out, config, kv_layout, progress)
+        return _consolidate(source, out, config, kv_layout, progress, max_shard_size)
     if tp is None or tp < 1:
         raise ConfigurationError(f"{source} is a Hugging Face checkpoint: converting it to NxD shards needs tp (--tp N), "
                                  f"found {tp}")
@@ -95,7 +98,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 # -- NxD -> Hugging Face ------------------------------------------------------------------------
-def _consolidate(source: Path, out: Path, config_path, kv_layout, progress: bool) -> Summary:
+def _consolidate(source: Path, out: Path, config_path, kv_layout, progress: bool, max_shard_size) -> Summary:
     from crosschip.checkpoint.writer import write_checkpoint
 
     ckpt = NxdCheckpoint(source)
@@ -118,7 +121,7 @@ def _consolidate(source: Path, out: Path, config_path, kv_layout, progress: bool
             _copy_companions(companions, staging)
 
     try:
-        write_checkpoint(out, [(o.name, o.nbytes) for o in outputs], stream(), extra)
+        write_checkpoint(out, [(o.name, o.nbytes) for o in outputs], stream(), extra, max_shard_size)
     finally:
         bar.close()
         source.release()
