@@ -170,7 +170,7 @@ import crosschip
 from crosschip.errors import ConfigurationError
 model = crosschip.from_pretrained(sys.argv[1], backend="neuron")
 try:
-    model.add_adapter(crosschip.LoraConfig(target_modules=("q_proj",)))
+    model.add_adapter(crosschip.LoraConfig(target_modules=("q_proj", "lm_head")))
     print(json.dumps({"error": None}))
 except ConfigurationError as exc:
     print(json.dumps({"error": str(exc), "clean": getattr(model, "lora_adapter", None) is None}))
@@ -179,8 +179,8 @@ except ConfigurationError as exc:
 
 @pytest.mark.neuron_cpu
 def test_adapters_are_declined_with_the_reason(tmp_path):
-    """The neuron backend does not carry adapters yet: asking for one names the projection, the
-    backend and why, and leaves the model as it was."""
+    """The neuron backend's LM head carries no adapter yet: asking for one names the projection,
+    the backend and why, and leaves the model as it was (q_proj included)."""
     from helpers import save_hf_llama
 
     save_hf_llama(tmp_path / "llama")
@@ -188,6 +188,6 @@ def test_adapters_are_declined_with_the_reason(tmp_path):
                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "NXD_CPU_MODE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["error"] and "qkv_projection (q_proj)" in result["error"], result
-    assert "backend 'neuron'" in result["error"] and "do not apply LoRA adapters" in result["error"], result
+    assert result["error"] and "lm_head (lm_head)" in result["error"], result
+    assert "backend 'neuron'" in result["error"] and "LM head takes no adapter" in result["error"], result
     assert result["clean"], result

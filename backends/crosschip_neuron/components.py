@@ -23,6 +23,7 @@ from transformers.activations import ACT2FN
 
 from crosschip.distributed import check_gated_mlp, check_sequence_divides
 from crosschip.kv_replication import kv_copies
+from crosschip.lora.sites import adapt, has_adapters
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.specs import EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, QKVSpec
 from crosschip_neuron import state
@@ -42,9 +43,25 @@ def _sequence_dim(sp: bool):
     return 0 if sp else None
 
 
-#: Why adapters are declined on neuronx-distributed's layers (crosschip.lora reports it).
-LORA_DECLINE = ("neuronx-distributed's parallel layers do not apply LoRA adapters in crosschip yet "
-                "(untested here); use the reference or torch backend for adapters")
+#: Why adapters are declined on neuronx-distributed's layers (crosschip.lora reports it). They
+#: apply at any tp (crosschip.lora's hooks on the layers' local outputs), but not under sequence
+#: parallelism, where NxD gathers the sequence inside its layers and a hook sees this rank's part.
+LORA_DECLINE = ("sequence parallelism: neuronx-distributed gathers the sequence inside its parallel layers, so "
+                "an adapter would see only this rank's part of the input; train adapters without "
+                "sequence_parallel")
+LORA_HEAD_DECLINE = "the neuron backend's vocab-parallel LM head takes no adapter yet"
+
+
+class _Adapters:
+    """The weights that take adapters (``crosschip.lora``'s sites: physical weight -> the
+    submodule whose output is its matmul, None where ``forward`` applies them), none under
+    sequence parallelism."""
+
+    _lora_sites: dict = {}
+
+    @property
+    def lora_sites(self) -> dict:
+        return {} if self._sequence_parallel else self._lora_sites
 
 
 class _SwapFirstDims(torch.autograd.Function):
@@ -64,7 +81,7 @@ def swap_first_dims(x: torch.Tensor) -> torch.Tensor:
     return _SwapFirstDims.apply(x)
 
 
-class QKVProjection(GQAQKVColumnParallelLinear):
+class QKVProjection(_Adapters, GQAQKVColumnParallelLinear):
     """NxD's ``GQAQKVColumnParallelLinear``, fused (``weight_qkv``: this rank's ``[Q_r; K_r;
     V_r]``) or separate (``weight_q``, ``weight_k``, ``weight_v``), with ``kv_size_multiplier``
     copies of each KV head where tp exceeds them (NxD sums their gradients over its KV-shared
@@ -86,6 +103,8 @@ class QKVProjection(GQAQKVColumnParallelLinear):
         state.track_kv_user(self)
         self.spec = spec
         self.copies = copies
+        self._sequence_parallel = _sequence_parallel(ctx)
+        self._lora_sites = {"weight_qkv": None} if fused else {f"weight_{r}": None for r in "qkv"}
         if spec.bias:
             q, kv = self.q_output_size_per_partition, self.kv_output_size_per_partition
             if fused:
@@ -96,23 +115,53 @@ class QKVProjection(GQAQKVColumnParallelLinear):
                 self.bias_v = nn.Parameter(torch.zeros(kv, dtype=ctx.dtype))
 
     def forward(self, hidden):
-        q, k, v = super().forward(hidden)
+        frozen_fused = self.fuse_qkv and not self.weight_qkv.requires_grad
+        q, k, v = self._separate_matmuls(hidden) if frozen_fused else super().forward(hidden)
+        if has_adapters(self):  # this rank's rows of each projection: its local q, k, v
+            if self.fuse_qkv:
+                sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
+                q, k, v = adapt(self, "weight_qkv", hidden, torch.cat([q, k, v], -1)).split(sizes, -1)
+            else:
+                q, k, v = (adapt(self, f"weight_{r}", hidden, t) for r, t in zip("qkv", (q, k, v)))
         if self.sequence_parallel_enabled:  # gathered [seq, batch, ...]: heads go batch-first
             q, k, v = (swap_first_dims(t) for t in (q, k, v))
         d = self.spec.head_dim
         return q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))
 
 
-class Linear(layers.RowParallelLinear):
+    def _separate_matmuls(self, hidden):
+        """NxD's forward on views of a frozen ``weight_qkv`` (a LoRA base): NxD 0.18's GQA
+        backward takes a frozen fused weight from its saved tensors as a one-element tuple
+        (``_qkvlinear_autograd_base_setup_bwd``) and fails, while its separate-weights path reads
+        them right; the same rows, the same products."""
+        q_rows, kv_rows = self.q_output_size_per_partition, self.kv_output_size_per_partition
+        wq, wk, wv = self.weight_qkv.split([q_rows, kv_rows, kv_rows], 0)
+        sp = self.sequence_parallel_enabled
+        x = hidden if self.async_tensor_model_parallel_allreduce or sp else \
+            mappings.copy_to_tensor_model_parallel_region(hidden)
+        q, k, v = self._forward_impl(
+            input=x, weight_q=wq, weight_k=wk, weight_v=wv, bias_q=None, bias_k=None, bias_v=None,
+            async_grad_allreduce=self.async_tensor_model_parallel_allreduce, sequence_parallel_enabled=sp,
+            kv_size_multiplier=self.kv_size_multiplier, weight_qkv=None, bias_qkv=None, fuse_qkv=False,
+            output_size_q=q_rows, output_size_kv=kv_rows, reduce_dtype=self.reduce_dtype)
+        if self.bias_qkv is not None:
+            bq, bk, bv = self.bias_qkv.split([q_rows, kv_rows, kv_rows], 0)
+            q, k, v = q + bq, k + bk, v + bv
+        return q, k, v
+
+
+class Linear(_Adapters, layers.RowParallelLinear):
     """The attention output projection: NxD's ``RowParallelLinear`` over this rank's heads (its
     input), reducing (or, sequence parallel, reduce-scattering) the output over the TP group."""
 
     lora_decline = LORA_DECLINE
+    _lora_sites = {"weight": ""}
 
     def __init__(self, spec: LinearSpec, ctx):
         sp = _sequence_parallel(ctx)
         super().__init__(spec.in_features, spec.out_features, bias=spec.bias, input_is_parallel=True,
                          dtype=ctx.dtype, sequence_parallel_enabled=sp, sequence_dimension=_sequence_dim(sp))
+        self._sequence_parallel = sp
 
     def forward(self, x):
         if self.sequence_parallel_enabled:  # batch-first heads in, this rank's stream part out
@@ -120,16 +169,18 @@ class Linear(layers.RowParallelLinear):
         return super().forward(x)
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(_Adapters, nn.Module):
     """``gate_up_proj``: one ``ColumnParallelLinear(stride=2)``, so rank r holds ``[gate_r;
     up_r]`` and splits its own output in halves; ``down_proj``: ``RowParallelLinear``."""
 
     lora_decline = LORA_DECLINE
+    _lora_sites = {"gate_up_proj.weight": "gate_up_proj", "down_proj.weight": "down_proj"}
 
     def __init__(self, spec: GatedMLPSpec, ctx):
         super().__init__()
         check_gated_mlp(spec, ctx.parallel.tp)
         sp = _sequence_parallel(ctx)
+        self._sequence_parallel = sp
         common = dict(dtype=ctx.dtype, sequence_parallel_enabled=sp, sequence_dimension=_sequence_dim(sp))
         self.gate_up_proj = layers.ColumnParallelLinear(spec.hidden_size, 2 * spec.intermediate_size,
                                                         bias=spec.bias, gather_output=False, stride=2, **common)
@@ -168,7 +219,7 @@ class LMHead(nn.Module):
     Returns the logits as a DTensor sharded on the vocab dim at tp > 1 (the loss reads this
     rank's shard; the model gathers them only where logits are returned)."""
 
-    lora_decline = LORA_DECLINE
+    lora_decline = LORA_HEAD_DECLINE
 
     def __init__(self, spec: LMHeadSpec, ctx):
         super().__init__()

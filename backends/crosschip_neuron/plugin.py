@@ -130,6 +130,8 @@ def crosschip_step_boundary(runtime):
 def crosschip_training_state_format(model, runtime):
     from crosschip_neuron.nxd_training_state import NxdTrainingState
 
+    if getattr(model, "lora_adapter", None) is not None:
+        return None  # an adapter run saves its trainable adapter only, in the default format
     return NxdTrainingState(runtime)
 
 

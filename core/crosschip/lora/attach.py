@@ -14,7 +14,7 @@ from crosschip.layouts import Chain
 from crosschip.lora import sites
 from crosschip.lora.config import LoraConfig
 from crosschip.lora.slots import LoraAdapter, LoraSlot
-from crosschip.sharded_load import local_region, row_sources
+from crosschip.sharded_load import column_sources, local_region, row_sources
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -88,7 +88,7 @@ def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraA
     if not isinstance(b.checkpoint_transform, Chain) or b.checkpoint_transform.steps:
         raise ConfigurationError(f"LoRA on {where}: this model's checkpoint stores {target} fused with "
                                  "other projections, and adapters on fused checkpoint tensors are not supported")
-    ids = row_sources(b)
+    ids, columns = _sources(b)
     supported = getattr(b.module, "lora_sites", ())
     kid = list(b.hf_shapes).index(key)
     holding = {name: t for name, t in (ids or {}).items() if ((t >> 32) == kid).any()}
@@ -110,7 +110,7 @@ def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraA
             base = b.to_hf(weights._physical(b, grads=False))[key]
             slot.magnitude.copy_(torch.linalg.norm(base.to(slot.magnitude.device), dim=1))
     adapter.add(slot)
-    entries = [_entry(b, slot, name, flat, kid, where) for name, flat in holding.items()]
+    entries = [_entry(b, slot, name, flat, kid, where, (columns or {}).get(name)) for name, flat in holding.items()]
     parallel = model.runtime.parallel
     for e in entries:
         if e.group is not None and (b.info.component == "lm_head" or (e.cols is not None and parallel.sequence_parallel)):
@@ -121,9 +121,30 @@ def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraA
     return entries
 
 
-def _entry(b, slot, name: str, flat: torch.Tensor, kid: int, where: str) -> sites.Entry:
+def _sources(b):
+    """``(row ids, column ids)`` per physical weight: rows as :func:`row_sources` gives them, or
+    (for a layout that permutes a matrix's columns and leaves its rows, as the neuron backend's
+    ``o_proj`` follows its query heads) every row in order and the column ids."""
+    rows = row_sources(b)
+    if rows is not None:
+        return rows, None
+    columns = column_sources(b)
+    if columns is None or not all(by_column for _, by_column in columns.values()):
+        return None, None
+    keys = list(b.hf_shapes)
+    rows, cols = {}, {}
+    for name, (ids, _) in columns.items():
+        kid = int(ids[0] >> 32)
+        if ((ids >> 32) != kid).any():
+            return None, None  # columns of several keys side by side
+        rows[name] = torch.arange(b.hf_shapes[keys[kid]][0], dtype=torch.int64) + (kid << 32)
+        cols[name] = ids & ((1 << 32) - 1)
+    return rows, cols
+
+
+def _entry(b, slot, name: str, flat: torch.Tensor, kid: int, where: str, columns=None) -> sites.Entry:
     param = b.module.get_parameter(name)
-    region, group = _tp_region(param, where)
+    region, group, param_columns = _tp_region(param, where)
     (r0, r1), (c0, c1) = region[0], region[1]
     local = flat[r0:r1]
     mine = (local >> 32) == kid
@@ -131,24 +152,36 @@ def _entry(b, slot, name: str, flat: torch.Tensor, kid: int, where: str) -> site
     rows = local[mine] & ((1 << 32) - 1)
     if positions.numel() == local.numel() and torch.equal(rows, torch.arange(slot.lora_B.shape[0])):
         positions = rows = None  # the whole output, in order
-    cols = None if (c0, c1) == (0, param.shape[1]) else torch.arange(c0, c1)
-    bias = name.rsplit(".", 1)[0] + ".bias" if "." in name else "bias"
+    if columns is not None:  # permuted: the Hugging Face columns this rank's physical ones hold
+        cols = columns[c0:c1]
+        cols = None if torch.equal(cols, torch.arange(param_columns)) else cols
+    else:
+        cols = None if (c0, c1) == (0, param_columns) else torch.arange(c0, c1)
+    # The bias beside the weight: "proj.weight" -> "proj.bias", NxD's "weight_qkv" -> "bias_qkv".
+    head, _, leaf = name.rpartition(".")
+    bias = (f"{head}." if head else "") + leaf.replace("weight", "bias", 1)
     has_bias = bias in dict(b.module.named_parameters())
     return sites.Entry(slot, name, bias if has_bias else None, positions, rows, cols, group)
 
 
 def _tp_region(param, where: str):
     """This rank's ``((row_start, row_stop), (col_start, col_stop))`` of a weight sharded over
-    the tensor-parallel mesh, and that mesh's process group (None when not sharded). A weight
-    that FSDP2 shards over ``dp`` only is whole at compute time."""
-    whole = ((0, param.shape[0]), (0, param.shape[1]))
-    mesh = getattr(param, "device_mesh", None)
+    the tensor-parallel mesh, that mesh's process group (None when not sharded) and the
+    weight's global number of columns. A DTensor parameter (torch backend) says where it is; a
+    library's layer holding a plain local shard (neuronx-distributed's, see
+    :mod:`crosschip.local_shards`) is seen through its declared DTensor view. A weight that FSDP2
+    shards over ``dp`` only is whole at compute time."""
+    from crosschip.local_shards import as_global
+
+    shard = getattr(param, "crosschip_local_shard", None)
+    view = as_global(param.detach(), *shard) if shard is not None else param
+    mesh = getattr(view, "device_mesh", None)
     if mesh is None or "tp" not in (mesh.mesh_dim_names or ()):
-        return whole, None
+        return ((0, param.shape[0]), (0, param.shape[1])), None, param.shape[1]
     if mesh.ndim > 1:
         raise ConfigurationError(f"LoRA on {where}: adapters under tensor and data parallelism together "
                                  "(a 2-D mesh) are not supported yet; use tp or dp")
-    return local_region(param), mesh.get_group()
+    return local_region(view), mesh.get_group(), view.shape[1]
 
 
 # -- PEFT files ------------------------------------------------------------------------------
