@@ -1,6 +1,6 @@
 """Adapters under tensor parallelism (torch backend, gloo, CPU) equal one process: logits, loss,
 every adapter gradient and a few AdamW steps, with KV heads replicated where tp exceeds them,
-and with FSDP2 over dp; the saved adapter is the single process's, bitwise."""
+with FSDP2 over dp, and with both on a 2-D mesh; the saved adapter is the single process's."""
 
 from __future__ import annotations
 
@@ -79,3 +79,8 @@ def test_tp4_with_replicated_kv_heads_matches_single_process(adapters):
 
 def test_dp2_fsdp2_adapter_matches_single_process(adapters):
     spawn(2, adapters, _run, [("llama", 1, 2)])
+
+
+def test_tp2_dp2_mesh_adapter_matches_single_process(adapters):
+    """A 2-D ("dp", "tp") mesh: FSDP2 over dp, the tp shards' adapter rows and columns over tp."""
+    spawn(4, adapters, _run, [("llama", 2, 2), ("qwen2_dora", 2, 2)])

@@ -178,9 +178,13 @@ def _tp_region(param, where: str):
     mesh = getattr(view, "device_mesh", None)
     if mesh is None or "tp" not in (mesh.mesh_dim_names or ()):
         return ((0, param.shape[0]), (0, param.shape[1])), None, param.shape[1]
-    if mesh.ndim > 1:
-        raise ConfigurationError(f"LoRA on {where}: adapters under tensor and data parallelism together "
-                                 "(a 2-D mesh) are not supported yet; use tp or dp")
+    if mesh.ndim > 1:  # ("dp", "tp"): FSDP2 gathers the dp shards before compute; the tp part remains
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        tp = mesh.mesh_dim_names.index("tp")
+        sub = mesh["tp"]
+        shape, offset = compute_local_shape_and_global_offset(view.shape, sub, (view.placements[tp],))
+        return tuple((o, o + n) for o, n in zip(offset, shape)), sub.get_group(), view.shape[1]
     return local_region(view), mesh.get_group(), view.shape[1]
 
 
