@@ -19,11 +19,13 @@ TOL = 1e-5
 
 
 def _run(rank: int, world: int, root: Path, cases) -> None:
-    for name, tp, dp in cases:
+    for name, tp, dp, *sp in cases:
+        sp = bool(sp and sp[0])
         base, adapter = root / name / "base", root / name / "adapter"
-        where = f"{name} tp={tp} dp={dp}"
+        where = f"{name} tp={tp} dp={dp} sp={sp}"
         single = crosschip.from_pretrained(base, backend="torch", adapter=adapter).train()
-        model = crosschip.from_pretrained(base, backend="torch", tp=tp, dp=dp, adapter=adapter).train()
+        model = crosschip.from_pretrained(base, backend="torch", tp=tp, dp=dp, sequence_parallel=sp,
+                                          adapter=adapter).train()
         optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, eps=1e-3)
                       for m in (single, model)]
         torch.manual_seed(1)
@@ -66,6 +68,8 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-tp")
     peft_model(root / "llama", tiny_llama_config(), ALL)
     peft_model(root / "qwen2_dora", Qwen2Config(**BASE), ALL, dora=True)
+    peft_model(root / "column_dora", Qwen2Config(**BASE), ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+               dora=True)
     return root
 
 
@@ -84,3 +88,9 @@ def test_dp2_fsdp2_adapter_matches_single_process(adapters):
 def test_tp2_dp2_mesh_adapter_matches_single_process(adapters):
     """A 2-D ("dp", "tp") mesh: FSDP2 over dp, the tp shards' adapter rows and columns over tp."""
     spawn(4, adapters, _run, [("llama", 2, 2), ("qwen2_dora", 2, 2)])
+
+
+def test_tp2_sequence_parallel_adapter_matches_single_process(adapters):
+    """Sequence parallelism: the column-parallel projections see the gathered sequence, and the
+    row-parallel ones' updates are reduce-scattered onto each rank's part of it, as their outputs."""
+    spawn(2, adapters, _run, [("column_dora", 2, 1, True), ("llama", 2, 1, True), ("qwen2_dora", 2, 1, True)])

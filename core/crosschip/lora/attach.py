@@ -113,11 +113,9 @@ def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraA
     entries = [_entry(b, slot, name, flat, kid, where, (columns or {}).get(name)) for name, flat in holding.items()]
     parallel = model.runtime.parallel
     for e in entries:
-        if e.group is not None and (b.info.component == "lm_head" or (e.cols is not None and parallel.sequence_parallel)):
-            raise ConfigurationError(
-                f"LoRA on {where}: not supported yet at tp={parallel.tp}"
-                + (" with sequence parallelism (the row-parallel output is sequence-sharded)"
-                   if b.info.component != "lm_head" else " (the vocab-parallel LM head)"))
+        if e.group is not None and b.info.component == "lm_head":
+            raise ConfigurationError(f"LoRA on {where}: not supported yet at tp={parallel.tp} (the vocab-parallel "
+                                     "LM head)")
     return entries
 
 

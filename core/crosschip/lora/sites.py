@@ -76,10 +76,23 @@ def _hook(owner, weight: str):
     def hook(submodule, args, out):
         x = args[0]
         x = x.to_local() if hasattr(x, "to_local") else x
-        if hasattr(out, "to_local"):
-            raise RuntimeError(f"{type(submodule).__name__}: a LoRA site's output is a DTensor "
-                               f"{out.placements}; only local outputs take adapters")
-        return adapt(owner, weight, x, out)
+        if not hasattr(out, "to_local"):
+            return adapt(owner, weight, x, out)
+        # A sequence-parallel row-parallel output, reduce-scattered onto this rank's part of the
+        # sequence: the update is computed for the whole sequence and scattered the same way.
+        from torch.distributed.tensor import DTensor, Shard
+
+        from crosschip.sharded_load import local_region
+
+        placements = tuple(out.placements)
+        if len(placements) != 1 or not isinstance(placements[0], Shard):
+            raise RuntimeError(f"{type(submodule).__name__}: a LoRA site's output is a DTensor {placements}; "
+                               "only local or sequence-sharded outputs take adapters")
+        dim = placements[0].dim % out.dim()
+        start, stop = local_region(out)[dim]
+        local = adapt(owner, weight, x, out.to_local(), sequence=(dim, start, stop))
+        return DTensor.from_local(local, out.device_mesh, placements, run_check=False, shape=out.shape,
+                                  stride=out.stride())
 
     return hook
 
@@ -97,28 +110,44 @@ def has_adapters(module) -> bool:
     return bool(getattr(module, SITES, None))
 
 
-def adapt(module, weight: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def adapt(module, weight: str, x: torch.Tensor, out: torch.Tensor, sequence=None) -> torch.Tensor:
     """``out`` (this rank's output of ``module``'s parameter ``weight`` for input ``x``, bias
     included) plus the update of every adapter on it. A no-op without adapters. ``x`` must be
     the exact input of the matmul: normalised when the module fused its input norm, and this
-    rank's features of it for a row-parallel weight."""
+    rank's features of it for a row-parallel weight. ``sequence``: ``(dim, start, stop)`` when
+    ``out`` is this rank's part ``start:stop`` along ``dim`` of the whole sequence ``x`` has
+    (sequence parallelism's reduce-scatter)."""
     sites = getattr(module, SITES, None)
     if not sites or weight not in sites:
         return out
     for entry in sites[weight]:
-        out = _apply(module, entry, x, out)
+        out = _apply(module, entry, x, out, sequence)
     return out
 
 
-def _apply(module, entry: Entry, x, out):
+def _reduce(low, entry: Entry, cols, sequence):
+    """The low-rank product of a row-parallel shard summed over the ranks (its partial
+    products), cut to this rank's part of the sequence where the output is sequence-sharded."""
+    if cols is not None:
+        if sequence is not None:
+            return _SumSlice.apply(low, entry.group, *sequence)
+        low = _SumForward.apply(low, entry.group)
+    if sequence is not None:
+        dim, start, stop = sequence
+        low = low.narrow(dim, start, stop - start)
+    return low
+
+
+def _apply(module, entry: Entry, x, out, sequence=None):
     slot = entry.slot
     positions, rows, cols = entry.indices(out.device)
     a, b = slot.lora_A, slot.lora_B
     if entry.group is not None:
         # Column-parallel: every rank's gradient of A and of its rows of B is partial. Row-
         # parallel: of its columns of A only (B sees the summed product, the same on all ranks).
+        # Sequence-sharded outputs: B (and DoRA's magnitude) see this rank's positions only.
         a = _GradSum.apply(a, entry.group)
-        b = b if cols is not None else _GradSum.apply(b, entry.group)
+        b = b if cols is not None and sequence is None else _GradSum.apply(b, entry.group)
     a = a if cols is None else a.index_select(1, cols)
     b = b if rows is None else b.index_select(0, rows)
     # Float32 adapters over a 16-bit base compute in the activations' dtype (autocast's rule for
@@ -131,17 +160,15 @@ def _apply(module, entry: Entry, x, out):
         # A column-parallel rank's part of the input gradient (through its rows of B) is partial.
         x = _GradSum.apply(x, entry.group)
     dropped = slot.dropout(x)
-    low = F.linear(dropped.to(a.dtype), a)
-    if cols is not None:
-        low = _SumForward.apply(low, entry.group)
+    low = _reduce(F.linear(dropped.to(a.dtype), a), entry, cols, sequence)
     update = F.linear(low, b) * slot.scaling
     if slot.magnitude is None:
         update = update.to(out.dtype)
         return out + update if positions is None else out.index_add(-1, positions, update)
-    return _dora(module, entry, slot, *stored, dropped, out, update, positions, rows, cols)
+    return _dora(module, entry, slot, *stored, dropped, out, update, positions, rows, cols, sequence)
 
 
-def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols):
+def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols, sequence=None):
     """PEFT's DoRA: ``(m / |W + s B A| - 1) * W x + m / |W + s B A| * s B A x``, the row
     norms detached (DoRA paper, section 4.3), ``W x`` taken from the base output (or
     recomputed on the dropped-out input while dropout is active, as PEFT does)."""
@@ -159,13 +186,11 @@ def _dora(module, entry, slot, a, b, dropped, out, update, positions, rows, cols
             torch.distributed.all_reduce(squares, group=entry.group)
             norm = squares.sqrt()
     magnitude = slot.magnitude
-    if entry.group is not None and cols is None:
+    if entry.group is not None and (cols is None or sequence is not None):
         magnitude = _GradSum.apply(magnitude, entry.group)
     gain = (magnitude if rows is None else magnitude.index_select(0, rows)) / norm
     if slot.training and slot.config.dropout:
-        base = F.linear(dropped.to(weight.dtype), weight)
-        if cols is not None:
-            base = _SumForward.apply(base, entry.group)
+        base = _reduce(F.linear(dropped.to(weight.dtype), weight), entry, cols, sequence)
     else:
         base = out if positions is None else out.index_select(-1, positions)
         if entry.bias is not None:
@@ -207,3 +232,23 @@ class _SumForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _SumSlice(torch.autograd.Function):
+    """Summed over ``group`` and cut to ``start:stop`` along ``dim`` (a reduce-scatter onto this
+    rank's part of the sequence); backward: every rank's gradient of its part, put back in place
+    and summed (an all-gather that also takes the uneven parts of a sequence tp does not divide)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, dim, start, stop):
+        ctx.group, ctx.dim, ctx.start, ctx.stop, ctx.shape = group, dim, start, stop, tensor.shape
+        tensor = tensor.contiguous().clone()
+        torch.distributed.all_reduce(tensor, group=group)
+        return tensor.narrow(dim, start, stop - start).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_zeros(ctx.shape)
+        full.narrow(ctx.dim, ctx.start, ctx.stop - ctx.start).copy_(grad)
+        torch.distributed.all_reduce(full, group=ctx.group)
+        return full, None, None, None, None
