@@ -206,6 +206,28 @@ def test_unsupported_peft_options_and_pickles_are_refused(tmp_path):
     _assert_untouched(model)
 
 
+PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("name", ["phi3_fused", "phi3_longrope_partial"])
+def test_adapter_on_fused_checkpoint_projections_matches_peft(tmp_path, name, backend, variant):
+    """Phi-3 stores q/k/v and gate/up fused in its checkpoint, so PEFT targets ``qkv_proj`` and
+    ``gate_up_proj`` whole: one adapter over the fused rows, placed through the same layouts."""
+    config, _ = zoo_configs()[name]
+    reference, adapter = peft_model(tmp_path, config, (*PHI3, "lm_head"), dora=variant == "dora")
+    model = crosschip.from_pretrained(tmp_path / "base", backend=backend, adapter=adapter)
+    ids = torch.randint(1, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    _parity(model.train(), reference.train(), ids)
+    model.save_adapter(tmp_path / "saved")
+    from safetensors.torch import load_file
+
+    saved, original = load_file(tmp_path / "saved" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
+    original = {k: v for k, v in original.items() if ".base_layer." not in k}  # PEFT's copy of the LM head
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+
+
 def test_fused_checkpoint_projection_is_declined_with_the_reason(tmp_path):
     config, _ = zoo_configs()["phi3_fused"]
     from zoo import save_hf
@@ -265,3 +287,15 @@ def test_a_bf16_base_gets_float32_adapters_as_peft_does(tmp_path, dora):
     model.merge_adapter()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert_rel_close(model(ids).logits.float(), expected, 3e-2, "merged bf16 logits")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_merge_on_fused_checkpoint_projections_equals_peft_bitwise(tmp_path, backend, dora):
+    config, _ = zoo_configs()["phi3_fused"]
+    reference, adapter = peft_model(tmp_path, config, PHI3, dora=dora)
+    model = crosschip.from_pretrained(tmp_path / "base", backend=backend, adapter=adapter)
+    model.merge_adapter()
+    merged = reference.merge_and_unload().state_dict()
+    for key, value in model.hf_state_dict().items():
+        assert torch.equal(value, merged[key]), key

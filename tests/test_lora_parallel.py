@@ -63,18 +63,20 @@ def _run(rank: int, world: int, root: Path, cases) -> None:
 def adapters(tmp_path_factory):
     from transformers import Qwen2Config
 
-    from zoo import BASE
+    from zoo import BASE, zoo_configs
 
     root = tmp_path_factory.mktemp("lora-tp")
     peft_model(root / "llama", tiny_llama_config(), ALL)
     peft_model(root / "qwen2_dora", Qwen2Config(**BASE), ALL, dora=True)
+    phi3, _ = zoo_configs()["phi3_fused"]
+    peft_model(root / "phi3", phi3, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), dora=True)
     peft_model(root / "column_dora", Qwen2Config(**BASE), ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
                dora=True)
     return root
 
 
 def test_tp2_adapter_training_matches_single_process(adapters):
-    spawn(2, adapters, _run, [("llama", 2, 1), ("qwen2_dora", 2, 1)])
+    spawn(2, adapters, _run, [("llama", 2, 1), ("qwen2_dora", 2, 1), ("phi3", 2, 1)])
 
 
 def test_tp4_with_replicated_kv_heads_matches_single_process(adapters):

@@ -85,9 +85,6 @@ def _replicate(model, adapter: LoraAdapter) -> None:
 
 def _entries(model, b, key: str, target: str, config: LoraConfig, adapter: LoraAdapter) -> list:
     where = f"{b.info.component} ({target}) at {b.path}, built by backend {b.info.backend!r}"
-    if not isinstance(b.checkpoint_transform, Chain) or b.checkpoint_transform.steps:
-        raise ConfigurationError(f"LoRA on {where}: this model's checkpoint stores {target} fused with "
-                                 "other projections, and adapters on fused checkpoint tensors are not supported")
     ids, columns = _sources(b)
     supported = getattr(b.module, "lora_sites", ())
     kid = list(b.hf_shapes).index(key)

@@ -10,8 +10,11 @@ from pathlib import Path
 from crosschip.errors import CheckpointError, ConfigurationError
 
 #: Hugging Face projection names an adapter may target (the last part of a weight's module name).
-KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-DEFAULT_TARGETS = KNOWN_TARGETS[:-1]
+#: Hugging Face projection names; ``qkv_proj`` and ``gate_up_proj`` are those of checkpoints that
+#: store them fused (Phi-3), targeted whole as PEFT does.
+KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                 "down_proj", "lm_head")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("default", "gaussian", "zeros")
 
 #: PEFT options whose non-default values change what an adapter computes and that crosschip
