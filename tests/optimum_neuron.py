@@ -19,8 +19,9 @@ import torch
 _PACKAGES = ("optimum.neuron", "optimum.neuron.models", "optimum.neuron.models.training", "optimum.neuron.utils")
 
 
-def transformations_utils():
-    """The module, or a skip (a failure where CROSSCHIP_REQUIRE_HARDWARE asks for neuron-cpu)."""
+def available() -> Path:
+    """Optimum Neuron's installed ``optimum/neuron`` folder (found without importing it), or a
+    skip (a failure where CROSSCHIP_REQUIRE_HARDWARE asks for neuron-cpu)."""
     spec = importlib.util.find_spec("optimum")
     root = Path(spec.submodule_search_locations[0]) / "neuron" if spec and spec.submodule_search_locations else None
     if root is None or not (root / "models" / "training" / "transformations_utils.py").is_file():
@@ -28,7 +29,12 @@ def transformations_utils():
             pytest.fail("optimum-neuron is required (CROSSCHIP_REQUIRE_HARDWARE=neuron-cpu) but is not installed",
                         pytrace=False)
         pytest.skip("optimum-neuron is not installed")
-    os.environ.setdefault("NXD_CPU_MODE", "1")
+    return root
+
+
+def transformations_utils():
+    """The module (call in a process of its own: it installs NxD's CPU-mode stand-ins)."""
+    root = available()
     from crosschip_neuron.cpu_mode import nxd
 
     nxd()
