@@ -228,3 +228,24 @@ def test_load_hf_state_dict_refuses_integer_tensors_too(tmp_path):
     with pytest.raises(CheckpointError, match=rf"key {key!r} in the given state dict has dtype torch.int32, "
                                               r"expected a floating-point dtype"):
         model.load_hf_state_dict(state)
+
+
+def test_a_save_whose_layout_gives_a_wrong_shape_is_refused_and_writes_nothing(tmp_path, monkeypatch):
+    """The canonical save checks every tensor's shape against the Hugging Face one, not only the
+    keys: a layout whose inverse transposed a weight is an error naming it, and nothing lands."""
+    import crosschip
+    from crosschip import weights
+    from helpers import save_hf_llama
+
+    save_hf_llama(tmp_path / "base")
+    model = crosschip.from_pretrained(tmp_path / "base", backend="torch")
+    to_hf = weights.Binding.to_hf
+
+    def transposed(self, physical):
+        out = to_hf(self, physical)
+        return {k: (v.t() if k.endswith("down_proj.weight") else v) for k, v in out.items()}
+
+    monkeypatch.setattr(weights.Binding, "to_hf", transposed)
+    with pytest.raises(Exception, match=r"down_proj.weight' the shape \(96, 64\), expected \(64, 96\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()

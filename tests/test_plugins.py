@@ -154,11 +154,13 @@ def test_strict_turns_plugin_problems_into_an_error(installed):
 @cpu_only
 def test_strict_fallback_names_the_component_and_every_decline(installed):
     installed.setenv("CROSSCHIP_DISABLE_PLUGINS", ",".join(BROKEN))
-    # te is unavailable on CPU and its fallback torch builds rms_norm, so te alone is a decline
-    # that is no fallback; named alone, the template declines float64 and the reference builds it.
+    # te is unavailable on CPU and its declared fallback torch would build rms_norm: a named
+    # backend that is unavailable is never replaced silently, so strict mode refuses it; named
+    # alone, the template declines float64 and the reference builds it.
     rt = Runtime("te,template", device="cpu", dtype=torch.float64, strict=True)
     assert rt.chain("rms_norm").backends == ("te", "torch", "template", "reference")
-    assert rt.rms_norm(NORM).crosschip_component.backend == "torch"
+    with pytest.raises(StrictFallbackError, match="built by 'torch', a declared fallback.*te: unavailable"):
+        rt.rms_norm(NORM)
     rt = Runtime("template", device="cpu", dtype=torch.float64, strict=True)
     with pytest.raises(StrictFallbackError) as info:
         rt.rms_norm(NORM)
@@ -329,3 +331,28 @@ def test_template_package_passes_its_own_tests(plugin_site):
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and not any(w in summary for w in ("skipped", "failed", "error")), summary
+
+
+def test_a_factory_that_raises_is_a_build_error_naming_backend_component_and_spec(installed, tmp_path):
+    (tmp_path / "crosschip_raising_dev.py").write_text(textwrap.dedent("""
+        from crosschip import BackendDescriptor, ComponentImpl, Probe, hookimpl
+
+        @hookimpl
+        def crosschip_register_backends():
+            return [BackendDescriptor("raising_dev", 10, ("cpu",), lambda: Probe(True, "test"))]
+
+        @hookimpl
+        def crosschip_register_components():
+            def build(spec, ctx):
+                raise ValueError("kernel table is empty")
+            return [ComponentImpl("raising_dev", "rms_norm", build)]
+    """))
+    installed.syspath_prepend(str(tmp_path))
+    installed.setenv("CROSSCHIP_PLUGIN_MODULES", "crosschip_raising_dev")
+    from crosschip.errors import ComponentBuildError
+
+    with pytest.raises(ComponentBuildError) as info:
+        Runtime("raising_dev", device="cpu").rms_norm(NORM)
+    message = str(info.value)
+    assert "backend 'raising_dev' failed to build rms_norm for" in message and "hidden_size" in message, message
+    assert "ValueError: kernel table is empty" in message, message

@@ -102,6 +102,18 @@ def test_unavailable_request_falls_back_and_warns_once():
     decision = rt.report.decisions[-1]
     assert decision.backend == "reference"
     assert decision.declines[0][0] == "te"
+    # te's declared fallback building it instead is no silent substitution either.
+    with pytest.warns(CrosschipWarning, match=r"built by 'torch', a declared fallback, because the requested "
+                                              r"backend is unavailable \(te: unavailable"):
+        assert rt.qkv_projection(QKV).crosschip_component.backend == "torch"
+
+
+@cpu_only
+def test_unavailable_request_ending_on_a_declared_fallback_fails_when_strict():
+    with pytest.raises(StrictFallbackError, match="qkv_projection .*declared fallback.*te: unavailable"):
+        Runtime("te", device="cpu", strict=True).qkv_projection(QKV)
+    # Naming the fallback too makes it a choice: no warning, also when strict.
+    rt = Runtime("te,torch", device="cpu", strict=True)
     assert rt.qkv_projection(QKV).crosschip_component.backend == "torch"
 @cpu_only
 def test_strict_fallback_names_component_and_every_reason():

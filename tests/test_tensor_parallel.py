@@ -145,3 +145,32 @@ def test_kv_replication_round_trip_is_bitwise():
     assert physical["k.weight"].shape == (2 * 3 * 4, 16) and physical["q.weight"] is k
     assert torch.equal(physical["k.weight"][4:8], k[:4]) and torch.equal(physical["k.weight"][12:16], k[4:])
     assert torch.equal(step.invert(physical)["k.weight"], k)
+
+
+_UNDER_TORCHRUN = r"""
+import sys, torch, crosschip, torch.distributed as dist
+model = crosschip.from_pretrained(sys.argv[1], backend="torch", tp=2)  # no init_process_group here
+assert dist.is_initialized() and dist.get_world_size() == 2
+ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+logits = model(ids).logits
+expected = crosschip.from_pretrained(sys.argv[1], backend="reference")(ids).logits
+assert (logits - expected).abs().max() < 1e-5
+print("ok", dist.get_rank())
+"""
+
+
+def test_from_pretrained_joins_the_torchrun_process_group_itself(tmp_path):
+    """Under torchrun, ``from_pretrained(tp=2)`` joins the launcher's process group when the
+    script made none (the README's example does not)."""
+    import subprocess
+    import sys
+
+    from helpers import save_hf_llama
+
+    save_hf_llama(tmp_path / "llama")
+    script = tmp_path / "script.py"
+    script.write_text(_UNDER_TORCHRUN)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path / "llama")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.split()) == ["0", "1", "ok", "ok"], result.stdout

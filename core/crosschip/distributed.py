@@ -32,6 +32,31 @@ def shutdown() -> None:
     gc.collect()
 
 
+def join_launched_group(device: str | None) -> bool:
+    """Join the process group a launcher (torchrun: ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...)
+    describes, when none exists yet: NCCL on CUDA (this process's ``LOCAL_RANK`` device), XLA's
+    on Trainium, gloo on CPU. Returns whether this call created it; without a launcher nothing
+    happens and the caller's checks say what is missing."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+        return False
+    kind = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    if kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    elif kind == "xla":  # Trainium: one process per NeuronCore, XLA's collectives
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+
+        dist.init_process_group("xla", init_method="xla://")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
 def rank() -> int:
     """This process's rank in the default process group (0 without one)."""
     import torch.distributed as dist

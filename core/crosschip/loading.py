@@ -102,6 +102,10 @@ def from_pretrained(
     cls, config = load_config(nxd.config_dir if nxd is not None else path)
     if dtype is None:
         dtype = torch.float32
+    if tp * dp > 1:  # under torchrun, join its process group unless the caller already did
+        from crosschip.distributed import join_launched_group
+
+        join_launched_group(None if device is None else str(device))
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
                       precision=precision, fp8_recipe=fp8_recipe,
                       activation_checkpointing=activation_checkpointing,

@@ -19,6 +19,7 @@ from torch import nn
 
 from crosschip.errors import (
     ComponentBuildError,
+    CrosschipError,
     ConfigurationError,
     CrosschipWarning,
     StrictFallbackError,
@@ -269,8 +270,16 @@ class Runtime:
             )
         if backend == REFERENCE and chain.accelerated and declines:
             self._fell_back(component, spec, declines)
+        elif backend not in chain.named:
+            self._named_unavailable(component, spec, backend, chain, declines)
         self._check_fp8(component, spec, backend)
-        module = resolve_callable(impl.factory)(spec, BuildContext(self, component, backend))
+        try:
+            module = resolve_callable(impl.factory)(spec, BuildContext(self, component, backend))
+        except CrosschipError:
+            raise  # the backend's own account of what is wrong
+        except Exception as exc:
+            raise ComponentBuildError(f"backend {backend!r} failed to build {component} for {describe(spec)}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
             raise ComponentBuildError(
                 f"backend {backend!r} built {type(module).__name__} for {component}, expected "
@@ -314,6 +323,22 @@ class Runtime:
         if self.strict:
             raise StrictFallbackError(f"strict mode: {message}")
         key = ("fp8", component, backend)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, CrosschipWarning, stacklevel=4)
+
+    def _named_unavailable(self, component: str, spec, backend: str, chain, declines) -> None:
+        """A backend the request named was unavailable, and a declared fallback (not the
+        reference, which :meth:`_fell_back` reports) built the component instead: never silently."""
+        missing = [(b, r) for b, r in declines if b in chain.named and r.startswith("unavailable")]
+        if not missing:
+            return
+        reasons = "; ".join(f"{b}: {r}" for b, r in missing)
+        message = (f"{component} for {describe(spec)} was built by {backend!r}, a declared fallback, because the "
+                   f"requested backend is unavailable ({reasons}; requested by {chain.source})")
+        if self.strict:
+            raise StrictFallbackError(f"strict mode: {message}")
+        key = ("unavailable", component, tuple(missing))
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, CrosschipWarning, stacklevel=4)

@@ -34,6 +34,7 @@ from crosschip.schedule import learning_rate
 from crosschip.specs import ParallelSpec
 from crosschip.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
 from crosschip.train_args import TrainArgs
+from crosschip.distributed import join_launched_group
 from crosschip.training_state import STATE_DIR, STATE_META, layouts_of, load_training_state, save_training_state
 
 
@@ -430,15 +431,6 @@ def _ensure_process_group(args: TrainArgs) -> None:
         if "WORLD_SIZE" not in os.environ:
             raise ConfigurationError(f"--tp {args.tp} --dp {args.dp} needs {size} processes, one per rank: "
                                      f"launch with `torchrun --nproc_per_node {size} -m crosschip.cli train ...`")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
-        elif device.startswith("xla"):  # Trainium: one process per NeuronCore, XLA's collectives
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
-
-            dist.init_process_group("xla", init_method="xla://")
-        else:
-            dist.init_process_group("gloo")
+        join_launched_group(args.device)
 
 

@@ -158,8 +158,12 @@ def iter_canonical(model: nn.Module, grads: bool = False) -> Iterator[tuple[str,
                 f"layout of backend {b.info.backend!r} for {b.info.component} at {b.path} gives "
                 f"keys {sorted(tensors)}, expected {sorted(b.hf_shapes)}"
             )
-        for key in b.hf_shapes:  # a fixed order, so writers can plan shards from shapes alone
+        for key, shape in b.hf_shapes.items():  # a fixed order: writers plan shards from shapes alone
             if key in tensors:
+                if tuple(tensors[key].shape) != tuple(shape):  # a layout whose inverse is wrong, never saved
+                    raise RuntimeError(
+                        f"layout of backend {b.info.backend!r} for {b.info.component} at {b.path} gives {key!r} "
+                        f"the shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
                 yield key, tensors[key]
 
 

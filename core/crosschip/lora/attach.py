@@ -10,7 +10,6 @@ import torch
 
 from crosschip import weights
 from crosschip.errors import CheckpointError, ConfigurationError
-from crosschip.layouts import Chain
 from crosschip.lora import sites
 from crosschip.lora.config import LoraConfig
 from crosschip.lora.slots import LoraAdapter, LoraSlot

@@ -27,6 +27,8 @@ class Chain:
 
     backends: tuple[str, ...]
     source: str
+    #: The backends the request named (none for auto); the rest are their declared fallbacks.
+    named: tuple[str, ...] = ()
 
     @property
     def accelerated(self) -> bool:
@@ -99,7 +101,7 @@ def resolve_chain(
         (os.environ.get(var), var),
         (os.environ.get(env.BACKEND), env.BACKEND),
     ]
-    names, source = [], AUTO
+    names, source, named = [], AUTO, ()
     for value, origin in candidates:
         parsed = parse_names(value)
         if parsed and parsed != [AUTO]:
@@ -109,6 +111,7 @@ def resolve_chain(
         if AUTO in names:
             raise ConfigurationError(f"{source}: 'auto' cannot be combined with backend names {names}")
         validate_backend_names(registry, names, source)
+        named = tuple(names)
     else:
         names = auto_order(registry)
 
@@ -120,4 +123,4 @@ def resolve_chain(
                 ordered.append(candidate)
     if REFERENCE not in ordered:
         ordered.append(REFERENCE)
-    return Chain(tuple(ordered), source)
+    return Chain(tuple(ordered), source, named)
