@@ -45,8 +45,6 @@ def _fill_adapter(named, seed: int):
 
 
 def build(variant: str, config, seed: int):
-    import torch
-
     if variant == "peft":
         import peft
 
@@ -69,8 +67,10 @@ def build(variant: str, config, seed: int):
     init_weights(model, seed=seed, device="cuda")
     model.add_adapter(crosschip.LoraConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
     _fill_adapter([(k, p) for s in model.lora_adapter.slots.values() for k, p in s.peft_tensors().items()], seed)
-    model.train()
-    return (torch.compile(model) if variant == "torch-compile" else model), model
+    from crosschip.compilation import compile_model
+
+    compile_model(model, variant == "torch-compile")  # what from_pretrained(compile=True) and --compile do
+    return model.train(), model
 
 
 def worker(args) -> dict:

@@ -86,6 +86,9 @@ def build(variant: str, config, seed: int, ac: str):
                       activation_checkpointing=ac)
     model = build_model(model_class("LlamaForCausalLM"), config, runtime)
     init_weights(model, seed=seed, device="cuda")
+    from crosschip.compilation import compile_model
+
+    compile_model(model, variant == "torch-compile")  # what from_pretrained(compile=True) and --compile do
     return model.train()
 
 
@@ -154,7 +157,7 @@ def worker(args) -> dict:
                   activation_checkpointing=args.activation_checkpointing)
     try:
         model = build(args.variant, config, args.seed, args.activation_checkpointing)
-        step_model = torch.compile(model) if args.variant == "torch-compile" else model
+        step_model = model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda", generator=gen)

@@ -74,3 +74,33 @@ def test_torch_backend_compiles_with_inductor(tmp_path, fresh_dynamo):
 
     # The compiled module shares its parameters: weights map back to the Hugging Face layout.
     assert set(model.hf_grads()) == set(model.hf_state_dict())
+
+
+def test_compile_is_a_runtime_option_and_a_train_flag(tmp_path, fresh_dynamo):
+    """``from_pretrained(compile=True)`` compiles the model in place (the same object, graphs
+    really produced) with eager's numbers, and ``crosschip train --compile`` trains to eager's
+    losses; unknown options are refused by name."""
+    from torch._dynamo.utils import counters
+
+    import crosschip
+    from crosschip.errors import ConfigurationError
+    from crosschip.train import TrainArgs, train
+
+    save_hf_llama(tmp_path / "base", **{**TINY, "vocab_size": 258})
+    eager = crosschip.from_pretrained(tmp_path / "base", backend="torch")
+    counters.clear()
+    model = crosschip.from_pretrained(tmp_path / "base", backend="torch", compile={"dynamic": False})
+    assert isinstance(model, crosschip.CausalLM) and model.compiled == {"dynamic": False}
+    ids = torch.randint(0, 258, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits, eager(ids).logits, 1e-5, "compiled logits")
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["inductor"], dict(counters["stats"])
+    with pytest.raises(ConfigurationError, match=r"unknown torch.compile option\(s\) \['modes'\]"):
+        crosschip.from_pretrained(tmp_path / "base", backend="torch", compile={"modes": "max-autotune"})
+
+    common = dict(model=str(tmp_path / "base"), backend="torch", steps=3, batch_size=2, seq_len=16, seed=1)
+    plain = train(TrainArgs(out=str(tmp_path / "eager"), **common), progress=False).losses
+    compiled = train(TrainArgs(out=str(tmp_path / "compiled"), compile=True, **common), progress=False).losses
+    assert len(compiled) == len(plain) == 3
+    for got, expected in zip(compiled, plain):
+        assert abs(got - expected) <= 1e-5 * abs(expected), (compiled, plain)

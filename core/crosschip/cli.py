@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sharded; each rank takes batch-size/DP sequences)")
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and residuals along the sequence")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the model's forward (and so its backward): faster steps after a "
+                            "first, compiling one; not run-defining (a resume may add or drop it)")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
     _add_data_arguments(train)
     _add_schedule_arguments(train)

@@ -76,6 +76,7 @@ def from_pretrained(
     revision: str | None = None,
     lora=None,
     adapter: str | Path | None = None,
+    compile=False,
 ):
     """Load a Hugging Face causal-LM (config.json + safetensors) on any backend: a local
     directory, or a Hub model id ``org/name`` at ``revision`` (a branch, tag or commit; default
@@ -94,6 +95,10 @@ def from_pretrained(
 
     ``lora``: a :class:`crosschip.LoraConfig`, a new adapter (base weights frozen);
     ``adapter``: a PEFT adapter directory to attach (from crosschip or from PEFT).
+
+    ``compile``: True, or a dict of ``torch.compile`` options (``mode``, ``fullgraph``,
+    ``dynamic``, ``backend``, ``options``): the model's forward compiled in place (see
+    :mod:`crosschip.compilation`), after any adapter is attached.
     """
     if lora is not None and adapter is not None:
         raise ConfigurationError("from_pretrained: give lora= (a new adapter) or adapter= (a saved one), not both")
@@ -127,6 +132,9 @@ def from_pretrained(
         model.add_adapter(lora)
     elif adapter is not None:
         model.load_adapter(adapter)
+    from crosschip.compilation import compile_model
+
+    compile_model(model, compile)
     return model.eval()
 
 

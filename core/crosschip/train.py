@@ -34,6 +34,7 @@ from crosschip.schedule import learning_rate
 from crosschip.specs import ParallelSpec
 from crosschip.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
 from crosschip.train_args import TrainArgs
+from crosschip.compilation import compile_model
 from crosschip.distributed import join_launched_group
 from crosschip.training_state import STATE_DIR, STATE_META, layouts_of, load_training_state, save_training_state
 
@@ -149,6 +150,7 @@ def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
     if lora is not None:
         torch.manual_seed(args.seed)  # the adapter's initialisation follows the run's seed
         model.add_adapter(lora)
+    compile_model(model, args.compile)  # after the adapter, whose hooks are part of the forward
     return model.train(), tokenizer
 
 
