@@ -44,3 +44,14 @@ def crosschip_grads(model) -> dict[str, torch.Tensor]:
             if param.grad is not None:
                 out[key] = param.grad
     return out
+
+
+def assert_adapter_grads_match(model, single, tol: float, where: str) -> None:
+    """Every adapter gradient of ``model`` (whole, whatever its sharding) equals ``single``'s."""
+    from crosschip.weights import whole
+    from helpers import assert_rel_close
+
+    theirs, ours = crosschip_grads(single), {k: whole(v) for k, v in crosschip_grads(model).items()}
+    assert set(ours) == set(theirs), where
+    for key in theirs:
+        assert_rel_close(ours[key], theirs[key], tol, f"{where} gradient of {key}")
