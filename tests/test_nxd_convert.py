@@ -332,8 +332,6 @@ def test_a_failed_conversion_leaves_the_previous_output_whole(models, sharded, t
 def test_bad_arguments(models, sharded, tmp_path):
     with pytest.raises(ConfigurationError, match="needs tp"):
         convert(models / "llama", tmp_path / "o", progress=False)
-    with pytest.raises(ConfigurationError, match="already sharded"):
-        convert(sharded, tmp_path / "o", tp=2, progress=False)
     with pytest.raises(ConfigurationError, match="kv_layout='rows'"):
         convert(sharded, tmp_path / "o", kv_layout="rows", progress=False)
     with pytest.raises(CheckpointError, match="neither a Hugging Face checkpoint"):
@@ -353,8 +351,23 @@ def test_cli(models, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "consolidating" in captured.err and "21 tensors" in captured.out
     assert_bitwise(_weights(models / "kv1"), _weights(tmp_path / "hf"))
-    assert main(["convert", str(tmp_path / "nxd"), "--out", str(tmp_path / "x"), "--tp", "4"]) == 2
-    assert "already sharded" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nxd"), "--out", str(tmp_path / "x"), "--tp", "3"]) == 2
+    assert "crosschip: error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama", "kv1", "qwen2_bias"])
+def test_reshard_at_another_tp_is_bitwise(models, tmp_path, name):
+    """NxD shards at tp=4 re-sharded to 2 and back to 4 (KV replicas dropped and made again), and
+    to 4 in the interleaved layout: every step consolidates to the original weights."""
+    convert(models / name, tmp_path / "tp4", tp=4, progress=False)
+    steps = [("tp4", "tp2", 2, None), ("tp2", "again4", 4, None), ("again4", "inter4", 4, "interleave")]
+    for source, target, tp, layout in steps:
+        summary = convert(tmp_path / source, tmp_path / target, tp=tp, kv_layout=layout, progress=False)
+        assert summary.source_format.startswith("nxd (plain, tp=") and summary.tp == tp
+        convert(tmp_path / target, tmp_path / f"{target}-hf", progress=False)
+        assert_bitwise(_weights(models / name), _weights(tmp_path / f"{target}-hf"))
+    files = sorted(p.name for p in (tmp_path / "tp2" / "shards" / "model").iterdir())
+    assert files == ["dp_rank_00_tp_rank_00_pp_rank_00.pt", "dp_rank_00_tp_rank_01_pp_rank_00.pt"]
 
 
 def test_from_pretrained_loads_nxd_shards(models, tmp_path):

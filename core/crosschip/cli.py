@@ -314,14 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    conv = sub.add_parser("convert", help="Hugging Face checkpoint <-> neuronx-distributed (Trainium) shards; the "
-                          "source format is detected")
+    conv = sub.add_parser("convert", help="Hugging Face checkpoint <-> neuronx-distributed (Trainium) shards, or "
+                          "shards at another tp; the source format is detected")
     conv.add_argument("source", help="a Hugging Face model directory, or an NxD checkpoint: a tag directory "
                       "(with model/), a directory of tags (the newest finished one is read), or an Optimum Neuron "
                       "model directory (with shards/)")
     conv.add_argument("--out", required=True, help="the directory to write (one atomic save; what else it holds "
                       "is kept)")
-    conv.add_argument("--tp", type=int, default=None, help="Hugging Face -> NxD: the tensor parallel degree")
+    conv.add_argument("--tp", type=int, default=None, help="write NxD shards at this tensor parallel degree (from a "
+                      "Hugging Face checkpoint, or re-sharding NxD shards); without it NxD shards are consolidated")
     conv.add_argument("--config", default=None, help="the model's config.json (or its directory), where the "
                       "source has none beside it")
     conv.add_argument("--kv-layout", default=None, choices=("tile", "interleave"),

@@ -72,9 +72,8 @@ def convert(source: str | Path, out: str | Path, *, tp: int | None = None, confi
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise ConfigurationError(f"--out {out} is (inside) the source {source}; write the conversion elsewhere")
     if detect(source) == NXD:
-        if tp is not None:
-            raise ConfigurationError(f"tp={tp}: {source} is already sharded (NxD); converting it writes a Hugging Face "
-                                     "checkpoint, which has no tp")
+        if tp is not None:  # re-shard: the source consolidated one weight at a time, sharded again
+            return _reshard(source, out, tp, config, kv_layout or TILE, fuse_qkv, progress)
         return _consolidate(source, out, config, kv_layout, progress, max_shard_size)
     if tp is None or tp < 1:
         raise ConfigurationError(f"{source} is a Hugging Face checkpoint: converting it to NxD shards needs tp (--tp N), "
@@ -152,17 +151,39 @@ def _copy_companions(directory: Path, staging: Path) -> None:
 # -- Hugging Face -> NxD ------------------------------------------------------------------------
 def _shard(source: Path, out: Path, tp: int, config_path, kv_layout: str, fuse_qkv: bool, progress: bool) -> Summary:
     from crosschip.checkpoint.reader import SafetensorsCheckpoint
-    from crosschip.checkpoint.transaction import atomic_save
 
     config, companions = _load_config(Path(config_path) if config_path is not None else source)
-    reader = SafetensorsCheckpoint(source)
+    return _write_shards(source, SafetensorsCheckpoint(source), HF, config, companions, out, tp, kv_layout, fuse_qkv,
+                         progress)
+
+
+def _reshard(source: Path, out: Path, tp: int, config_path, kv_layout: str, fuse_qkv: bool, progress: bool) -> Summary:
+    """NxD shards at another tp. The source is read by its metadata (or, without it, the config
+    and no KV replicas: replicated shards without metadata are consolidated first, naming their
+    layout); ``kv_layout`` is the output's."""
+    ckpt = NxdCheckpoint(source)
+    config_dir = Path(config_path) if config_path is not None else ckpt.config_dir
+    if config_dir is None:
+        raise CheckpointError(f"{ckpt.tag_dir}: no config.json beside the shards: name the model config (--config DIR)")
+    config, companions = _load_config(config_dir)
+    reader = ConsolidatedSource(ckpt, config)
+    return _write_shards(source, reader, f"{NXD} ({ckpt.format}, tp={ckpt.tp})", config, companions, out, tp,
+                         kv_layout, fuse_qkv, progress)
+
+
+def _write_shards(source: Path, reader, source_format: str, config, companions: Path, out: Path, tp: int,
+                  kv_layout: str, fuse_qkv: bool, progress: bool) -> Summary:
+    """``reader``'s canonical tensors (``keys``, ``shape``, ``get``, ``get_slice``) as NxD rank
+    files at ``tp``, in Optimum Neuron's layout, one rank at a time, as one atomic save."""
+    from crosschip.checkpoint.transaction import atomic_save
+
     names = reader.keys()
     tied = bool(getattr(config, "tie_word_embeddings", False))
     meta, physical = layout(config, names, tp, kv_layout, fuse_qkv)
     # A tied LM head is saved by NxD as its own key (state_dict keeps both names), but it is the
     # embedding, and not in the metadata (Optimum lists named_parameters, which are deduplicated).
     tied_head = tied and "lm_head.weight" not in names and "model.embed_tokens.weight" in names
-    summary = Summary(source, out, HF, f"{NXD} (plain)", tp)
+    summary = Summary(source, out, source_format, f"{NXD} (plain)", tp)
     summary.notes += _layout_notes({0: meta})
     bar = _bar(tp, "sharding", progress)
     try:
