@@ -96,7 +96,7 @@ def _optimizer_state(path: Path, optimizer, params: list, xser: bool) -> dict:
         raise CheckpointError(f"{path}: missing (the optimizer state of this rank)")
     state = safe_load(path, "an optimizer state file", xser_references=xser)
     if xser:
-        state = _resolve_references(state, Path(f"{path}.tensors"), path)
+        state = _resolve_references(state, path, path.parent)
     if not isinstance(state, dict) or set(state) != {"state", "param_groups"}:
         raise CheckpointError(f"{path}: expected an optimizer state_dict ('state' and 'param_groups'), found "
                               f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
@@ -113,20 +113,16 @@ def _optimizer_state(path: Path, optimizer, params: list, xser: bool) -> dict:
     return state
 
 
-def _resolve_references(value, folder: Path, path: Path):
-    """An xser optimizer file's references replaced by their tensors (read with weights_only)."""
-    from crosschip.checkpoint.nxd.files import TensorReference
+def _resolve_references(value, path: Path, root: Path):
+    """An xser optimizer file's references replaced by their tensors (crosschip's reader)."""
+    from crosschip.checkpoint.nxd.files import TensorReference, read_reference
 
     if isinstance(value, TensorReference):
-        tid = getattr(value, "tid", None)
-        file = folder / f"tensor_{tid}.pt"
-        if type(tid) is not int or tid < 0 or not file.is_file() or folder.resolve() not in file.resolve().parents:
-            raise CheckpointError(f"{path}: refers to tensor {tid!r}, which is not a file in {folder}")
-        return safe_load(file, f"tensor {tid} of {path.name}")
+        return read_reference(value, path, root)
     if isinstance(value, dict):
-        return {k: _resolve_references(v, folder, path) for k, v in value.items()}
+        return {k: _resolve_references(v, path, root) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve_references(v, folder, path) for v in value]
+        return [_resolve_references(v, path, root) for v in value]
     return value
 
 

@@ -207,15 +207,21 @@ class RankState:
         if not self.xser:
             return self._state[key]
         # Read on each call and not kept: a weight is held only while it is being assembled.
-        tid = self._state[key].tid
-        file = Path(f"{self.path}.tensors") / f"tensor_{tid}.pt"
-        if not file.is_file() or not _inside(self.model_dir, file.resolve()):
-            raise CheckpointError(f"{self.path}: key {key!r} refers to tensor {tid}, but {file} is missing "
-                                  "or not a regular file inside the checkpoint")
-        tensor = safe_load(file, f"tensor {tid} of {self.path.name}")
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{file}: expected one tensor, found {_describe(tensor)}")
-        return tensor
+        return read_reference(self._state[key], self.path, self.model_dir)
+
+
+def read_reference(ref: TensorReference, path: Path, root: Path) -> torch.Tensor:
+    """The tensor an xser reference in ``path`` names: ``<path>.tensors/tensor_<tid>.pt``, which
+    must be a regular file inside ``root``, loaded with weights_only."""
+    tid = getattr(ref, "tid", None)
+    file = Path(f"{path}.tensors") / f"tensor_{tid}.pt"
+    if not _valid_tid(ref) or not file.is_file() or not _inside(root, file.resolve()):
+        raise CheckpointError(f"{path}: refers to tensor {tid!r}, but {file} is missing or not a regular file inside "
+                              "the checkpoint")
+    tensor = safe_load(file, f"tensor {tid} of {path.name}")
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointError(f"{file}: expected one tensor, found {_describe(tensor)}")
+    return tensor
 
 
 def _valid_tid(ref: TensorReference) -> bool:
