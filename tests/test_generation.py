@@ -97,3 +97,37 @@ def test_generating_past_the_position_limit_warns_once(tmp_path):
     assert messages == ["generating up to 132 positions (prompt 120 + max_new_tokens 12), past this model's "
                         "max_position_embeddings=128: the model was not trained on those positions"]
     assert caught[-1].filename == __file__  # attributed to the caller of model.generate
+
+
+def test_a_model_without_a_cache_generates_through_the_protocol(tmp_path):
+    """The cache protocol: a causal LM whose forward takes only ``input_ids`` (``new_cache()``
+    None, the base class's default) generates by running the whole sequence each step, with the
+    same greedy tokens as the decoder's cached path; left padding needs a cache, and says so."""
+    from crosschip.errors import ConfigurationError
+    from crosschip.loading import build_model, load_config
+    from crosschip.models.llama import LlamaForCausalLM
+    from crosschip.runtime import Runtime
+
+    class FullSequence(LlamaForCausalLM):
+        architectures = ()
+
+        def forward(self, input_ids, labels=None):
+            return super().forward(input_ids, labels=labels)
+
+        def new_cache(self):
+            return None
+
+    from helpers import save_hf_llama
+
+    config = save_hf_llama(tmp_path).config
+    cached = crosschip.from_pretrained(tmp_path, backend="reference")
+    _, loaded_config = load_config(tmp_path)
+    plain = build_model(FullSequence, loaded_config, Runtime("reference", device="cpu"))
+    plain.load_hf_state_dict(cached.hf_state_dict())
+    plain.eval()
+    prompt = torch.randint(1, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain.generate(prompt, max_new_tokens=6), cached.generate(prompt, max_new_tokens=6))
+    mask = torch.ones_like(prompt)
+    mask[0, 0] = 0
+    with pytest.raises(ConfigurationError, match="FullSequence has no cache"):
+        plain.generate(prompt, max_new_tokens=2, attention_mask=mask)

@@ -1,6 +1,9 @@
-"""Autoregressive generation with a KV cache: greedy and sampling (temperature, top-k, top-p),
-batched with left padding. Backend-neutral: the cache holds whatever the qkv projection and
-rotary components produce, and attention components receive the full keys with a mask."""
+"""Autoregressive generation for any :class:`crosschip.CausalLM`: greedy and sampling
+(temperature, top-k, top-p). The model says how through the cache protocol
+(:meth:`crosschip.CausalLM.new_cache`): with a cache (the decoder's :class:`KVCache`) each step
+feeds only the new tokens and batches may be left-padded; without one each step runs the whole
+sequence. Backend-neutral: the cache holds whatever the qkv projection and rotary components
+produce, and attention components receive the full keys with a mask."""
 
 from __future__ import annotations
 
@@ -81,8 +84,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         raise ConfigurationError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], found shape {tuple(input_ids.shape)}")
-    limit = model.opts.rope.max_position_embeddings
-    if input_ids.shape[1] + max_new_tokens > limit:  # once per call, before the first token
+    limit = model.max_positions
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:  # once per call, before the first token
         warnings.warn(f"generating up to {input_ids.shape[1] + max_new_tokens} positions (prompt "
                       f"{input_ids.shape[1]} + max_new_tokens {max_new_tokens}), past this model's "
                       f"max_position_embeddings={limit}: the model was not trained on those positions",
@@ -92,13 +95,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                        device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    cache = KVCache(model.opts.num_layers)
+    cache = model.new_cache()
+    if cache is None and not bool(attention_mask.all()):
+        raise ConfigurationError(f"{type(model).__name__} has no cache (its new_cache() is None), so its forward takes "
+                                 "no attention mask: generate without padding, or give the model the cache protocol")
     tokens, mask = input_ids, attention_mask
     step_ids, positions = input_ids, positions_from_mask(attention_mask)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       last_logits_only=True).logits[:, -1]
+        if cache is None:  # the whole sequence again: any causal LM's forward(input_ids)
+            logits = model(tokens).logits[:, -1]
+        else:
+            logits = model(step_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                           last_logits_only=True).logits[:, -1]
         chosen = next_token(logits, sampling, generator)
         chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)

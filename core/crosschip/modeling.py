@@ -52,6 +52,31 @@ class CausalLM(nn.Module):
         Hugging Face checkpoint itself stores fused tensors (Phi-3's ``qkv_proj``)."""
         return IDENTITY
 
+    # -- generation: the cache protocol (crosschip.generation) -------------------------------
+    def new_cache(self):
+        """A fresh cache for :func:`crosschip.generation.generate`, which then calls
+        ``forward(step_ids, attention_mask=, position_ids=, cache=, last_logits_only=True)`` with
+        only the new tokens and lets the model fill it (the decoder returns a
+        :class:`crosschip.generation.KVCache`). None, the default, for a model whose forward takes
+        only ``input_ids``: generation then runs the whole sequence every step, without padding."""
+        return None
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model was trained for (generation warns past it), or None."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id=None, pad_token_id=None, generator=None):
+        """Greedy or sampled continuation (with the model's cache, if it has one; left-padded
+        batches then supported)."""
+        from crosschip.generation import SamplingConfig, generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask,
+                        SamplingConfig(do_sample, temperature, top_k, top_p),
+                        eos_token_id, pad_token_id, generator)
+
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks (decoder layers): the units a data-parallel plan shards and
         gathers one at a time, so only one block's full parameters exist at once."""

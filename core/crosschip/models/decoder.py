@@ -187,15 +187,14 @@ class DecoderForCausalLM(CausalLM):
             loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
         return CausalLMOutput(logits=whole(logits), loss=loss)  # gathered if the plan sharded them
 
-    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id=None, generator=None):
-        """Greedy or sampled continuation with a KV cache; left-padded batches supported."""
-        from crosschip.generation import SamplingConfig, generate
+    def new_cache(self):
+        from crosschip.generation import KVCache
 
-        return generate(self, input_ids, max_new_tokens, attention_mask,
-                        SamplingConfig(do_sample, temperature, top_k, top_p),
-                        eos_token_id, pad_token_id, generator)
+        return KVCache(self.opts.num_layers)
+
+    @property
+    def max_positions(self) -> int:
+        return self.opts.rope.max_position_embeddings
 
     def checkpoint_names(self) -> dict[str, dict[str, str]]:
         names = {}
