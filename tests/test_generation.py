@@ -131,3 +131,27 @@ def test_a_model_without_a_cache_generates_through_the_protocol(tmp_path):
     mask[0, 0] = 0
     with pytest.raises(ConfigurationError, match="FullSequence has no cache"):
         plain.generate(prompt, max_new_tokens=2, attention_mask=mask)
+
+
+def test_the_docs_tinylm_generates(tmp_path, monkeypatch):
+    """docs/models.md's TinyLM, run as the page shows it (its first two code blocks), generates
+    through the cache protocol: the tokens of a manual greedy loop over its forward."""
+    import re
+    from pathlib import Path
+
+    import crosschip.models as models
+
+    monkeypatch.chdir(tmp_path)  # the page saves to "tiny"
+    models._load_builtin()
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the page registers TinyLM: not for later tests
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S)[:2]:
+        exec(block, namespace)
+    model = namespace["model"].eval()
+    ids = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    expected = ids
+    with torch.no_grad():
+        for _ in range(3):
+            expected = torch.cat([expected, model(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(ids, max_new_tokens=3), expected)
