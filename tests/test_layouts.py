@@ -20,6 +20,8 @@ from crosschip.plugins.registry import get_registry
 from crosschip.specs import (
     EmbeddingSpec,
     GatedMLPSpec,
+    LayerNormSpec,
+    MLPSpec,
     LinearSpec,
     LMHeadSpec,
     NormSpec,
@@ -128,8 +130,12 @@ def component_specs(draw, component: str):
         return draw(qkv_specs())
     if component == "gated_mlp":
         return draw(mlp_specs())
-    if component == "out_projection":
+    if component in ("out_projection", "linear"):
         return LinearSpec(draw(st.integers(1, 24)), draw(st.integers(1, 24)), bias=bias)
+    if component == "mlp":
+        return MLPSpec(draw(st.integers(1, 24)), draw(st.integers(1, 24)), bias=bias)
+    if component == "layer_norm":
+        return LayerNormSpec(draw(st.integers(1, 24)), bias=bias)
     if component == "embedding":
         return EmbeddingSpec(draw(st.integers(1, 24)), draw(st.integers(1, 16)))
     if component == "rms_norm":

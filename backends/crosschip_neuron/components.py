@@ -255,6 +255,8 @@ class LMHead(nn.Module):
             logits = logits + self.bias
         if self.spec.logits_divisor != 1.0:
             logits = logits / self.spec.logits_divisor
+        if self.spec.softcap is not None:  # elementwise, so this rank's vocab shard alone
+            logits = torch.tanh(logits / self.spec.softcap) * self.spec.softcap
         if self.mesh is None:
             return logits
         from torch.distributed.tensor import DTensor, Shard

@@ -87,7 +87,7 @@ def crosschip_register_components():
         ComponentImpl(NAME, "qkv_projection", _factory("QKVProjection"), f"{_S}:projection"),
         ComponentImpl(NAME, "out_projection", _factory("Linear"), f"{_S}:out_projection"),
         ComponentImpl(NAME, "gated_mlp", _factory("GatedMLP"), f"{_S}:gated_mlp"),
-        ComponentImpl(NAME, "lm_head", _factory("LMHead"), f"{_S}:vocabulary"),
+        ComponentImpl(NAME, "lm_head", _factory("LMHead"), f"{_S}:vocabulary", handles=("softcap",)),
         ComponentImpl(NAME, "loss", _factory("CausalLMLoss"), f"{_S}:projection"),
     ]
 

@@ -23,14 +23,38 @@ def _fp8_dims(ctx, *dims) -> str | None:
     return None
 
 
+def _input_norm(spec) -> str | None:
+    """The fused norm here is TE's RMSNorm with a plain weight."""
+    norm = spec.input_norm
+    if norm is None:
+        return None
+    from crosschip.specs import NormSpec
+
+    if not isinstance(norm, NormSpec):
+        return f"the fused input norm is an RMSNorm here, not {type(norm).__name__}"
+    return _rms_variant(norm)
+
+
+def _rms_variant(spec) -> str | None:
+    if spec.offset:
+        return (f"RMSNorm offset {spec.offset} (Gemma's 1 + weight) is not built here (TE's "
+                "zero_centered_gamma is not wired up)")
+    if spec.scope == "projection":
+        return "a projection-wide RMSNorm (scope='projection') is not built here"
+    return None
+
+
 def qkv(spec, ctx):
     rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-    return _common(ctx) or _fp8_dims(ctx, spec.hidden_size, rows)
+    return _input_norm(spec) or _common(ctx) or _fp8_dims(ctx, spec.hidden_size, rows)
 
 
 def gated_mlp(spec, ctx):
     if spec.input_norm is None:
         return "TE's fused LayerNormMLP needs an input norm; this spec has none"
+    reason = _input_norm(spec)
+    if reason:
+        return reason
     if spec.activation not in ("silu", "swish"):
         return f"activation {spec.activation!r} is not fused here (only SwiGLU: silu)"
     return _common(ctx) or _fp8_dims(ctx, spec.hidden_size, spec.intermediate_size)
@@ -41,12 +65,17 @@ def linear(spec, ctx):
 
 
 def rms_norm(spec, ctx):
+    reason = _rms_variant(spec)
+    if reason:
+        return reason
     if spec.hidden_size % 8:
         return f"TE RMSNorm kernels need a hidden size divisible by 8, found {spec.hidden_size}"
     return _common(ctx)
 
 
 def attention(spec, ctx):
+    if spec.softcap is not None:
+        return "TE's fused attention has no logit soft-capping"
     if ctx.dtype == torch.float32:
         return "TE fused attention runs in bf16/fp16 only; dtype is float32"
     if spec.head_dim % 8 or spec.head_dim > 256:

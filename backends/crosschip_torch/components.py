@@ -12,7 +12,10 @@ from transformers.activations import ACT2FN
 from crosschip.layouts import split_grouped_heads
 from crosschip.lora.sites import adapt
 from crosschip.masks import AttentionMask, sdpa
+from crosschip.reference.components import MLP as ReferenceMLP
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
+from crosschip.reference.components import EagerAttention
+from crosschip.reference.components import LayerNorm as ReferenceLayerNorm
 from crosschip.reference.components import LMHead as ReferenceLMHead
 from crosschip.reference.components import RMSNorm as ReferenceRMSNorm
 from crosschip.specs import AttentionSpec, EmbeddingSpec, GatedMLPSpec, LinearSpec, QKVSpec
@@ -74,12 +77,42 @@ class RMSNorm(ReferenceRMSNorm):
     """``torch.nn.functional.rms_norm``: one fused kernel forward and one backward on CUDA, where
     the reference's written-out expression launches about eight each way. Float64 inputs take the
     reference expression, which (as transformers) normalises in float32 whatever the dtype, while
-    the fused op would normalise in float64."""
+    the fused op would normalise in float64; so do offset norms (Gemma's), which scale in float32.
+
+    A ``projection``-scope norm under tensor parallelism (OLMo-2's q/k norms) sees this rank's
+    columns of the projection: the parallel plan shards its weight to match and sets
+    :attr:`tp_group`, over which the sum of squares is all-reduced, so every rank normalises by
+    the whole projection's statistics."""
+
+    tp_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float64:
+        if self.tp_group is not None:
+            return self._sharded(x)
+        if x.dtype == torch.float64 or self.offset:
             return super().forward(x)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def _sharded(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce  # differentiable
+
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        dtype, x32 = x.dtype, x.float()
+        squares = all_reduce(x32.pow(2).sum(-1, keepdim=True), group=self.tp_group)
+        features = x.shape[-1] * torch.distributed.get_world_size(self.tp_group)
+        x32 = x32 * torch.rsqrt(squares / features + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + weight.float())).to(dtype)
+        return weight * x32.to(dtype)
+
+
+class LayerNorm(ReferenceLayerNorm):
+    """The reference LayerNorm (``F.layer_norm`` is already one fused kernel); its own class so
+    the parallel plan, which shards only torch-built modules, can take it over."""
+
+
+class MLP(ReferenceMLP):
+    """``up_proj`` column-parallel, ``down_proj`` row-parallel under the plan."""
 
 
 class Linear(nn.Linear):
@@ -99,6 +132,11 @@ class SDPAAttention(nn.Module):
 
     def forward(self, q, k, v, mask: AttentionMask | None = None) -> torch.Tensor:
         return sdpa(q, k, v, self.spec, mask, self.spec.dropout if self.training else 0.0)
+
+
+class SoftcappedAttention(EagerAttention):
+    """Attention with logit soft-capping (Gemma 2): ``scaled_dot_product_attention`` has no
+    score modifier, so the scores are written out, as transformers' eager path does."""
 
 
 # -- vocabulary: embedding, LM head, loss --------------------------------------------------------

@@ -20,5 +20,9 @@ def gated_mlp_layout(spec: GatedMLPSpec, ctx=None):
     )
 
 
+def mlp_layout(spec, ctx=None):
+    return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in ("up", "down") for p in ("weight", "bias")})
+
+
 def identity_layout(spec, ctx=None):
     return IDENTITY

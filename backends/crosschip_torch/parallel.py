@@ -121,12 +121,17 @@ def plan(sequence_parallel: bool = False, loss_parallel: bool = True) -> dict:
     # their global shape, so a sequence that tp does not divide (a decode step) still works.
     stream = Shard(1) if sequence_parallel else Replicate()
     local = not sequence_parallel
+    row = rowwise(output_layouts=stream, use_local_output=local)
     return {
         "embedding": rowwise(input_layouts=Replicate(), output_layouts=stream, use_local_output=local),
         "qkv_projection": colwise_heads(input_layouts=stream),
-        "gated_mlp": {"gate_up_proj": colwise(input_layouts=stream),
-                      "down_proj": rowwise(output_layouts=stream, use_local_output=local)},
-        "out_projection": rowwise(output_layouts=stream, use_local_output=local),
+        "gated_mlp": {"gate_up_proj": colwise(input_layouts=stream), "down_proj": row},
+        "mlp": {"up_proj": colwise(input_layouts=stream), "down_proj": row},
+        "out_projection": row,
+        # A general linear by its declared style: column leaves its output sharded on the
+        # feature dim (plain local tensors, for a row-parallel linear to take), row sums it back
+        # onto the stream; a replicated one takes no style (see _tensor_parallel).
+        "linear": {"column": colwise(input_layouts=stream), "row": row},
         "lm_head": vocab_colwise(input_layouts=stream,
                                  output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                  use_local_output=not loss_parallel),
@@ -182,24 +187,66 @@ def _tensor_parallel(model, runtime, mesh) -> None:
     groups = None
     for path, module in components:
         info = module.crosschip_component
-        if info.component not in styles:
+        style = styles.get(info.component)
+        if info.component == "linear":
+            style = style.get(info.spec.parallel) if info.spec.parallel != "replicated" else None
+            if style is None and sp:
+                # Replicated weights on this rank's part of the sequence.
+                style = SequenceParallel(sequence_dim=1)
+        if style is None:
             continue
         if info.backend != "torch":
             raise ConfigurationError(
                 f"tp={tp}: {info.component} at {path} was built by backend {info.backend!r}; the torch "
                 "backend's parallel plan shards only its own modules")
-        parallelize_module(module, tp_mesh, styles[info.component])
+        parallelize_module(module, tp_mesh, style)
         copies = kv_copies(info.spec, tp) if info.component == "qkv_projection" else 1
         if copies > 1:
             groups = groups or replica_groups(mesh, copies)
             module.kv_replicas = KVReplicas.for_rank(info.spec, tp, groups)
     per_head = {id(n) for n in per_head_norms(model)}
     for path, norm in components:
+        info = norm.crosschip_component
+        if info.component not in NORMS:
+            continue
         if id(norm) in per_head:
             parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
-        elif sp and norm.crosschip_component.component == "rms_norm":
+        elif info.spec.scope == "projection":
+            _shard_projection_norm(path, norm, info, tp_mesh, model)
+        elif sp:
             # A norm on the residual stream: each rank normalises its part of the sequence.
             parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=1))
+
+
+#: Components that normalise; their spec's ``scope`` says what tensor parallelism does to them.
+NORMS = ("rms_norm", "layer_norm")
+
+
+def _shard_projection_norm(path, norm, info, tp_mesh, model) -> None:
+    """A norm over a whole column-parallel projection's output (OLMo-2's q/k norms): each rank
+    holds its contiguous part of the features, so the weight is sharded to match and the sum of
+    squares is all-reduced in the forward (:class:`crosschip_torch.components.RMSNorm`)."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    tp = tp_mesh.size()
+    where = f"tp={tp}: {info.component} at {path} (scope='projection')"
+    if info.backend != "torch" or info.component != "rms_norm":
+        raise ConfigurationError(f"{where} was built by backend {info.backend!r}; the torch backend's plan "
+                                 "normalises a sharded projection with its own RMSNorm only")
+    if info.spec.hidden_size % tp:
+        raise ConfigurationError(f"{where}: tp does not divide its {info.spec.hidden_size} features")
+    replicated = [m.crosschip_component.spec for m in model.modules()
+                  if getattr(m, "crosschip_component", None) is not None
+                  and m.crosschip_component.component == "qkv_projection"
+                  and kv_copies(m.crosschip_component.spec, tp) > 1]
+    if replicated:
+        raise ConfigurationError(
+            f"{where}: tp exceeds the KV heads ({replicated[0].num_kv_heads}), so ranks hold replicated KV "
+            "heads and a projection-wide norm over them has no contiguous shard; use tp <= the KV heads")
+    norm.weight = nn.Parameter(distribute_tensor(norm.weight.data, tp_mesh, [Shard(0)]),
+                               requires_grad=norm.weight.requires_grad)
+    norm.tp_group = tp_mesh.get_group()
 
 
 def _vocab_parallel(components, sp: bool, tp: int):

@@ -33,10 +33,13 @@ def crosschip_register_components():
         ComponentImpl(NAME, "qkv_projection", _qkv_projection),
         ComponentImpl(NAME, "gated_mlp", _gated_mlp),
         ComponentImpl(NAME, "out_projection", _out_projection),
-        ComponentImpl(NAME, "attention", lambda spec, ctx: _cls("SDPAAttention")(spec)),
-        ComponentImpl(NAME, "rms_norm", lambda spec, ctx: _cls("RMSNorm")(spec)),
+        ComponentImpl(NAME, "linear", _linear),
+        ComponentImpl(NAME, "mlp", _mlp),
+        ComponentImpl(NAME, "attention", _attention, handles=("softcap",)),
+        ComponentImpl(NAME, "rms_norm", lambda spec, ctx: _cls("RMSNorm")(spec), handles=("offset",)),
+        ComponentImpl(NAME, "layer_norm", lambda spec, ctx: _cls("LayerNorm")(spec)),
         ComponentImpl(NAME, "embedding", lambda spec, ctx: _cls("Embedding")(spec)),
-        ComponentImpl(NAME, "lm_head", lambda spec, ctx: _cls("LMHead")(spec)),
+        ComponentImpl(NAME, "lm_head", lambda spec, ctx: _cls("LMHead")(spec), handles=("softcap",)),
         ComponentImpl(NAME, "loss", lambda spec, ctx: _cls("CausalLMLoss")(spec)),
     ]
 
@@ -46,8 +49,11 @@ def crosschip_register_layouts():
     return [
         LayoutImpl(NAME, "qkv_projection", f"{_LAYOUT}:qkv_layout"),
         LayoutImpl(NAME, "gated_mlp", f"{_LAYOUT}:gated_mlp_layout"),
+        LayoutImpl(NAME, "mlp", f"{_LAYOUT}:mlp_layout"),
         LayoutImpl(NAME, "out_projection", f"{_LAYOUT}:identity_layout"),
+        LayoutImpl(NAME, "linear", f"{_LAYOUT}:identity_layout"),
         LayoutImpl(NAME, "rms_norm", f"{_LAYOUT}:identity_layout"),
+        LayoutImpl(NAME, "layer_norm", f"{_LAYOUT}:identity_layout"),
         LayoutImpl(NAME, "embedding", f"{_LAYOUT}:identity_layout"),
         LayoutImpl(NAME, "lm_head", f"{_LAYOUT}:identity_layout"),
     ]
@@ -93,6 +99,20 @@ def _gated_mlp(spec, ctx):
 def _out_projection(spec, ctx):
     check_linear(spec, _tp(ctx))
     return _cls("Linear")(spec)
+
+
+def _linear(spec, ctx):
+    check_linear(spec, _tp(ctx))
+    return _cls("Linear")(spec)
+
+
+def _mlp(spec, ctx):
+    check_gated_mlp(spec, _tp(ctx))  # the same split: intermediate features over the ranks
+    return _cls("MLP")(spec)
+
+
+def _attention(spec, ctx):
+    return _cls("SoftcappedAttention" if spec.softcap is not None else "SDPAAttention")(spec)
 
 
 def _tp(ctx) -> int:

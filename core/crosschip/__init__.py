@@ -27,9 +27,11 @@ from crosschip.specs import (
     AttentionSpec,
     EmbeddingSpec,
     GatedMLPSpec,
+    LayerNormSpec,
     LinearSpec,
     LMHeadSpec,
     LossSpec,
+    MLPSpec,
     NormSpec,
     ParallelSpec,
     QKVSpec,
@@ -61,7 +63,7 @@ def __getattr__(name: str):
 __all__ = [
     "PLUGIN_API_VERSION", "AttentionMask", "AttentionSpec", "BackendDescriptor", "CausalLM",
     "CheckpointError", "ComponentImpl", "ConfigurationError", "CrosschipError", "CrosschipWarning",
-    "EmbeddingSpec", "GatedMLPSpec", "LMHeadSpec", "LayoutImpl", "LinearSpec", "LoraConfig", "LossSpec",
-    "NormSpec", "ParallelSpec", "PluginError", "Probe", "QKVSpec", "RopeSpec", "Runtime",
+    "EmbeddingSpec", "GatedMLPSpec", "LMHeadSpec", "LayerNormSpec", "LayoutImpl", "LinearSpec", "LoraConfig",
+    "LossSpec", "MLPSpec", "NormSpec", "ParallelSpec", "PluginError", "Probe", "QKVSpec", "RopeSpec", "Runtime",
     "StrictFallbackError", "UnknownNameError", "from_pretrained", "hookimpl",
 ]

@@ -116,11 +116,31 @@ def summed_over(group, rows: slice | None = None):
 
 
 def per_head_norms(model):
-    """``rms_norm`` components beside a ``qkv_projection`` in one parent (Qwen3's q_norm and
-    k_norm): they normalise each head of the projection's output, so under tensor parallelism
-    they see only this rank's heads and their replicated weights get partial gradients, which
-    every backend's plan must sum over the TP ranks."""
+    """Norm components that normalise each attention head on its own (``scope="head"``: Qwen3's
+    q_norm and k_norm): under tensor parallelism they see only this rank's heads and their
+    replicated weights get partial gradients, which every backend's plan must sum over the TP
+    ranks.
+
+    A norm that does not state its scope (the default ``"hidden"``) but is sized to the head of
+    a ``qkv_projection`` beside it in one parent is taken as per-head too, as before scopes were
+    declared, with a deprecation warning (model files written against the older API keep
+    working). A hidden-size norm beside a projection (a block's input norm) is not."""
+    import warnings
+
     for parent in model.modules():
         children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
-        if any(c.crosschip_component.component == "qkv_projection" for c in children):
-            yield from (c for c in children if c.crosschip_component.component == "rms_norm")
+        projections = [c.crosschip_component.spec for c in children
+                       if c.crosschip_component.component == "qkv_projection"]
+        for child in children:
+            info = child.crosschip_component
+            if info.component not in ("rms_norm", "layer_norm"):
+                continue
+            if info.spec.scope == "head":
+                yield child
+            elif info.spec.scope == "hidden" and any(
+                    info.spec.hidden_size == p.head_dim != p.hidden_size for p in projections):
+                warnings.warn(
+                    f"a {info.component} of size {info.spec.hidden_size} (the head dim) beside a qkv_projection "
+                    "is taken as a per-head norm; declare it with scope='head' (NormSpec(..., scope='head')), "
+                    "as this guess will be removed", DeprecationWarning, stacklevel=2)
+                yield child

@@ -397,12 +397,16 @@ def canonical_shapes(component: str, spec, fuses_input_norm: bool = False) -> di
         shapes["weight"] = (spec.vocab_size, spec.hidden_size)
     elif component == "rms_norm":
         shapes["weight"] = (spec.hidden_size,)
+    elif component == "layer_norm":
+        shapes["weight"] = (spec.hidden_size,)
+        if spec.bias:
+            shapes["bias"] = (spec.hidden_size,)
     elif component == "qkv_projection":
         for role, rows in (("q", spec.q_size), ("k", spec.kv_size), ("v", spec.kv_size)):
             shapes[f"{role}.weight"] = (rows, spec.hidden_size)
             if spec.bias:
                 shapes[f"{role}.bias"] = (rows,)
-    elif component == "out_projection":
+    elif component in ("out_projection", "linear"):
         shapes["weight"] = (spec.out_features, spec.in_features)
         if spec.bias:
             shapes["bias"] = (spec.out_features,)
@@ -412,11 +416,20 @@ def canonical_shapes(component: str, spec, fuses_input_norm: bool = False) -> di
             shapes[f"{role}.weight"] = shape
             if spec.bias:
                 shapes[f"{role}.bias"] = shape[:1]
+    elif component == "mlp":
+        h, i = spec.hidden_size, spec.intermediate_size
+        for role, shape in (("up", (i, h)), ("down", (h, i))):
+            shapes[f"{role}.weight"] = shape
+            if spec.bias:
+                shapes[f"{role}.bias"] = shape[:1]
     elif component == "lm_head":
         if not spec.tied:
             shapes["weight"] = (spec.vocab_size, spec.hidden_size)
         if spec.bias:
             shapes["bias"] = (spec.vocab_size,)
-    if fuses_input_norm and getattr(spec, "input_norm", None) is not None:
-        shapes["norm.weight"] = (spec.input_norm.hidden_size,)
+    norm = getattr(spec, "input_norm", None)
+    if fuses_input_norm and norm is not None:
+        shapes["norm.weight"] = (norm.hidden_size,)
+        if getattr(norm, "bias", False):
+            shapes["norm.bias"] = (norm.hidden_size,)
     return shapes

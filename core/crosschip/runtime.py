@@ -35,14 +35,17 @@ from crosschip.specs import (
     AttentionSpec,
     EmbeddingSpec,
     GatedMLPSpec,
+    LayerNormSpec,
     LinearSpec,
     LMHeadSpec,
     LossSpec,
+    MLPSpec,
     NormSpec,
     ParallelSpec,
     QKVSpec,
     RopeSpec,
     describe,
+    extensions_used,
 )
 
 MODES = ("train", "inference")
@@ -303,6 +306,11 @@ class Runtime:
         impl = self.registry.components.get((backend, component))
         if impl is None:
             return None, None
+        unhandled = [] if spec is None or "*" in impl.handles else [
+            e for e in extensions_used(spec, impl.fuses_input_norm) if e not in impl.handles]
+        if unhandled:
+            return None, (f"the spec sets {', '.join(unhandled)}, which this implementation does not declare "
+                          "it handles (ComponentImpl.handles)")
         if impl.supports is not None and spec is not None:
             reason = resolve_callable(impl.supports)(spec, BuildContext(self, component, backend))
             if reason:
@@ -366,8 +374,21 @@ class Runtime:
     def gated_mlp(self, spec: GatedMLPSpec) -> nn.Module:
         return self.build("gated_mlp", spec)
 
+    def mlp(self, spec: MLPSpec) -> nn.Module:
+        return self.build("mlp", spec)
+
+    def linear(self, spec: LinearSpec) -> nn.Module:
+        return self.build("linear", spec)
+
     def rms_norm(self, spec: NormSpec) -> nn.Module:
         return self.build("rms_norm", spec)
+
+    def layer_norm(self, spec: LayerNormSpec) -> nn.Module:
+        return self.build("layer_norm", spec)
+
+    def norm(self, spec: NormSpec | LayerNormSpec) -> nn.Module:
+        """An ``rms_norm`` or ``layer_norm`` component, whichever ``spec`` describes."""
+        return self.build("layer_norm" if isinstance(spec, LayerNormSpec) else "rms_norm", spec)
 
     def rotary(self, spec: RopeSpec) -> nn.Module:
         return self.build("rotary", spec)
@@ -381,14 +402,15 @@ class Runtime:
     def loss(self, spec: LossSpec) -> nn.Module:
         return self.build("loss", spec)
 
-    def input_norm(self, spec: NormSpec, consumer: nn.Module) -> nn.Module:
+    def input_norm(self, spec: NormSpec | LayerNormSpec, consumer: nn.Module) -> nn.Module:
         """The pre-norm feeding ``consumer`` (a projection built with ``input_norm=spec``): an
-        identity when the consumer's backend fused the norm in, else an ``rms_norm`` component.
-        Either way the Hugging Face norm weight maps to whichever module holds it."""
+        identity when the consumer's backend fused the norm in, else an ``rms_norm`` or
+        ``layer_norm`` component. Either way the Hugging Face norm weights map to whichever
+        module holds them."""
         info = getattr(consumer, "crosschip_component", None)
         if info is not None and info.fuses_input_norm:
             return nn.Identity()
-        return self.rms_norm(spec)
+        return self.norm(spec)
 
 
 def _default_device() -> torch.device:

@@ -66,8 +66,8 @@ class SelfAttention(nn.Module):
             o.hidden_size, o.num_heads, o.num_kv_heads, o.head_dim, bias=o.qkv_bias,
             input_norm=input_norm))
         if o.qk_norm:
-            self.q_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps))
-            self.k_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps))
+            self.q_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps, scope="head"))
+            self.k_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps, scope="head"))
         self.attn = rt.attention(AttentionSpec(
             o.num_heads, o.num_kv_heads, o.head_dim, causal=True, sliding_window=o.window(layer),
             scale=o.attention_scale, dropout=o.attention_dropout))

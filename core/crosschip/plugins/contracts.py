@@ -50,6 +50,7 @@ _FIELDS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "factory": (_is_factory, "a callable or a 'module:attr' str"),
         "supports": (lambda v: v is None or _is_factory(v), "None, a callable or a 'module:attr' str"),
         "fuses_input_norm": (lambda v: isinstance(v, bool), "bool"),
+        "handles": (_is_str_tuple, "a tuple of str"),
     },
     LayoutImpl: {
         "backend": (lambda v: isinstance(v, str), "str"),

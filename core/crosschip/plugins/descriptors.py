@@ -60,6 +60,10 @@ class ComponentImpl:
     ``factory(spec, ctx)`` returns an ``nn.Module``; ``supports(spec, ctx)`` returns ``None`` to
     accept or a human-readable reason to decline. Either may be a lazy ``"module:attr"`` string.
     ``fuses_input_norm`` says the module applies the spec's ``input_norm`` itself.
+    ``handles`` lists the spec extensions the implementation honours (``"offset"``,
+    ``"softcap"``, ``"input_norm=LayerNormSpec"``..., see :func:`crosschip.specs.extensions_used`;
+    ``("*",)`` for all): a spec setting one it does not list is declined on its behalf, so an
+    implementation written before a field existed never silently ignores it.
     """
 
     backend: str
@@ -67,6 +71,7 @@ class ComponentImpl:
     factory: Factory
     supports: Factory | None = None
     fuses_input_norm: bool = False
+    handles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ from crosschip.specs import (
     AttentionSpec,
     EmbeddingSpec,
     GatedMLPSpec,
+    LayerNormSpec,
     LinearSpec,
     LMHeadSpec,
     LossSpec,
+    MLPSpec,
     NormSpec,
     QKVSpec,
     RopeSpec,
@@ -45,14 +47,32 @@ class RMSNorm(nn.Module):
     def __init__(self, spec: NormSpec):
         super().__init__()
         self.eps = spec.eps
-        self.weight = nn.Parameter(torch.ones(spec.hidden_size))
+        self.offset = spec.offset
+        # Initialised to scale by one: a weight of one, or of zero where the offset adds it.
+        self.weight = nn.Parameter(torch.full((spec.hidden_size,), 1.0 - spec.offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype, as transformers' LlamaRMSNorm.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            # Gemma's RMSNorm scales in float32 by (offset + weight), then casts.
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
+        # Normalise in float32, scale in the input dtype, as transformers' LlamaRMSNorm.
         return self.weight * x32.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.functional.layer_norm``, as ``torch.nn.LayerNorm`` (GPT-NeoX, GPT-2, Phi)."""
+
+    def __init__(self, spec: LayerNormSpec):
+        super().__init__()
+        self.eps = spec.eps
+        self.weight = nn.Parameter(torch.ones(spec.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(spec.hidden_size)) if spec.bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class QKVProjection(nn.Module):
@@ -99,6 +119,21 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MLP(nn.Module):
+    """``down(act(up(x)))``: the non-gated feed-forward block."""
+
+    lora_sites = {"up_proj.weight": "up_proj", "down_proj.weight": "down_proj"}
+
+    def __init__(self, spec: MLPSpec):
+        super().__init__()
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.bias)
+        self.act_fn = ACT2FN[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
 class Rotary(nn.Module):
     """cos/sin tables from transformers' rope initialisers; applied with rotate-half."""
 
@@ -142,6 +177,8 @@ class EagerAttention(nn.Module):
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * spec.softmax_scale
+        if spec.softcap is not None:  # before the mask, as Gemma 2
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
         keep = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
                        mask=mask, device=q.device)
         if keep is not None:
@@ -180,6 +217,8 @@ class LMHead(nn.Module):
         logits = adapt(self, "weight", hidden, F.linear(hidden, self.output_weight(), self.bias))
         if self.spec.logits_divisor != 1.0:
             logits = logits / self.spec.logits_divisor
+        if self.spec.softcap is not None:
+            logits = torch.tanh(logits / self.spec.softcap) * self.spec.softcap
         return logits
 
 

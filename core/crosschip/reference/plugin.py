@@ -11,6 +11,9 @@ _COMPONENTS = "crosschip.reference.components"
 _FACTORIES = {
     "embedding": "Embedding",
     "rms_norm": "RMSNorm",
+    "layer_norm": "LayerNorm",
+    "linear": "Linear",
+    "mlp": "MLP",
     "qkv_projection": "QKVProjection",
     "out_projection": "Linear",
     "gated_mlp": "GatedMLP",
@@ -49,7 +52,7 @@ def crosschip_register_backends():
 
 @hookimpl
 def crosschip_register_components():
-    return [ComponentImpl(NAME, component, _factory(cls)) for component, cls in _FACTORIES.items()]
+    return [ComponentImpl(NAME, component, _factory(cls), handles=("*",)) for component, cls in _FACTORIES.items()]
 
 
 def _qkv_layout(spec, ctx):
@@ -61,13 +64,19 @@ def _mlp_layout(spec, ctx):
                         for p in ("weight", "bias")})
 
 
+def _plain_mlp_layout(spec, ctx):
+    return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in ("up", "down") for p in ("weight", "bias")})
+
+
 @hookimpl
 def crosschip_register_layouts():
     identity = lambda spec, ctx: IDENTITY  # noqa: E731 - parameters already carry role names
     return [
         LayoutImpl(NAME, "qkv_projection", _qkv_layout),
         LayoutImpl(NAME, "gated_mlp", _mlp_layout),
-        *(LayoutImpl(NAME, c, identity) for c in ("embedding", "rms_norm", "out_projection", "lm_head")),
+        LayoutImpl(NAME, "mlp", _plain_mlp_layout),
+        *(LayoutImpl(NAME, c, identity) for c in ("embedding", "rms_norm", "layer_norm", "out_projection",
+                                                  "linear", "lm_head")),
     ]
 
 

@@ -54,9 +54,11 @@ from crosschip.specs import (
     AttentionSpec,
     EmbeddingSpec,
     GatedMLPSpec,
+    LayerNormSpec,
     LinearSpec,
     LMHeadSpec,
     LossSpec,
+    MLPSpec,
     NormSpec,
     QKVSpec,
     RopeSpec,
@@ -191,10 +193,28 @@ def default_cases(component: str) -> list[Case]:
             Case("gated_mlp", GatedMLPSpec(32, 48, activation="gelu_pytorch_tanh", bias=True), "gelu-bias"),
             Case("gated_mlp", GatedMLPSpec(32, 64, input_norm=norm), "input-norm"),
         ],
+        "mlp": lambda: [
+            Case("mlp", MLPSpec(32, 64), "gelu-bias"),
+            Case("mlp", MLPSpec(32, 48, activation="relu", bias=False), "relu"),
+            Case("mlp", MLPSpec(32, 64, activation="gelu_pytorch_tanh", input_norm=LayerNormSpec(32)),
+                 "layer-norm-input"),
+        ],
+        "linear": lambda: [
+            Case("linear", LinearSpec(32, 48, parallel="column", bias=True), "column-bias"),
+            Case("linear", LinearSpec(48, 32, parallel="row"), "row"),
+            Case("linear", LinearSpec(32, 16), "replicated"),
+        ],
+        "layer_norm": lambda: [
+            Case("layer_norm", LayerNormSpec(32), "bias"),
+            Case("layer_norm", LayerNormSpec(32, 1e-6, bias=False), "no-bias"),
+            Case("layer_norm", LayerNormSpec(8, scope="head"), "head-dim", (("input_shape", (_BATCH, _SEQ, 3, 8)),)),
+        ],
         "rms_norm": lambda: [
             Case("rms_norm", NormSpec(32, 1e-6), "hidden"),
             # qk_norm: a norm over head_dim applied to [batch, seq, heads, head_dim].
-            Case("rms_norm", NormSpec(8, 1e-5), "head-dim", (("input_shape", (_BATCH, _SEQ, 3, 8)),)),
+            Case("rms_norm", NormSpec(8, 1e-5, scope="head"), "head-dim", (("input_shape", (_BATCH, _SEQ, 3, 8)),)),
+            Case("rms_norm", NormSpec(32, 1e-6, offset=1.0), "offset"),  # Gemma's 1 + weight
+            Case("rms_norm", NormSpec(32, 1e-6, scope="projection"), "projection"),
         ],
         "rotary": lambda: [
             Case("rotary", _default_rope(8, 10000.0), "default"),
@@ -210,10 +230,12 @@ def default_cases(component: str) -> list[Case]:
             Case("attention", AttentionSpec(4, 2, 8, sliding_window=3), "sliding-window"),
             Case("attention", AttentionSpec(4, 1, 8, scale=0.2), "left-padding", (("padding", True),)),
             Case("attention", AttentionSpec(4, 2, 8), "cached-keys", (("q_len", 2),)),
+            Case("attention", AttentionSpec(4, 2, 8, sliding_window=4, softcap=2.0), "softcap"),
         ],
         "lm_head": lambda: [
             Case("lm_head", LMHeadSpec(32, 64), "plain"),
             Case("lm_head", LMHeadSpec(32, 64, bias=True, logits_divisor=2.0), "bias-divisor"),
+            Case("lm_head", LMHeadSpec(32, 64, softcap=3.0), "softcap"),
         ],
         "loss": lambda: [
             Case("loss", LossSpec(64), "from-lm-head"),
@@ -368,7 +390,7 @@ def _build_side(backend_runtime: Runtime, reference: Runtime, case: Case, *, fus
     def build():
         modules = {"component": backend_runtime.build(case.component, case.spec)}
         if reference_norm:
-            modules["norm"] = reference.build("rms_norm", case.spec.input_norm)
+            modules["norm"] = reference.norm(case.spec.input_norm)
         if case.component == "loss":
             modules["lm_head"] = reference.build("lm_head", LMHeadSpec(32, case.spec.vocab_size))
         return modules
@@ -402,7 +424,7 @@ def _canonical_weights(side: _Side, seed: int) -> dict[str, torch.Tensor]:
     out = {}
     for binding in weights.bindings(side.harness):
         for key, shape in binding.hf_shapes.items():
-            if binding.info.component == "rms_norm" or key.endswith("norm.weight"):
+            if binding.info.component in ("rms_norm", "layer_norm") or key.endswith("norm.weight"):
                 # Not all ones, so a norm weight that is dropped or misplaced shows.
                 tensor = torch.rand(shape, generator=gen) + 0.5
             elif key.endswith("bias"):
@@ -431,11 +453,11 @@ def _inputs(case: Case, seed: int) -> tuple[dict[str, Any], torch.Tensor | None]
         if spec.padding_idx is not None:
             ids[:, 0] = spec.padding_idx
         return {"ids": ids}, None
-    if c == "rms_norm":
+    if c in ("rms_norm", "layer_norm"):
         return {"x": rand(*case.option("input_shape", (_BATCH, _SEQ, spec.hidden_size))) * 2}, None
-    if c in ("qkv_projection", "gated_mlp", "lm_head"):
+    if c in ("qkv_projection", "gated_mlp", "mlp", "lm_head"):
         return {"x": rand(_BATCH, _SEQ, spec.hidden_size)}, None
-    if c == "out_projection":
+    if c in ("out_projection", "linear"):
         return {"x": rand(_BATCH, _SEQ, spec.in_features)}, None
     if c == "rotary":
         positions = torch.arange(_SEQ).unsqueeze(0)  # one row for the batch, as decoders build it
