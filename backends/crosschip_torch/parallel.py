@@ -185,15 +185,14 @@ def _tensor_parallel(model, runtime, mesh) -> None:
     if not vocab:
         styles = {k: v for k, v in styles.items() if k not in _OPTIONAL}
     groups = None
+    per_head = {id(n) for n in per_head_norms(model)}
     for path, module in components:
         info = module.crosschip_component
         style = styles.get(info.component)
         if info.component == "linear":
-            style = style.get(info.spec.parallel) if info.spec.parallel != "replicated" else None
-            if style is None and sp:
-                # Replicated weights on this rank's part of the sequence.
-                style = SequenceParallel(sequence_dim=1)
+            style = style.get(info.spec.parallel)
         if style is None:
+            _by_split(path, module, info, runtime, tp_mesh, model, id(module) in per_head)
             continue
         if info.backend != "torch":
             raise ConfigurationError(
@@ -204,22 +203,33 @@ def _tensor_parallel(model, runtime, mesh) -> None:
         if copies > 1:
             groups = groups or replica_groups(mesh, copies)
             module.kv_replicas = KVReplicas.for_rank(info.spec, tp, groups)
-    per_head = {id(n) for n in per_head_norms(model)}
-    for path, norm in components:
-        info = norm.crosschip_component
-        if info.component not in NORMS:
-            continue
-        if id(norm) in per_head:
-            parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
-        elif info.spec.scope == "projection":
-            _shard_projection_norm(path, norm, info, tp_mesh, model)
-        elif sp:
-            # A norm on the residual stream: each rank normalises its part of the sequence.
-            parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=1))
 
 
-#: Components that normalise; their spec's ``scope`` says what tensor parallelism does to them.
-NORMS = ("rms_norm", "layer_norm")
+def _by_split(path, module, info, runtime, tp_mesh, model, per_head: bool) -> None:
+    """A component without a style of its own in :func:`plan` (norms, attention, rotary, a
+    replicated linear, a plugin's kind), placed by the split its kind declares
+    (:mod:`crosschip.components.kind`), whichever backend built it; a split this plan cannot
+    honour is refused, never guessed."""
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    from crosschip.components import kind as split  # the module of split names
+
+    tp, sp = runtime.parallel.tp, runtime.parallel.sequence_parallel
+    declared = runtime.registry.kind(info.component).tensor_parallel(info.spec)
+    if per_head or declared == split.HEADS:
+        # This rank's heads: replicated weights whose gradients DTensor sums (Shard on dim 2).
+        parallelize_module(module, tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
+    elif declared == split.SHARDED_FEATURES:
+        _shard_projection_norm(path, module, info, tp_mesh, model)
+    elif declared in (split.STREAM, split.REPLICATED):
+        if sp:  # replicated weights on this rank's part of the sequence
+            parallelize_module(module, tp_mesh, SequenceParallel(sequence_dim=1))
+    elif declared in (split.VOCAB_EMBEDDING, split.VOCAB_HEAD, split.VOCAB_LOSS):
+        pass  # whole on every rank, or on the vocab-sharded logits: see _vocab_parallel
+    elif declared != split.LOCAL:
+        raise ConfigurationError(
+            f"tp={tp}: {info.component} at {path} (built by {info.backend!r}) declares the tensor-parallel split "
+            f"{declared!r}, which the torch backend's plan shards only for its own modules of the built-in kinds")
 
 
 def _shard_projection_norm(path, norm, info, tp_mesh, model) -> None:

@@ -15,12 +15,11 @@ from crosschip.specs import CHECKPOINTING, FP8_RECIPES, PRECISIONS
 def _backends_data(registry, backend=None) -> dict:
     from crosschip.plugins.registry import REFERENCE
     from crosschip.runtime import Runtime
-    from crosschip.specs import COMPONENTS
 
     # Resolve first: validating the runtime may mark a plugin failed, which the rows then show.
     runtime = Runtime(backend, registry=registry, strict=False)
     resolved = {}
-    for component in COMPONENTS:
+    for component in registry.component_names():
         _, chosen, chain, declines = runtime.select(component)
         resolved[component] = {"backend": chosen, "source": chain.source, "chain": list(chain.backends),
                                "passed_over": [{"backend": b, "reason": r} for b, r in declines]}

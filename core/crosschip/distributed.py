@@ -116,7 +116,7 @@ def summed_over(group, rows: slice | None = None):
 
 
 def per_head_norms(model):
-    """Norm components that normalise each attention head on its own (``scope="head"``: Qwen3's
+    """Components whose kind declares the ``heads`` split (a norm with ``scope="head"``: Qwen3's
     q_norm and k_norm): under tensor parallelism they see only this rank's heads and their
     replicated weights get partial gradients, which every backend's plan must sum over the TP
     ranks.
@@ -127,17 +127,18 @@ def per_head_norms(model):
     working). A hidden-size norm beside a projection (a block's input norm) is not."""
     import warnings
 
+    from crosschip.components.kind import HEADS
+
+    kinds = model.runtime.registry.kind
     for parent in model.modules():
         children = [c for c in parent.children() if getattr(c, "crosschip_component", None) is not None]
         projections = [c.crosschip_component.spec for c in children
                        if c.crosschip_component.component == "qkv_projection"]
         for child in children:
             info = child.crosschip_component
-            if info.component not in ("rms_norm", "layer_norm"):
-                continue
-            if info.spec.scope == "head":
+            if kinds(info.component).tensor_parallel(info.spec) == HEADS:
                 yield child
-            elif info.spec.scope == "hidden" and any(
+            elif info.component in ("rms_norm", "layer_norm") and info.spec.scope == "hidden" and any(
                     info.spec.hidden_size == p.head_dim != p.hidden_size for p in projections):
                 warnings.warn(
                     f"a {info.component} of size {info.spec.hidden_size} (the head dim) beside a qkv_projection "

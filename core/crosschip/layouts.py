@@ -390,46 +390,19 @@ def grouped_qkv(spec, tp: int, weight: str, bias: str) -> list[Transform]:
 
 
 # -- canonical roles of each component ---------------------------------------------------------
-def canonical_shapes(component: str, spec, fuses_input_norm: bool = False) -> dict[str, tuple[int, ...]]:
-    """Role name -> Hugging Face shape of every weight a component holds (global, unsharded)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    if component == "embedding":
-        shapes["weight"] = (spec.vocab_size, spec.hidden_size)
-    elif component == "rms_norm":
-        shapes["weight"] = (spec.hidden_size,)
-    elif component == "layer_norm":
-        shapes["weight"] = (spec.hidden_size,)
-        if spec.bias:
-            shapes["bias"] = (spec.hidden_size,)
-    elif component == "qkv_projection":
-        for role, rows in (("q", spec.q_size), ("k", spec.kv_size), ("v", spec.kv_size)):
-            shapes[f"{role}.weight"] = (rows, spec.hidden_size)
-            if spec.bias:
-                shapes[f"{role}.bias"] = (rows,)
-    elif component in ("out_projection", "linear"):
-        shapes["weight"] = (spec.out_features, spec.in_features)
-        if spec.bias:
-            shapes["bias"] = (spec.out_features,)
-    elif component == "gated_mlp":
-        h, i = spec.hidden_size, spec.intermediate_size
-        for role, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-            shapes[f"{role}.weight"] = shape
-            if spec.bias:
-                shapes[f"{role}.bias"] = shape[:1]
-    elif component == "mlp":
-        h, i = spec.hidden_size, spec.intermediate_size
-        for role, shape in (("up", (i, h)), ("down", (h, i))):
-            shapes[f"{role}.weight"] = shape
-            if spec.bias:
-                shapes[f"{role}.bias"] = shape[:1]
-    elif component == "lm_head":
-        if not spec.tied:
-            shapes["weight"] = (spec.vocab_size, spec.hidden_size)
-        if spec.bias:
-            shapes["bias"] = (spec.vocab_size,)
+def canonical_shapes(component: str, spec, fuses_input_norm: bool = False,
+                     registry=None) -> dict[str, tuple[int, ...]]:
+    """Role name -> Hugging Face shape of every weight a component holds (global, unsharded): the
+    kind's own (:attr:`crosschip.components.ComponentKind.weights`), plus ``norm.*`` for an
+    input norm the component's backend fused in."""
+    from crosschip.plugins.registry import get_registry
+
+    kind = (registry or get_registry()).kind
+    shapes = dict(kind(component).weights(spec))
     norm = getattr(spec, "input_norm", None)
     if fuses_input_norm and norm is not None:
-        shapes["norm.weight"] = (norm.hidden_size,)
-        if getattr(norm, "bias", False):
-            shapes["norm.bias"] = (norm.hidden_size,)
+        from crosschip.specs import LayerNormSpec
+
+        norm_kind = kind("layer_norm" if isinstance(norm, LayerNormSpec) else "rms_norm")
+        shapes.update({f"norm.{role}": shape for role, shape in norm_kind.weights(norm).items()})
     return shapes

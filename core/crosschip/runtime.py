@@ -124,9 +124,9 @@ class Runtime:
         self.strict = strict_from_env(strict)
         if self.strict:
             self.registry.raise_for_problems()
-        check_environment()
+        check_environment(self.registry)
         for name in components or {}:
-            check_component_name(name, where="argument components")
+            check_component_name(name, where="argument components", registry=self.registry)
         if mode not in MODES:
             raise ConfigurationError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
         self.backend = backend
@@ -158,10 +158,8 @@ class Runtime:
 
     def _requested_backends(self) -> list[str]:
         """Every backend that may build some component, available or not."""
-        from crosschip.specs import COMPONENTS
-
         names: list[str] = []
-        for component in COMPONENTS:
+        for component in self.registry.component_names():
             for name in self.chain(component).backends:
                 if name not in names:
                     names.append(name)
@@ -263,8 +261,19 @@ class Runtime:
                 declines.append((backend, reason))
         return None, None, chain, declines
 
+    def component(self, kind: str, spec: Any) -> nn.Module:
+        """Build a component of ``kind`` (any kind, built-in or a plugin's) for ``spec`` with the
+        first backend in its chain that accepts. The named methods (:meth:`attention`...) are
+        this call for the built-in kinds."""
+        return self.build(kind, spec)
+
     def build(self, component: str, spec: Any) -> nn.Module:
-        """Build ``component`` for ``spec`` with the first backend in its chain that accepts."""
+        """Build ``component`` for ``spec`` with the first backend in its chain that accepts
+        (:meth:`component` under its older name)."""
+        expected = self.registry.kind(component).spec
+        if not isinstance(spec, expected):
+            raise ConfigurationError(f"{component} takes a {expected.__name__}, found {type(spec).__name__} "
+                                     f"({describe(spec)})")
         impl, backend, chain, declines = self.select(component, spec)
         if impl is None:
             raise ComponentBuildError(

@@ -88,7 +88,7 @@ def bindings(model: nn.Module) -> list[Binding]:
         layout = runtime.registry.layouts.get((info.backend, info.component))
         ctx = BuildContext(runtime, info.component, info.backend)
         transform = resolve_callable(layout.transform)(info.spec, ctx) if layout else IDENTITY
-        shapes = canonical_shapes(info.component, info.spec, info.fuses_input_norm)
+        shapes = canonical_shapes(info.component, info.spec, info.fuses_input_norm, runtime.registry)
         checkpoint_transform = model.checkpoint_transform(path, info)
         local_shapes = _shapes_through(checkpoint_transform, shapes)
         prefixes = name_map.get(path, {})

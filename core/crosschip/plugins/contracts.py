@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from crosschip.components.kind import ComponentKind
 from crosschip.plugins.descriptors import BackendDescriptor, ComponentImpl, LayoutImpl
 
 
@@ -61,6 +62,16 @@ _FIELDS: dict[type, dict[str, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
+_FIELDS[ComponentKind] = {
+    "name": (lambda v: isinstance(v, str), "str"),
+    "spec": (lambda v: isinstance(v, type) and dataclasses.is_dataclass(v), "a dataclass type"),
+    **{name: (_is_factory, "a callable or a 'module:attr' str") for name in ("reference",)},
+    **{name: (callable, "a callable") for name in ("weights", "call", "example", "cases", "tensor_parallel",
+                                                   "helpers")},
+    "reference_layout": (lambda v: v is None or _is_factory(v), "None, a callable or a 'module:attr' str"),
+}
+
+
 def registrations(hook: str, results: list, cls: type) -> list:
     """The items of every result one plugin's ``hook`` returned (None counts as nothing), each a
     ``cls`` whose fields have the declared types; tuple fields given as lists become tuples."""
@@ -79,8 +90,12 @@ def registrations(hook: str, results: list, cls: type) -> list:
 
 
 def _checked_fields(item, cls: type):
-    owner = f"backend {item.name!r}" if cls is BackendDescriptor else (
-        f"{cls.__name__} for {item.backend!r}/{item.component!r}")
+    if cls is BackendDescriptor:
+        owner = f"backend {item.name!r}"
+    elif cls is ComponentKind:
+        owner = f"component kind {item.name!r}"
+    else:
+        owner = f"{cls.__name__} for {item.backend!r}/{item.component!r}"
     tuples = {}
     for name, (check, expected) in _FIELDS[cls].items():
         value = getattr(item, name)

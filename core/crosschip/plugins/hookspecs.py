@@ -21,6 +21,14 @@ def crosschip_register_backends():
 
 
 @hookspec
+def crosschip_register_component_kinds():
+    """Return a list of :class:`~crosschip.components.ComponentKind`: new kinds of building block
+    (spec, canonical weights, reference implementation, call contract, conformance cases,
+    tensor-parallel split). The reference backend builds each with the kind's ``reference``; this
+    plugin and any other may implement it. Names must not collide with existing kinds."""
+
+
+@hookspec
 def crosschip_register_components():
     """Return a list of :class:`~crosschip.ComponentImpl` for backends this plugin registers."""
 

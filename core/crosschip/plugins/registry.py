@@ -21,7 +21,8 @@ from crosschip.plugins.descriptors import (
     Probe,
 )
 from crosschip.plugins.probing import run_probe
-from crosschip.specs import COMPONENTS
+from crosschip.components import BUILTIN as BUILTIN_KINDS
+from crosschip.components import ComponentKind
 
 logger = logging.getLogger("crosschip.plugins")
 
@@ -86,6 +87,9 @@ class Registry:
         self.backends: dict[str, BackendRecord] = {}
         self.components: dict[tuple[str, str], ComponentImpl] = {}
         self.layouts: dict[tuple[str, str], LayoutImpl] = {}
+        #: Every component kind: the built-in ones, then those plugins register.
+        self.kinds: dict[str, ComponentKind] = {k.name: k for k in BUILTIN_KINDS}
+        self._kind_owner: dict[str, str] = {}  # plugin-registered kind -> its plugin's name
         self._registered_by: dict[int, PluginRecord] = {}  # id(module) -> the record registering it
 
     # -- registration -------------------------------------------------------------------
@@ -117,11 +121,14 @@ class Registry:
             self._registered_by[id(module)] = record
             descriptors = self._call_one(module, "crosschip_register_backends", BackendDescriptor)
             self._check_descriptors(record, descriptors)
+            kinds = self._call_one(module, "crosschip_register_component_kinds", ComponentKind)
+            self._check_kinds(kinds)
+            known = {**self.kinds, **{k.name: k for k in kinds}}
             components = self._call_one(module, "crosschip_register_components", ComponentImpl)
             layouts = self._call_one(module, "crosschip_register_layouts", LayoutImpl)
             owned = {d.name for d in descriptors}
-            self._check_owned(record, components, owned, "component")
-            self._check_owned(record, layouts, owned, "layout")
+            self._check_owned(record, components, owned, "component", known)
+            self._check_owned(record, layouts, owned, "layout", known)
         except ContractError as exc:
             self._reject(record, module, INCOMPATIBLE, str(exc))
             return
@@ -134,6 +141,8 @@ class Registry:
         for descriptor in descriptors:
             self.backends[descriptor.name] = BackendRecord(descriptor, record)
             record.backends.append(descriptor.name)
+        for kind in kinds:
+            self._add_kind(kind, record)
         for impl in components:
             self.components[(impl.backend, impl.component)] = impl
         for impl in layouts:
@@ -189,14 +198,35 @@ class Registry:
             )
 
     @staticmethod
-    def _check_owned(record, impls, owned, what) -> None:
+    def _check_owned(record, impls, owned, what, known) -> None:
         for impl in impls:
             if impl.backend not in owned:
                 raise ContractError(f"registers a {what} for backend {impl.backend!r}, which it "
                                     f"does not own (owns {', '.join(sorted(owned))})")
-            if impl.component not in COMPONENTS:
-                raise UnknownNameError("component", impl.component, COMPONENTS,
-                                       where=f"plugin {record.name!r}")
+            if impl.component not in known:
+                # A plugin implements built-in kinds, its own, and those of plugins loaded before
+                # it; naming any other is an error either way, so the order is never consulted.
+                raise UnknownNameError("component", impl.component, known, where=f"plugin {record.name!r}")
+
+    def _check_kinds(self, kinds) -> None:
+        names = [k.name for k in kinds]
+        for name in names:
+            if name in self.kinds:
+                owner = self._kind_owner.get(name, "crosschip")
+                raise ContractError(f"registers component kind {name!r}, which {owner!r} already defines")
+            if names.count(name) > 1:
+                raise ContractError(f"registers component kind {name!r} twice")
+
+    def _add_kind(self, kind: ComponentKind, record: PluginRecord) -> None:
+        """A plugin's kind, which the reference backend builds with the kind's own reference
+        implementation, as it does the built-in kinds (see ``crosschip.reference.plugin``)."""
+        from crosschip.reference.plugin import reference_impls
+
+        self.kinds[kind.name] = kind
+        self._kind_owner[kind.name] = record.name
+        impl, layout = reference_impls(kind)
+        self.components[(REFERENCE, kind.name)] = impl
+        self.layouts[(REFERENCE, kind.name)] = layout
 
     # -- queries --------------------------------------------------------------------------
     def backend(self, name: str) -> BackendRecord:
@@ -208,8 +238,19 @@ class Registry:
     def backend_names(self) -> list[str]:
         return sorted(self.backends)
 
+    def component_names(self) -> list[str]:
+        """Every kind's name: the built-in ones in their order, then plugins' by name."""
+        builtin = [k.name for k in BUILTIN_KINDS]
+        return builtin + sorted(n for n in self.kinds if n not in builtin)
+
+    def kind(self, name: str) -> ComponentKind:
+        try:
+            return self.kinds[name]
+        except KeyError:
+            raise UnknownNameError("component", name, self.component_names()) from None
+
     def components_of(self, backend: str) -> list[str]:
-        return [c for c in COMPONENTS if (backend, c) in self.components]
+        return [c for c in self.component_names() if (backend, c) in self.components]
 
     def problems(self) -> list[PluginRecord]:
         return [p for p in self.plugins.values() if p.status in (FAILED, INCOMPATIBLE)]

@@ -15,7 +15,6 @@ from typing import Mapping, Sequence, Union
 from crosschip.errors import ConfigurationError, UnknownNameError
 from crosschip.plugins import env
 from crosschip.plugins.registry import REFERENCE, Registry
-from crosschip.specs import COMPONENTS
 
 BackendChoice = Union[str, Sequence[str], None]
 AUTO = "auto"
@@ -44,20 +43,24 @@ def parse_names(value: BackendChoice) -> list[str]:
     return [str(v).strip() for v in value]
 
 
-def check_component_name(name: str, where: str | None = None) -> str:
-    if name not in COMPONENTS:
-        raise UnknownNameError("component", name, COMPONENTS, where=where)
+def check_component_name(name: str, where: str | None = None, registry: Registry | None = None) -> str:
+    """``name`` if it is a component kind (built-in or a plugin's), else an error listing them."""
+    from crosschip.plugins.registry import get_registry
+
+    registry = registry or get_registry()
+    if name not in registry.kinds:
+        raise UnknownNameError("component", name, registry.component_names(), where=where)
     return name
 
 
-def check_environment() -> None:
+def check_environment(registry: Registry | None = None) -> None:
     """Reject ``CROSSCHIP_BACKEND_<X>`` variables whose X is no component, or not upper case:
     resolution reads only the upper-case name (as environments are case-sensitive on POSIX), so
     ``CROSSCHIP_BACKEND_attention`` would be silently ignored."""
     for var in os.environ:
         if var.startswith(env.BACKEND_PREFIX):
             component = check_component_name(var[len(env.BACKEND_PREFIX):].lower(),
-                                              where=f"environment variable {var}")
+                                              where=f"environment variable {var}", registry=registry)
             if var != env.component_variable(component):
                 raise ConfigurationError(f"environment variable {var}: component variables are upper case; "
                                          f"set {env.component_variable(component)} instead")
@@ -92,7 +95,7 @@ def resolve_chain(
     components: Mapping[str, BackendChoice] | None = None,
 ) -> Chain:
     """The chain for ``component``: see the module docstring for the precedence."""
-    check_component_name(component)
+    check_component_name(component, registry=registry)
     per_component = (components or {}).get(component)
     var = env.component_variable(component)
     candidates = [

@@ -2,40 +2,36 @@
 
 from __future__ import annotations
 
-from crosschip.layouts import IDENTITY, Rename
+from crosschip.components import BUILTIN
+from crosschip.layouts import IDENTITY
 from crosschip.plugins import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
+from crosschip.plugins.descriptors import resolve_callable
 
 NAME = "reference"
-_COMPONENTS = "crosschip.reference.components"
-
-_FACTORIES = {
-    "embedding": "Embedding",
-    "rms_norm": "RMSNorm",
-    "layer_norm": "LayerNorm",
-    "linear": "Linear",
-    "mlp": "MLP",
-    "qkv_projection": "QKVProjection",
-    "out_projection": "Linear",
-    "gated_mlp": "GatedMLP",
-    "rotary": "Rotary",
-    "attention": "EagerAttention",
-    "lm_head": "LMHead",
-    "loss": "CausalLMLoss",
-}
 
 
 def _always() -> Probe:
     return Probe(True, "plain torch")
 
 
-def _factory(class_name: str):
+def _factory(reference):
+    """A factory building the kind's reference implementation, which takes the spec alone:
+    plain torch needs nothing else from the runtime (core builds it on the meta device and
+    materialises it where the runtime says)."""
+
     def build(spec, ctx):
-        from crosschip.reference import components
+        return resolve_callable(reference)(spec)
 
-        return getattr(components, class_name)(spec)
-
-    build.__qualname__ = f"reference.{class_name}"
+    build.__qualname__ = f"reference.{getattr(reference, '__qualname__', reference)}"
     return build
+
+
+def reference_impls(kind) -> tuple[ComponentImpl, LayoutImpl]:
+    """The reference backend's implementation and layout of ``kind``: the kind's own reference
+    module, which handles every extension of its spec (it defines them)."""
+    impl = ComponentImpl(NAME, kind.name, _factory(kind.reference), handles=("*",))
+    layout = kind.reference_layout or (lambda spec, ctx: IDENTITY)
+    return impl, LayoutImpl(NAME, kind.name, layout)
 
 
 @hookimpl
@@ -52,32 +48,12 @@ def crosschip_register_backends():
 
 @hookimpl
 def crosschip_register_components():
-    return [ComponentImpl(NAME, component, _factory(cls), handles=("*",)) for component, cls in _FACTORIES.items()]
-
-
-def _qkv_layout(spec, ctx):
-    return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in "qkv" for p in ("weight", "bias")})
-
-
-def _mlp_layout(spec, ctx):
-    return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in ("gate", "up", "down")
-                        for p in ("weight", "bias")})
-
-
-def _plain_mlp_layout(spec, ctx):
-    return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in ("up", "down") for p in ("weight", "bias")})
+    return [reference_impls(kind)[0] for kind in BUILTIN]
 
 
 @hookimpl
 def crosschip_register_layouts():
-    identity = lambda spec, ctx: IDENTITY  # noqa: E731 - parameters already carry role names
-    return [
-        LayoutImpl(NAME, "qkv_projection", _qkv_layout),
-        LayoutImpl(NAME, "gated_mlp", _mlp_layout),
-        LayoutImpl(NAME, "mlp", _plain_mlp_layout),
-        *(LayoutImpl(NAME, c, identity) for c in ("embedding", "rms_norm", "layer_norm", "out_projection",
-                                                  "linear", "lm_head")),
-    ]
+    return [reference_impls(kind)[1] for kind in BUILTIN]
 
 
 @hookimpl

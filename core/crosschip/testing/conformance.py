@@ -50,19 +50,6 @@ from crosschip.plugins.descriptors import PLUGIN_API_VERSION, BackendDescriptor,
 from crosschip.plugins.registry import REFERENCE, Registry, get_registry
 from crosschip.plugins.resolution import check_component_name
 from crosschip.runtime import BuildContext, Runtime
-from crosschip.specs import (
-    AttentionSpec,
-    EmbeddingSpec,
-    GatedMLPSpec,
-    LayerNormSpec,
-    LinearSpec,
-    LMHeadSpec,
-    LossSpec,
-    MLPSpec,
-    NormSpec,
-    QKVSpec,
-    RopeSpec,
-)
 
 PASSED, DECLINED, FAILED = "passed", "declined", "failed"
 
@@ -153,96 +140,11 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
 
 # -- the cases --------------------------------------------------------------------------------
-def _llama3_rope() -> RopeSpec:
-    from transformers import LlamaConfig
-
-    from crosschip.models.hf_config import rope_spec
-
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 16})
-    return rope_spec(config, 16)
-
-
-def _default_rope(head_dim: int, theta: float, **extra) -> RopeSpec:
-    return RopeSpec(head_dim, 64, tuple(sorted({"rope_theta": theta, "rope_type": "default", **extra}.items())))
-
-
-def default_cases(component: str) -> list[Case]:
-    """Tiny specs covering what the decoder models ask of ``component``."""
-    check_component_name(component)
-    norm = NormSpec(32, 1e-5)
-    table: dict[str, Callable[[], list[Case]]] = {
-        "embedding": lambda: [
-            Case("embedding", EmbeddingSpec(64, 32), "plain"),
-            Case("embedding", EmbeddingSpec(64, 32, padding_idx=0), "padding-idx"),
-        ],
-        "qkv_projection": lambda: [
-            Case("qkv_projection", QKVSpec(32, 4, 2, 8), "gqa"),
-            Case("qkv_projection", QKVSpec(32, 4, 4, 8, bias=True), "mha-bias"),
-            Case("qkv_projection", QKVSpec(48, 6, 1, 16), "mqa"),
-            Case("qkv_projection", QKVSpec(32, 4, 2, 8, input_norm=norm), "input-norm"),
-        ],
-        "out_projection": lambda: [
-            Case("out_projection", LinearSpec(32, 48), "plain"),
-            Case("out_projection", LinearSpec(48, 32, bias=True, parallel="row"), "row-bias"),
-        ],
-        "gated_mlp": lambda: [
-            Case("gated_mlp", GatedMLPSpec(32, 64), "silu"),
-            Case("gated_mlp", GatedMLPSpec(32, 48, activation="gelu_pytorch_tanh", bias=True), "gelu-bias"),
-            Case("gated_mlp", GatedMLPSpec(32, 64, input_norm=norm), "input-norm"),
-        ],
-        "mlp": lambda: [
-            Case("mlp", MLPSpec(32, 64), "gelu-bias"),
-            Case("mlp", MLPSpec(32, 48, activation="relu", bias=False), "relu"),
-            Case("mlp", MLPSpec(32, 64, activation="gelu_pytorch_tanh", input_norm=LayerNormSpec(32)),
-                 "layer-norm-input"),
-        ],
-        "linear": lambda: [
-            Case("linear", LinearSpec(32, 48, parallel="column", bias=True), "column-bias"),
-            Case("linear", LinearSpec(48, 32, parallel="row"), "row"),
-            Case("linear", LinearSpec(32, 16), "replicated"),
-        ],
-        "layer_norm": lambda: [
-            Case("layer_norm", LayerNormSpec(32), "bias"),
-            Case("layer_norm", LayerNormSpec(32, 1e-6, bias=False), "no-bias"),
-            Case("layer_norm", LayerNormSpec(8, scope="head"), "head-dim", (("input_shape", (_BATCH, _SEQ, 3, 8)),)),
-        ],
-        "rms_norm": lambda: [
-            Case("rms_norm", NormSpec(32, 1e-6), "hidden"),
-            # qk_norm: a norm over head_dim applied to [batch, seq, heads, head_dim].
-            Case("rms_norm", NormSpec(8, 1e-5, scope="head"), "head-dim", (("input_shape", (_BATCH, _SEQ, 3, 8)),)),
-            Case("rms_norm", NormSpec(32, 1e-6, offset=1.0), "offset"),  # Gemma's 1 + weight
-            Case("rms_norm", NormSpec(32, 1e-6, scope="projection"), "projection"),
-        ],
-        "rotary": lambda: [
-            Case("rotary", _default_rope(8, 10000.0), "default"),
-            Case("rotary", _default_rope(8, 10000.0), "shared-positions", (("shared_positions", True),)),
-            Case("rotary", _llama3_rope(), "llama3", (("shared_positions", True),)),
-            # Only the first half of each head rotates (Phi-3 mini, GPT-NeoX style configs).
-            Case("rotary", _default_rope(16, 10000.0, partial_rotary_factor=0.5), "partial",
-                 (("shared_positions", True),)),
-        ],
-        "attention": lambda: [
-            Case("attention", AttentionSpec(4, 2, 8), "causal-gqa"),
-            Case("attention", AttentionSpec(4, 4, 8, causal=False), "bidirectional"),
-            Case("attention", AttentionSpec(4, 2, 8, sliding_window=3), "sliding-window"),
-            Case("attention", AttentionSpec(4, 1, 8, scale=0.2), "left-padding", (("padding", True),)),
-            Case("attention", AttentionSpec(4, 2, 8), "cached-keys", (("q_len", 2),)),
-            Case("attention", AttentionSpec(4, 2, 8, sliding_window=4, softcap=2.0), "softcap"),
-        ],
-        "lm_head": lambda: [
-            Case("lm_head", LMHeadSpec(32, 64), "plain"),
-            Case("lm_head", LMHeadSpec(32, 64, bias=True, logits_divisor=2.0), "bias-divisor"),
-            Case("lm_head", LMHeadSpec(32, 64, softcap=3.0), "softcap"),
-        ],
-        "loss": lambda: [
-            Case("loss", LossSpec(64), "from-lm-head"),
-            Case("loss", LossSpec(64, ignore_index=-1), "given-logits", (("precomputed_logits", True),)),
-        ],
-    }
-    return table[component]()
+def default_cases(component: str, registry: Registry | None = None) -> list[Case]:
+    """The cases the component's kind declares (:attr:`ComponentKind.cases`): tiny specs
+    covering what models ask of it."""
+    kind = (registry or get_registry()).kind(component)
+    return [Case(component, spec, label, tuple(sorted(options.items()))) for label, spec, options in kind.cases()]
 
 
 def cases(backend: str, components: Iterable[str] | None = None, registry: Registry | None = None) -> list[Case]:
@@ -252,12 +154,12 @@ def cases(backend: str, components: Iterable[str] | None = None, registry: Regis
     if components is None:
         wanted = implemented
     else:
-        wanted = [check_component_name(c) for c in components]
+        wanted = [check_component_name(c, registry=registry) for c in components]
         missing = [c for c in wanted if c not in implemented]
         if missing:
             raise ConfigurationError(f"backend {backend!r} does not implement {', '.join(missing)}; "
                                      f"it implements {', '.join(implemented) or 'nothing'}")
-    return [case for component in wanted for case in default_cases(component)]
+    return [case for component in wanted for case in default_cases(component, registry)]
 
 
 # -- the descriptor ---------------------------------------------------------------------------
@@ -367,6 +269,10 @@ class _Side:
     def extra(self, name: str) -> nn.Module | None:
         return getattr(self.harness, name, None)
 
+    def helpers(self) -> dict[str, nn.Module]:
+        return {name.removeprefix("helper_"): module for name, module in self.harness.named_children()
+                if name.startswith("helper_")}
+
 
 def _runtime(backend_choice, components, device, dtype, registry) -> Runtime:
     return Runtime(backend_choice, components=components, device=device, dtype=dtype, strict=False,
@@ -391,8 +297,9 @@ def _build_side(backend_runtime: Runtime, reference: Runtime, case: Case, *, fus
         modules = {"component": backend_runtime.build(case.component, case.spec)}
         if reference_norm:
             modules["norm"] = reference.norm(case.spec.input_norm)
-        if case.component == "loss":
-            modules["lm_head"] = reference.build("lm_head", LMHeadSpec(32, case.spec.vocab_size))
+        helpers = backend_runtime.registry.kind(case.component).helpers(case.spec)
+        for name, (kind, spec) in helpers.items():
+            modules[f"helper_{name}"] = reference.build(kind, spec)
         return modules
 
     # A fused input norm's weight maps to the same canonical key as the reference's separate norm.
@@ -442,48 +349,12 @@ def _load(side: _Side, canonical: dict[str, torch.Tensor], case: Case, what: str
         raise ConformanceError(f"{case}: loading canonical weights into the {what} failed: {exc}") from exc
 
 
-def _inputs(case: Case, seed: int) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """float32 inputs for ``case`` and, where some outputs are to be ignored (queries of padding
-    tokens), a ``[batch, seq]`` mask of the rows that count."""
+def _inputs(case: Case, seed: int, registry: Registry) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """float32 inputs for ``case`` (:attr:`ComponentKind.example`) and, where some outputs are to
+    be ignored (queries of padding tokens), a ``[batch, seq]`` mask of the rows that count."""
     gen = torch.Generator().manual_seed(seed + 1)
-    spec, c = case.spec, case.component
-    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    if c == "embedding":
-        ids = torch.randint(0, spec.vocab_size, (_BATCH, _SEQ), generator=gen)
-        if spec.padding_idx is not None:
-            ids[:, 0] = spec.padding_idx
-        return {"ids": ids}, None
-    if c in ("rms_norm", "layer_norm"):
-        return {"x": rand(*case.option("input_shape", (_BATCH, _SEQ, spec.hidden_size))) * 2}, None
-    if c in ("qkv_projection", "gated_mlp", "mlp", "lm_head"):
-        return {"x": rand(_BATCH, _SEQ, spec.hidden_size)}, None
-    if c in ("out_projection", "linear"):
-        return {"x": rand(_BATCH, _SEQ, spec.in_features)}, None
-    if c == "rotary":
-        positions = torch.arange(_SEQ).unsqueeze(0)  # one row for the batch, as decoders build it
-        if not case.option("shared_positions"):
-            positions = positions + torch.tensor([[0], [40]])  # each sequence its own offset
-        return {"position_ids": positions, "q": rand(_BATCH, _SEQ, 3, spec.head_dim),
-                "k": rand(_BATCH, _SEQ, 1, spec.head_dim)}, None
-    if c == "attention":
-        kv_len = _SEQ + 1
-        q_len = case.option("q_len", kv_len)
-        mask, keep = None, None
-        if case.option("padding"):
-            padding = torch.ones(_BATCH, kv_len, dtype=torch.bool)
-            padding[1, :2] = False  # left padding in the second sequence
-            mask, keep = AttentionMask(padding=padding), padding
-        elif q_len != kv_len:
-            mask = AttentionMask(q_offset=kv_len - q_len)
-        return {"q": rand(_BATCH, q_len, spec.num_heads, spec.head_dim),
-                "k": rand(_BATCH, kv_len, spec.num_kv_heads, spec.head_dim),
-                "v": rand(_BATCH, kv_len, spec.num_kv_heads, spec.head_dim),
-                "mask": mask}, keep
-    if c == "loss":
-        labels = torch.randint(0, spec.vocab_size, (_BATCH, _SEQ), generator=gen)
-        labels[0, :2] = spec.ignore_index
-        return {"x": rand(_BATCH, _SEQ, 32), "labels": labels}, None
-    raise ConfigurationError(f"the conformance kit has no driver for component {c!r}")
+    example = registry.kind(case.component).example(case.spec, dict(case.options), gen)
+    return dict(example.inputs), example.keep
 
 
 def _to_side(inputs: dict[str, Any], side: _Side, run_dtype: torch.dtype, device) -> dict[str, Any]:
@@ -503,27 +374,12 @@ def _to_side(inputs: dict[str, Any], side: _Side, run_dtype: torch.dtype, device
     return out
 
 
-def _forward(case: Case, side: _Side, x: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """Call the component as the decoder models do; returns its output tensors in order."""
-    module, c = side.component, case.component
-    if c == "embedding":
-        return (module(x["ids"]),)
-    if c == "rotary":
-        # The tables are the backend's own (cos/sin, angles...) and only pass from forward to
-        # apply, so the contract is the rotated q and k.
-        return module.apply(x["q"], x["k"], module(x["position_ids"], side.dtype))
-    if c == "attention":
-        return (module(x["q"], x["k"], x["v"], x["mask"]),)
-    if c == "loss":
-        lm_head = side.extra("lm_head")
-        logits = lm_head(x["x"]) if case.option("precomputed_logits") else None
-        return (module(x["x"], x["labels"], lm_head, logits),)
-    hidden = x["x"]
+def _forward(case: Case, side: _Side, x: dict[str, Any], registry: Registry) -> tuple[torch.Tensor, ...]:
+    """Call the component by its kind's call contract; returns its output tensors in order."""
     norm = side.extra("norm")
     if norm is not None:  # the reference applies the input norm a fused backend does itself
-        hidden = norm(hidden)
-    out = module(hidden)
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        x = {**x, "x": norm(x["x"])}
+    return tuple(registry.kind(case.component).call(side.component, x, side.helpers()))
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -565,12 +421,12 @@ def check_case(backend: str, case: Case, *, device: str | torch.device = "cpu",
     _load(tested, canonical, case, f"{backend!r} module")
     _load(oracle, {k: v.to(oracle.dtype) for k, v in canonical.items()}, case, "reference module")
 
-    raw, keep = _inputs(case, seed)
+    raw, keep = _inputs(case, seed, registry)
     problems: list[str] = []
     results = []
     for side in (tested, oracle):
         x = _to_side(raw, side, dtype, device)
-        outputs = _forward(case, side, x)
+        outputs = _forward(case, side, x, registry)
         gen = torch.Generator().manual_seed(seed + 2)
         objective = 0.0
         for out in outputs:
@@ -622,7 +478,7 @@ def check_layout(backend: str, case: Case, *, device: str | torch.device = "cpu"
     layout = registry.layouts.get((backend, case.component))
     transform = (resolve_callable(layout.transform)(case.spec, BuildContext(runtime, case.component, backend))
                  if layout is not None else IDENTITY)
-    shapes = canonical_shapes(case.component, case.spec, module.crosschip_component.fuses_input_norm)
+    shapes = canonical_shapes(case.component, case.spec, module.crosschip_component.fuses_input_norm, registry)
     gen = torch.Generator().manual_seed(seed)
     canonical = {role: torch.randn(shape, generator=gen).to(dtype) for role, shape in shapes.items()}
     physical = transform.apply(dict(canonical))
