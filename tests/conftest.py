@@ -57,6 +57,14 @@ def plugin_site(tmp_path_factory):
     return install(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def kind_plugin_site(tmp_path_factory):
+    """The plugin adding a component kind (plugins/crosschip-layerscale), in a directory of its own."""
+    from plugin_site import KIND_PACKAGES, install
+
+    return install(tmp_path_factory, KIND_PACKAGES, "kind-plugin")
+
+
 @pytest.fixture
 def te_installed():
     """Transformer Engine importable: else a skip, or a failure where CROSSCHIP_REQUIRE_HARDWARE

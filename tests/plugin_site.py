@@ -44,18 +44,23 @@ def _accelerator_backend_available() -> bool:
 cpu_only = pytest.mark.skipif(_accelerator_backend_available(),
                               reason="expects te and neuron to be unavailable, as on a CPU-only machine")
 
-_site: Path | None = None
+#: A plugin adding a component kind, installed into a site of its own: its backend would join
+#: every auto chain the other tests expect.
+KIND_PACKAGES = [ROOT / "plugins" / "crosschip-layerscale"]
+
+_sites: dict[str, Path] = {}
 
 
-def install(tmp_path_factory) -> Path:
-    """Install every package of :data:`PACKAGES` (once per process) and return the directory."""
-    global _site
-    if _site is None:
-        root = tmp_path_factory.mktemp("plugin-packages")
+def install(tmp_path_factory, packages=None, name: str = "plugin-packages") -> Path:
+    """Install every package of :data:`PACKAGES` (or ``packages``; once per process and name)
+    and return the directory."""
+    if name not in _sites:
+        packages = PACKAGES if packages is None else packages
+        root = tmp_path_factory.mktemp(name)
         # Build from copies: pip builds local directories in place, leaving build/ and egg-info
         # behind, and the work tree must stay clean.
         sources = []
-        for package in PACKAGES:
+        for package in packages:
             copy = root / "src" / package.name
             shutil.copytree(package, copy, ignore=shutil.ignore_patterns(
                 "build", "*.egg-info", "__pycache__", ".pytest_cache"))
@@ -69,8 +74,8 @@ def install(tmp_path_factory) -> Path:
         if result.returncode != 0:
             pytest.fail(f"installing the plugin packages failed:\n{result.stdout}\n{result.stderr}",
                         pytrace=False)
-        _site = site
-    return _site
+        _sites[name] = site
+    return _sites[name]
 
 
 def clean_environ(**overrides: str) -> dict[str, str]:

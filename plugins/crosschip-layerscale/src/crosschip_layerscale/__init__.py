@@ -1,0 +1,1 @@
+"""crosschip plugin adding the ``layer_scale`` component kind."""
