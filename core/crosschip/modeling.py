@@ -21,10 +21,15 @@ from crosschip.runtime import Runtime
 @dataclass
 class CausalLMOutput:
     """``logits`` ``[batch, seq, vocab]`` (None when not asked for) and the mean next-token
-    ``loss`` (None without labels)."""
+    ``loss`` (None without labels). Logits a parallel plan left sharded (the vocab-parallel LM
+    head's) are gathered whole here, differentiably, so a model's caller never sees a
+    distributed tensor, whatever the model file returns."""
 
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.logits = weights.whole(self.logits)
 
 
 class CausalLM(nn.Module):
