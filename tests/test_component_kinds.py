@@ -121,3 +121,17 @@ def test_the_plugin_passes_its_own_tests(kind_plugin_site):
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert "3 passed" in summary and not any(w in summary for w in ("skipped", "failed", "error")), summary
+
+
+def test_the_docs_table_lists_every_builtin_kind_with_its_spec_and_file():
+    import re
+
+    text = (ROOT / "docs" / "components.md").read_text()
+    table = text.split("## The built-in kinds")[1].split("## ")[0]
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| .* \| `components/(\w+)\.py` \|$", table, re.M)
+    assert {name: spec for name, spec, _ in rows} == {k.name: k.spec.__name__ for k in BUILTIN}
+    import crosschip.components as package
+
+    for name, _, module in rows:
+        declared = next(k for k in BUILTIN if k.name == name)
+        assert declared.spec.__module__ == f"{package.__name__}.{module}", name

@@ -45,13 +45,7 @@ def parallelize(model, runtime):
     sp = runtime.parallel.sequence_parallel
     components = [(p, m) for p, m in model.named_modules() if getattr(m, "crosschip_component", None)]
     for path, module in components:
-        info = module.crosschip_component
-        must = PROJECTIONS + (VOCABULARY if sp else ())
-        if info.component in must and info.backend != "neuron":
-            raise ConfigurationError(
-                f"tp={tp}{', sequence_parallel=True' if sp else ''}: {info.component} at {path} was built by "
-                f"backend {info.backend!r}; under the neuron backend's tensor parallelism "
-                f"{', '.join(must)} must all be neuron's")
+        _check_split(path, module.crosschip_component, runtime, tp, sp)
     mesh = state.tp_mesh(runtime)
     for _, module in components:
         info = module.crosschip_component
@@ -65,6 +59,26 @@ def parallelize(model, runtime):
             module.mesh = mesh
     runtime.device_mesh = mesh
     return model
+
+
+def _check_split(path, info, runtime, tp: int, sp: bool) -> None:
+    """What NxD's layers shard must be neuron's modules; what they cannot (a projection-wide
+    norm, which would normalise this rank's heads alone) is refused. The kind's declared split
+    decides, whatever the component is called."""
+    from crosschip.components import kind as split
+
+    declared = runtime.registry.kind(info.component).tensor_parallel(info.spec)
+    where = f"tp={tp}{', sequence_parallel=True' if sp else ''}: {info.component} at {path}"
+    if declared == split.SHARDED_FEATURES:
+        raise ConfigurationError(f"{where} normalises a whole column-sharded projection (scope='projection'), "
+                                 "which the neuron backend's plan does not implement; use tp=1")
+    sharded = (split.COLUMN, split.ROW, split.FEED_FORWARD, split.COLUMN_HEADS)
+    vocabulary = (split.VOCAB_EMBEDDING, split.VOCAB_HEAD)
+    if info.backend != "neuron" and (declared in sharded or (sp and declared in vocabulary)):
+        raise ConfigurationError(
+            f"{where} was built by backend {info.backend!r}; under the neuron backend's tensor parallelism "
+            f"every projection ({', '.join(PROJECTIONS)}{', and the embedding and LM head' if sp else ''}) "
+            "must be neuron's")
 
 
 def attach_training_hooks(model, runtime) -> None:
@@ -94,7 +108,7 @@ def attach_training_hooks(model, runtime) -> None:
                 param.register_hook(summed_over(kv_group, rows=slice(q, None) if name.endswith("_qkv") else None))
     partial = [p for norm in per_head_norms(model) for p in norm.parameters()]
     if runtime.parallel.sequence_parallel:
-        partial += _sequence_partial(model, {id(n) for n in per_head_norms(model)})
+        partial += _sequence_partial(model, runtime, {id(n) for n in per_head_norms(model)})
     group = parallel_state.get_tensor_model_parallel_group()
     for param in {id(p): p for p in partial}.values():
         param.register_hook(summed_over(group))
@@ -106,15 +120,19 @@ def _all_rows(copies: int):
     return lambda rows: torch.full_like(rows, copies)
 
 
-def _sequence_partial(model, per_head: set) -> list:
-    """Weights applied to this rank's positions only: norms on the stream and the biases added
-    after a reduce-scatter (row-parallel projections)."""
+def _sequence_partial(model, runtime, per_head: set) -> list:
+    """Weights applied to this rank's positions only: replicated weights on the stream (norms,
+    any kind declaring the ``stream`` or ``replicated`` split) and the biases added after a
+    reduce-scatter (row-parallel projections)."""
+    from crosschip.components import kind as split
+
     out = []
     for module in model.modules():
         info = getattr(module, "crosschip_component", None)
         if info is None:
             continue
-        if info.component == "rms_norm" and id(module) not in per_head:
+        declared = runtime.registry.kind(info.component).tensor_parallel(info.spec)
+        if declared in (split.STREAM, split.REPLICATED) and id(module) not in per_head:
             out.extend(module.parameters())
         elif info.backend == "neuron" and info.component == "out_projection" and module.bias is not None:
             out.append(module.bias)
