@@ -17,7 +17,7 @@ from crosschip.testing import conformance
 from crosschip.testing.conformance import ConformanceError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-TORCH_COMPONENTS = ["embedding", "qkv_projection", "out_projection", "gated_mlp", "mlp", "linear", "rms_norm",
+TORCH_COMPONENTS = ["embedding", "qkv_projection", "out_projection", "gated_mlp", "mlp", "moe", "linear", "rms_norm",
                     "layer_norm", "attention", "lm_head",
                     "loss"]
 

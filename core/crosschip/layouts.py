@@ -351,6 +351,32 @@ class BlockConcat(Transform):
 
 
 @dataclass(frozen=True)
+class Stack(Transform):
+    """Several tensors of one shape -> one, stacked on a new dim 0 (a mixture of experts' per-expert
+    weights as one ``[experts, ...]`` tensor); the inverse takes them apart again."""
+
+    sources: tuple[str, ...]
+    target: str
+
+    def apply(self, tensors):
+        if not any(s in tensors for s in self.sources):
+            return dict(tensors)
+        parts, rest = _take(tensors, self.sources, f"stack into {self.target}")
+        shapes = {tuple(p.shape) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack {self.sources[0]}... into {self.target}: shapes {sorted(shapes)} differ")
+        return {**rest, self.target: torch.stack(parts).contiguous()}
+
+    def invert(self, tensors):
+        if self.target not in tensors:
+            return dict(tensors)
+        [whole], rest = _take(tensors, [self.target], "unstack")
+        if whole.shape[0] != len(self.sources):
+            raise ValueError(f"{self.target} holds {whole.shape[0]} entries, expected {len(self.sources)}")
+        return {**rest, **{name: part.contiguous() for name, part in zip(self.sources, whole.unbind(0))}}
+
+
+@dataclass(frozen=True)
 class Chain(Transform):
     steps: tuple[Transform, ...] = ()
 

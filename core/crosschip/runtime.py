@@ -386,6 +386,10 @@ class Runtime:
     def mlp(self, spec: MLPSpec) -> nn.Module:
         return self.build("mlp", spec)
 
+    def moe(self, spec) -> nn.Module:
+        """A mixture of experts (:class:`crosschip.specs.MoESpec`); returns ``(output, router_logits)``."""
+        return self.build("moe", spec)
+
     def linear(self, spec: LinearSpec) -> nn.Module:
         return self.build("linear", spec)
 

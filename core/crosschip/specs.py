@@ -20,6 +20,7 @@ from crosschip.components.gated_mlp import GatedMLPSpec, MLPSpec
 from crosschip.components.layer_norm import LayerNormSpec
 from crosschip.components.linear import LinearSpec
 from crosschip.components.lm_head import LMHeadSpec, LossSpec
+from crosschip.components.moe import MoESpec
 from crosschip.components.qkv_projection import QKVSpec
 from crosschip.components.rms_norm import NormSpec
 from crosschip.components.rotary import RopeSpec
@@ -116,6 +117,6 @@ def describe(spec: Any) -> str:
 
 __all__ = [
     "CHECKPOINTING", "COMPONENTS", "FP8_RECIPES", "NORM_SCOPES", "PRECISIONS", "AttentionSpec", "EmbeddingSpec",
-    "GatedMLPSpec", "InputNorm", "LMHeadSpec", "LayerNormSpec", "LinearSpec", "LossSpec", "MLPSpec", "NormScope",
+    "GatedMLPSpec", "InputNorm", "LMHeadSpec", "LayerNormSpec", "LinearSpec", "LossSpec", "MLPSpec", "MoESpec", "NormScope",
     "NormSpec", "ParallelSpec", "ParallelStyle", "QKVSpec", "RopeSpec", "describe", "extensions_used",
 ]

@@ -8,7 +8,7 @@ Declaring a kind imports no torch: its reference implementation is named lazily.
 from __future__ import annotations
 
 from crosschip.components import attention, embedding, gated_mlp, layer_norm, linear, lm_head, qkv_projection
-from crosschip.components import rms_norm, rotary
+from crosschip.components import moe, rms_norm, rotary
 from crosschip.components.kind import SPLITS, ComponentKind, Example
 
 #: The built-in kinds, in the order listings show them.
@@ -18,6 +18,7 @@ BUILTIN: tuple[ComponentKind, ...] = (
     linear.OUT_PROJECTION,
     gated_mlp.GATED_MLP,
     gated_mlp.MLP,
+    moe.KIND,
     linear.LINEAR,
     rms_norm.KIND,
     layer_norm.KIND,

@@ -1,0 +1,96 @@
+"""The torch backend's mixture of experts: every expert's weights stacked (``[experts, ...]``,
+gate and up rows interleaved as in the dense MLP), tokens permuted into expert order on the
+device (no host synchronisation), and one grouped GEMM per projection (``torch._grouped_mm``)
+where this torch and device run it, else a loop over the experts' token ranges."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from crosschip.layouts import Chain, InterleaveRows, Rename, Stack
+from crosschip.reference.moe import route
+from crosschip.specs import GatedMLPSpec, MoESpec
+
+
+class GroupedExperts(nn.Module):
+    lora_sites = {}
+
+    def __init__(self, spec: MoESpec, ctx=None):
+        super().__init__()
+        from crosschip_torch.components import GatedMLP
+
+        self.spec = spec
+        e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        self.router = nn.Linear(h, e, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        for weight in (self.gate_up_proj, self.down_proj):
+            nn.init.normal_(weight, std=0.02)
+        self.act_fn = ACT2FN[spec.activation]
+        if spec.shared_intermediate_size is not None:
+            self.shared = GatedMLP(GatedMLPSpec(h, spec.shared_intermediate_size, spec.activation))
+            self.shared_gate = nn.Linear(h, 1, bias=False) if spec.shared_gate else None
+
+    def forward(self, hidden: torch.Tensor):
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        router_logits = self.router(x)
+        weights, chosen = route(self.spec, router_logits)
+        k = self.spec.top_k
+        # Every (token, slot) pair in expert order; a stable sort keeps tokens in order within one.
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = order // k
+        counts = torch.zeros(self.spec.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate_up = _grouped(x[tokens], self.gate_up_proj.transpose(1, 2), offsets)
+        gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
+        y = _grouped(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offsets)
+        y = y * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
+        if self.spec.shared_intermediate_size is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out.reshape(shape), router_logits
+
+
+def _grouped(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[rows of group g] @ weights[g]`` for the consecutive row groups ending at ``offsets``."""
+    if grouped_mm_runs(x, weights):
+        return torch._grouped_mm(x, weights, offs=offsets)
+    # The loop needs the group boundaries on the host: a synchronisation, where the grouped GEMM
+    # has none, but correct on every device and dtype.
+    out, start = [], 0
+    for g, end in enumerate(offsets.tolist()):
+        out.append(x[start:end] @ weights[g])
+        start = end
+    return torch.cat(out)
+
+
+def grouped_mm_runs(x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands here: bfloat16 on a CUDA device of
+    compute capability 9.0 or later, float32 or bfloat16 on the CPU, and rows of 16-byte multiples."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weights.dtype:
+        return False
+    if x.is_cuda:
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    else:
+        ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return ok and all(d * x.element_size() % 16 == 0 for d in (*x.shape[1:], *weights.shape[1:]))
+
+
+def moe_layout(spec: MoESpec, ctx=None):
+    """Canonical per-expert roles -> the stacked parameters."""
+    experts = range(spec.num_experts)
+    steps = [InterleaveRows(f"experts.{e}.gate.weight", f"experts.{e}.up.weight", f"experts.{e}.gate_up")
+             for e in experts]
+    steps += [Stack(tuple(f"experts.{e}.gate_up" for e in experts), "gate_up_proj"),
+              Stack(tuple(f"experts.{e}.down.weight" for e in experts), "down_proj"),
+              InterleaveRows("shared.gate.weight", "shared.up.weight", "shared.gate_up_proj.weight"),
+              Rename.of(**{"shared.down.weight": "shared.down_proj.weight"})]
+    return Chain.of(*steps)
