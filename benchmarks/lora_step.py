@@ -37,7 +37,7 @@ def _fill_adapter(named, seed: int):
     (lora_B non-zero, so the adapter path computes what a trained adapter does)."""
     import torch
 
-    from crosschip.init import canonical_tensor
+    from crosschip.weights.init import canonical_tensor
 
     with torch.no_grad():
         for name, p in named:
@@ -55,8 +55,8 @@ def build(variant: str, config, seed: int):
         _fill_adapter([(n.replace(".default", ""), p) for n, p in model.named_parameters() if "lora_" in n], seed)
         return model.train(), model
     import crosschip
-    from crosschip.init import init_weights
-    from crosschip.loading import build_model
+    from crosschip.weights.init import init_weights
+    from crosschip.checkpoint.loading import build_model
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
@@ -67,7 +67,7 @@ def build(variant: str, config, seed: int):
     init_weights(model, seed=seed, device="cuda")
     model.add_adapter(crosschip.LoraConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
     _fill_adapter([(k, p) for s in model.lora_adapter.slots.values() for k, p in s.peft_tensors().items()], seed)
-    from crosschip.compilation import compile_model
+    from crosschip.modeling.compilation import compile_model
 
     compile_model(model, variant == "torch-compile")  # what from_pretrained(compile=True) and --compile do
     return model.train(), model

@@ -46,8 +46,8 @@ def _reset_peak() -> bool:
 def make_checkpoint(path: Path, config: dict = CONFIG) -> int:
     from transformers import LlamaConfig
 
-    from crosschip.init import init_weights
-    from crosschip.loading import build_model
+    from crosschip.weights.init import init_weights
+    from crosschip.checkpoint.loading import build_model
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
@@ -90,7 +90,7 @@ def worker(rank: int, world: int, path: str, warmup: str, out: str) -> None:
     with open(f"{out}.rank{rank}", "w") as fh:
         json.dump(result, fh)
     del model
-    from crosschip.distributed import shutdown
+    from crosschip.parallel.distributed import shutdown
 
     shutdown()
 

@@ -59,7 +59,7 @@ def flops_per_token(config, seq: int) -> tuple[float, int]:
 def build(variant: str, config, seed: int, ac: str):
     import torch
 
-    from crosschip.init import canonical_tensor
+    from crosschip.weights.init import canonical_tensor
 
     if variant == "transformers":
         from transformers import LlamaForCausalLM
@@ -75,8 +75,8 @@ def build(variant: str, config, seed: int, ac: str):
         if ac != "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
-    from crosschip.init import init_weights
-    from crosschip.loading import build_model
+    from crosschip.weights.init import init_weights
+    from crosschip.checkpoint.loading import build_model
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
@@ -86,7 +86,7 @@ def build(variant: str, config, seed: int, ac: str):
                       activation_checkpointing=ac)
     model = build_model(model_class("LlamaForCausalLM"), config, runtime)
     init_weights(model, seed=seed, device="cuda")
-    from crosschip.compilation import compile_model
+    from crosschip.modeling.compilation import compile_model
 
     compile_model(model, variant == "torch-compile")  # what from_pretrained(compile=True) and --compile do
     return model.train()

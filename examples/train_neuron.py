@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import crosschip
-from crosschip.distributed import shutdown
+from crosschip.parallel.distributed import shutdown
 
 
 def main() -> None:

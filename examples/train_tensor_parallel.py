@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import crosschip
-from crosschip.distributed import DP_DIM, shutdown
+from crosschip.parallel.distributed import DP_DIM, shutdown
 
 
 def main() -> None:

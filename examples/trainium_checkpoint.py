@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import crosschip
-from crosschip.convert import convert
+from crosschip.checkpoint.convert import convert
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,7 @@ def _entry(rank: int, world: int, root: str, rendezvous: str, body, args, backen
     except BaseException:
         dist.destroy_process_group()  # a failed rank must not wait on a barrier its peers skip
         raise
-    from crosschip.distributed import shutdown
+    from crosschip.parallel.distributed import shutdown
 
     shutdown()
 

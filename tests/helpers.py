@@ -69,7 +69,7 @@ def assert_training_parity(model, hf, ids, tol: float) -> None:
 def assert_parallel_grads_match(model, single, tol: float, where: str) -> None:
     """After a backward of both: every gradient of a parallel ``model``, gathered and mapped to
     Hugging Face names, and its total gradient norm (replicas counted once) equal ``single``'s."""
-    from crosschip.train import clip_gradients
+    from crosschip.training.train import clip_gradients
 
     grads, expected = model.hf_grads(), single.hf_grads()
     assert set(grads) == set(expected)
@@ -117,10 +117,10 @@ def assert_saves_alike(model, single, directory: Path, rank: int, where: str) ->
 
 
 def train_interrupted(root: Path, name: str, stop_after: int, **args) -> dict[str, list[float]]:
-    """Losses of a whole ``crosschip.train`` run (``{name}-full``), the same run stopped after
+    """Losses of a whole ``crosschip.training.train`` run (``{name}-full``), the same run stopped after
     ``stop_after`` steps (``{name}-half``, whose training state other runs may resume), and that
     one resumed to the end (``{name}-resumed``)."""
-    from crosschip.train import TrainArgs, train
+    from crosschip.training.train import TrainArgs, train
 
     def run(part: str, **extra):
         return train(TrainArgs(out=str(root / f"{name}-{part}"), **args, **extra), progress=False).losses

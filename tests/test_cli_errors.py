@@ -14,8 +14,8 @@ import torch
 
 from crosschip.cli import main
 from crosschip.errors import ConfigurationError
-from crosschip.sizes import check_config_sizes
-from crosschip.train import TrainArgs, train
+from crosschip.checkpoint.sizes import check_config_sizes
+from crosschip.training.train import TrainArgs, train
 
 SMALL = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--quiet"]
 NO_CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else "cuda:99"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crosschip import BackendDescriptor, ComponentImpl, ConfigurationError, LayoutImpl, Probe, hookimpl
-from crosschip.layouts import Chain, Concat, Transform
+from crosschip.weights.layouts import Chain, Concat, Transform
 from crosschip.plugins.loader import load_registry
 from crosschip.plugins.registry import PluginRecord
 from crosschip.specs import COMPONENTS
@@ -217,7 +217,7 @@ def _fused_qkv_plugin(name: str, apply_norm: bool) -> _Plugin:
         return NormQKV()
 
     def layout(spec, ctx):
-        from crosschip.layouts import Rename
+        from crosschip.weights.layouts import Rename
 
         return Rename.of(**{"norm.weight": "norm.weight"},
                          **{f"{r}.weight": f"proj.{r}_proj.weight" for r in "qkv"})

@@ -141,7 +141,7 @@ def test_te_checkpoint_portability(tmp_path):
 @needs_te
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_fp8_training_tracks_bf16(tmp_path, recipe):
-    from crosschip.train import TrainArgs, train
+    from crosschip.training.train import TrainArgs, train
 
     common = dict(steps=300, batch_size=16, seq_len=128, lr=2e-3, backend="te", device="cuda", dtype="bf16", seed=0)
     bf16 = train(TrainArgs(out=str(tmp_path / "bf16"), **common), progress=False)
@@ -177,7 +177,7 @@ def test_te_fused_rope_is_as_accurate_as_the_reference_at_long_positions():
     float64 at positions up to 8191 it must be no worse than the reference formula at the same
     dtype (whose bf16 tables round cos and sin to bf16)."""
     from crosschip.reference.components import Rotary as ReferenceRotary
-    from crosschip.rope import RopeTables, apply_rotary, rope_inverse_frequencies
+    from crosschip.modeling.rope import RopeTables, apply_rotary, rope_inverse_frequencies
     from crosschip.specs import RopeSpec
     from crosschip_te.rotary import RopeAngles, Rotary
 
@@ -231,7 +231,7 @@ def test_te_builds_on_meta_and_refuses_a_model_too_big_before_allocating():
     import transformers
 
     from crosschip.errors import ConfigurationError
-    from crosschip.loading import build_model
+    from crosschip.checkpoint.loading import build_model
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
     from crosschip.specs import NormSpec, QKVSpec

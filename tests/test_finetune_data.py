@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import crosschip
-from crosschip.data import IGNORE, Tokenization, collate, held_out, read_rows, tokenize
+from crosschip.training.data import IGNORE, Tokenization, collate, held_out, read_rows, tokenize
 from crosschip.errors import ConfigurationError
-from crosschip.tokenizer import ByteTokenizer, HFTokenizer
-from crosschip.train import TrainArgs, train
+from crosschip.training.tokenizer import ByteTokenizer, HFTokenizer
+from crosschip.training.train import TrainArgs, train
 from helpers import save_chat_model, save_hf_llama
 
 SMALL = dict(batch_size=2, seq_len=48, lr=3e-3, seed=5)

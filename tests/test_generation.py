@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crosschip
-from crosschip.generation import SamplingConfig, next_token
+from crosschip.modeling.generation import SamplingConfig, next_token
 from zoo import save_hf, zoo_configs
 
 CONFIGS = zoo_configs()
@@ -35,7 +35,7 @@ def test_greedy_matches_transformers(tmp_path, backend, name):
 
 def test_cached_decoding_equals_full_forward(tmp_path):
     """The last-position logits of each cached step equal a full forward over the prefix."""
-    from crosschip.generation import KVCache
+    from crosschip.modeling.generation import KVCache
 
     config, _ = CONFIGS["qwen2_sliding_layers"]
     save_hf(tmp_path, config)
@@ -104,7 +104,7 @@ def test_a_model_without_a_cache_generates_through_the_protocol(tmp_path):
     None, the base class's default) generates by running the whole sequence each step, with the
     same greedy tokens as the decoder's cached path; left padding needs a cache, and says so."""
     from crosschip.errors import ConfigurationError
-    from crosschip.loading import build_model, load_config
+    from crosschip.checkpoint.loading import build_model, load_config
     from crosschip.models.llama import LlamaForCausalLM
     from crosschip.runtime import Runtime
 

@@ -61,7 +61,7 @@ def test_uncached_revision_or_id_is_one_clear_error(cache, tmp_path, capsys):
     with pytest.raises(ConfigurationError, match="from_pretrained 'org--x/y': not a valid Hub model id"):
         crosschip.from_pretrained("org--x/y")
     with pytest.raises(ConfigurationError, match="--revision v1: --model 'tiny-llama' is not a Hub model id"):
-        crosschip.train.train(crosschip.train.TrainArgs(revision="v1", out=str(tmp_path / "never")))
+        crosschip.training.train.train(crosschip.training.train.TrainArgs(revision="v1", out=str(tmp_path / "never")))
 
 
 def test_a_local_directory_wins_over_the_id(cache, tmp_path):
@@ -76,7 +76,7 @@ def test_a_local_directory_wins_over_the_id(cache, tmp_path):
 def test_train_from_a_model_id_saves_its_tokenizer(cache, tmp_path):
     import json
 
-    from crosschip.train import TrainArgs, train
+    from crosschip.training.train import TrainArgs, train
 
     result = train(TrainArgs(model="org/tiny", revision=REVISION, steps=2, batch_size=2, seq_len=16,
                              out=str(tmp_path / "out"), log_every=1), progress=False)

@@ -1,4 +1,4 @@
-"""Weight layouts: the pure transforms of ``crosschip.layouts``, the layouts the torch and reference
+"""Weight layouts: the pure transforms of ``crosschip.weights.layouts``, the layouts the torch and reference
 backends register, the torch backend's exact physical layout (checked against constructions
 written out here with explicit loops), its sharding property, and the weight adapter on a tiny
 Llama (Hugging Face state dict <-> crosschip model <-> native combined state dict)."""
@@ -14,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crosschip import layouts as L
-from crosschip.layouts import canonical_shapes
+from crosschip.weights.layouts import canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.plugins.registry import get_registry
 from crosschip.specs import (
@@ -618,7 +618,7 @@ def test_sharded_load_follows_row_permutations_and_refuses_value_changes():
     """The streaming sharded load pushes row ids through a component's transforms: a row
     permutation gives each physical row's checkpoint row; a transform that changes values while
     keeping the shape yields ids that name no row, and the load reads whole tensors instead."""
-    from crosschip.sharded_load import row_sources
+    from crosschip.checkpoint.sharded_load import row_sources
 
     class Binding:
         hf_shapes = {"a.weight": (4, 3), "b.weight": (2, 3)}

@@ -1,4 +1,4 @@
-"""crosschip.local_shards: a module holding plain local shards (as Transformer Engine's
+"""crosschip.parallel.local_shards: a module holding plain local shards (as Transformer Engine's
 tensor-parallel layers do) is seen as DTensors by state_dict / load_state_dict, and its gradients
 likewise, without copies. Two gloo ranks on CPU."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from crosschip import local_shards
+from crosschip.parallel import local_shards
 from gloo_spawn import spawn
 
 
@@ -30,7 +30,7 @@ def _module(rank: int, world: int):
 def _check(rank: int, world: int, root) -> None:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from crosschip.sharded_load import local_region
+    from crosschip.checkpoint.sharded_load import local_region
 
     module, mesh = _module(rank, world)
     whole = {"column.weight": torch.arange(2 * world * 3.0).reshape(2 * world, 3),

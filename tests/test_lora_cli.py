@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import crosschip
 from crosschip.cli import main
 from crosschip.errors import ConfigurationError
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 
 SMALL = dict(steps=4, batch_size=2, seq_len=16, seed=1, lr=2e-2)
 
@@ -101,7 +101,7 @@ def test_periodic_saves_are_adapters_too(base, tmp_path):
 
 
 def test_cli_train_then_generate_with_the_adapter(base, tmp_path, capsys):
-    from crosschip.tokenizer import load_tokenizer
+    from crosschip.training.tokenizer import load_tokenizer
 
     out = tmp_path / "cli"
     assert main(["train", "--model", str(base), "--lora", "r=4,alpha=16", "--steps", "3", "--batch-size", "2",

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from crosschip.metrics import FILE, SINKS
-from crosschip.train import TrainArgs, learning_rate, train
+from crosschip.training.metrics import FILE, SINKS
+from crosschip.training.train import TrainArgs, learning_rate, train
 
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "wall_time"}
 

@@ -59,10 +59,10 @@ def test_bf16_logits_on_neuroncores_match_the_cpu_reference(tmp_path):
     import torch
 
     import crosschip
-    from crosschip.init import init_weights
-    from crosschip.loading import build_model
+    from crosschip.weights.init import init_weights
+    from crosschip.checkpoint.loading import build_model
     from crosschip.models import model_class
-    from crosschip.presets import preset_config
+    from crosschip.training.presets import preset_config
     from crosschip.runtime import Runtime
 
     config = preset_config("tiny-llama")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 from gloo_spawn import spawn
 from helpers import save_hf_llama, train_interrupted
 

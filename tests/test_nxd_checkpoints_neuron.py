@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crosschip.convert import convert
+from crosschip.checkpoint.convert import convert
 from gloo_spawn import spawn
 from helpers import save_hf_llama
 
@@ -114,7 +114,7 @@ def test_from_pretrained_reads_nxd_xser_shards(saved):
 def _train_and_read(rank: int, world: int, root: Path) -> None:
     os.environ.update(NXD_CPU_MODE="1", NEURON_PLATFORM_TARGET_OVERRIDE="trn1")
     from crosschip.checkpoint.nxd.files import NxdCheckpoint
-    from crosschip.train import TrainArgs, train
+    from crosschip.training.train import TrainArgs, train
     from nxd_checkpoints import load_with_nxd
 
     train(TrainArgs(model=str(root / "kv1"), backend="neuron", tp=world, out=str(root / "run"), steps=2,

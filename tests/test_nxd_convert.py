@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from crosschip.checkpoint.nxd.heads import kv_order, query_order
 from crosschip.checkpoint.nxd.metadata import GQAQKV
 from crosschip.cli import main
-from crosschip.convert import convert
+from crosschip.checkpoint.convert import convert
 from crosschip.errors import CheckpointError, ConfigurationError
 from helpers import save_hf_llama
 

@@ -58,8 +58,8 @@ def test_packed_chat_batches_train_each_conversation_as_alone_and_resume_exactly
     stopped mid-way resumes bitwise."""
     import json
 
-    from crosschip.data import Tokenization, collate, collate_packed, pack_groups, read_rows, tokenize
-    from crosschip.tokenizer import HFTokenizer
+    from crosschip.training.data import Tokenization, collate, collate_packed, pack_groups, read_rows, tokenize
+    from crosschip.training.tokenizer import HFTokenizer
     from helpers import save_chat_model, train_interrupted
 
     tok, _ = save_chat_model(tmp_path / "chat-model")

@@ -238,7 +238,7 @@ def test_unknown_backend_or_component_lists_the_valid_names(installed):
     assert str(info.value) == ("unknown backend 'tpu9000' (from argument); valid backends: auto, neuron, "
                                "reference, te, template, torch")
     valid_components = ("valid components: attention, embedding, gated_mlp, layer_norm, linear, lm_head, loss, "
-                        "mlp, out_projection, qkv_projection, rms_norm, rotary")
+                        "mlp, moe, out_projection, qkv_projection, rms_norm, rotary")
     with pytest.raises(UnknownNameError) as info:
         Runtime(components={"flash_attention": "template"})
     assert str(info.value) == f"unknown component 'flash_attention' (from argument components); {valid_components}"

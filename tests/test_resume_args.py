@@ -8,8 +8,8 @@ import json
 import pytest
 
 from crosschip.errors import ConfigurationError
-from crosschip.resume import parse_overrides
-from crosschip.train import TrainArgs, train
+from crosschip.training.resume import parse_overrides
+from crosschip.training.train import TrainArgs, train
 
 RUN = dict(steps=3, batch_size=2, seq_len=16, lr=2e-3, seed=4)
 

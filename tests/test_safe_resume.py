@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from crosschip.errors import CheckpointError
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 
 ARGS = dict(steps=2, batch_size=2, seq_len=16, seed=1)
 

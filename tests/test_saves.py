@@ -19,7 +19,7 @@ import torch
 import crosschip
 from crosschip.checkpoint import SafetensorsCheckpoint
 from crosschip.errors import CheckpointError, ConfigurationError
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 from helpers import save_hf_llama
 from save_kill import run_child, wait
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crosschip import ConfigurationError, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec, Runtime
-from crosschip.layouts import canonical_shapes
+from crosschip.weights.layouts import canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.plugins.registry import get_registry
 from helpers import layout_of
@@ -109,7 +109,7 @@ def test_fp8_projection_on_a_backend_without_fp8_warns_or_fails_in_strict():
 @settings(max_examples=40, deadline=None)
 @given(blocks=st.sampled_from([1, 2, 3, 4]), per_block=st.integers(1, 4), cols=st.sampled_from([(), (3,), (2, 5)]))
 def test_block_interleave_round_trip_is_bitwise(blocks, per_block, cols):
-    from crosschip.layouts import InterleaveBlocks, deinterleave_blocks, interleave_blocks
+    from crosschip.weights.layouts import InterleaveBlocks, deinterleave_blocks, interleave_blocks
 
     a, b = (torch.randn(blocks * per_block, *cols) for _ in range(2))
     x = interleave_blocks(a, b, blocks)
@@ -125,7 +125,7 @@ def test_block_interleave_round_trip_is_bitwise(blocks, per_block, cols):
 
 
 def test_block_interleave_refuses_uneven_blocks():
-    from crosschip.layouts import deinterleave_blocks, interleave_blocks
+    from crosschip.weights.layouts import deinterleave_blocks, interleave_blocks
 
     with pytest.raises(ValueError, match="cannot cut 6 rows into 4 equal blocks"):
         interleave_blocks(torch.zeros(6, 2), torch.zeros(6, 2), 4)
@@ -162,8 +162,8 @@ def test_gated_mlp_fc1_shard_of_each_rank_is_its_gate_then_up(tp, per_rank, bias
 
 
 def test_te_tensor_parallel_configuration_errors():
-    from crosschip.distributed import check_gated_mlp, check_linear
-    from crosschip.kv_replication import kv_copies
+    from crosschip.parallel.distributed import check_gated_mlp, check_linear
+    from crosschip.parallel.kv_replication import kv_copies
     from crosschip_te import parallel
 
     with pytest.raises(ConfigurationError, match="sequence_parallel=True shards the sequence .* needs tp > 1"):

@@ -71,7 +71,7 @@ def _check_fp32(root: Path, name: str, rank: int, sp: bool = False) -> None:
     """tp=2 (with ``sp``: sequence parallel too) against one process, in float32."""
     import torch.distributed as dist
 
-    from crosschip.train import clip_gradients
+    from crosschip.training.train import clip_gradients
 
     path = root / name
     single = crosschip.from_pretrained(path, backend="te", device="cuda", strict=True).train()
@@ -211,7 +211,7 @@ def test_te_tp2_bf16_attention_and_fp8(checkpoints):
 
 
 def test_te_tp2_training_matches_and_resumes(checkpoints):
-    from crosschip.train import TrainArgs, train
+    from crosschip.training.train import TrainArgs, train
 
     single = train(TrainArgs(out=str(checkpoints / "train-single"), **TRAIN), progress=False)
     _spawn(checkpoints, _run, ["train"])

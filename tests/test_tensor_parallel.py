@@ -12,7 +12,7 @@ import torch
 
 import crosschip
 from crosschip.errors import CheckpointError, ConfigurationError
-from crosschip.layouts import ReplicateHeads
+from crosschip.weights.layouts import ReplicateHeads
 from gloo_spawn import spawn
 from helpers import assert_saves_alike, assert_training_steps_match, save_hf_llama
 
@@ -85,7 +85,7 @@ def _check_failed_save(root: Path, rank: int) -> None:
 def _check_fits_per_rank(root: Path, world: int) -> None:
     """The memory check counts the shards a rank will hold: a device with room for a 1/world
     share but not the whole model refuses one process and accepts the tensor-parallel load."""
-    import crosschip.sizes as sizes
+    import crosschip.checkpoint.sizes as sizes
 
     whole = sum(p.numel() * 4 for p in crosschip.from_pretrained(root / "llama", backend="torch").parameters())
     real = sizes.device_memory_bytes

@@ -84,7 +84,7 @@ def test_compile_is_a_runtime_option_and_a_train_flag(tmp_path, fresh_dynamo):
 
     import crosschip
     from crosschip.errors import ConfigurationError
-    from crosschip.train import TrainArgs, train
+    from crosschip.training.train import TrainArgs, train
 
     save_hf_llama(tmp_path / "base", **{**TINY, "vocab_size": 258})
     eager = crosschip.from_pretrained(tmp_path / "base", backend="torch")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import crosschip
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 
 
 def _args(tmp_path, **kw):

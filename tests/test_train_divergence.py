@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crosschip.errors import TrainingDivergedError
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 
 SMALL = ["--batch-size", "2", "--seq-len", "16", "--quiet"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crosschip.errors import ConfigurationError
-from crosschip.train import TrainArgs, train
+from crosschip.training.train import TrainArgs, train
 from gloo_spawn import spawn
 from helpers import save_hf_llama, train_interrupted, transplant_training_state
 

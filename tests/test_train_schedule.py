@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crosschip.errors import ConfigurationError
-from crosschip.train import TrainArgs, learning_rate, train
+from crosschip.training.train import TrainArgs, learning_rate, train
 from helpers import save_hf_llama, train_interrupted
 
 

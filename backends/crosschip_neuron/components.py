@@ -21,8 +21,8 @@ from neuronx_distributed.parallel_layers import layers, mappings
 from torch import nn
 from transformers.activations import ACT2FN
 
-from crosschip.distributed import check_gated_mlp, check_sequence_divides
-from crosschip.kv_replication import kv_copies
+from crosschip.parallel.distributed import check_gated_mlp, check_sequence_divides
+from crosschip.parallel.kv_replication import kv_copies
 from crosschip.lora.sites import adapt, has_adapters
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.specs import EmbeddingSpec, GatedMLPSpec, LinearSpec, LMHeadSpec, QKVSpec

@@ -17,8 +17,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from crosschip.errors import ConfigurationError
-from crosschip.kv_replication import kv_copies
-from crosschip.layouts import IDENTITY, BlockConcat, Chain, GatherHeads, InterleaveBlocks, Rename
+from crosschip.parallel.kv_replication import kv_copies
+from crosschip.weights.layouts import IDENTITY, BlockConcat, Chain, GatherHeads, InterleaveBlocks, Rename
 from crosschip.specs import GatedMLPSpec, LinearSpec, QKVSpec
 from crosschip_neuron.options import fused_qkv
 

@@ -2,7 +2,7 @@
 
 NxD's layers are sharded when built (NxD's parallel state is initialised first, see
 :mod:`crosschip_neuron.state`) and do their own communication. :func:`parallelize` declares
-each sharded parameter to the core (:mod:`crosschip.local_shards`) on a DeviceMesh over NxD's
+each sharded parameter to the core (:mod:`crosschip.parallel.local_shards`) on a DeviceMesh over NxD's
 TP group, so checkpoints load per rank, save whole, and gradients and optimizer state read as
 DTensors, as on the other backends. :func:`attach_training_hooks` adds the gradient sums NxD
 leaves to its trainer: KV-replica biases (NxD's GQA layer sums the weights' only), per-head q/k
@@ -12,7 +12,7 @@ rank's positions.
 
 from __future__ import annotations
 
-from crosschip.distributed import per_head_norms, summed_over
+from crosschip.parallel.distributed import per_head_norms, summed_over
 from crosschip.errors import ConfigurationError
 
 #: Components whose neuron modules hold shards.
@@ -39,7 +39,7 @@ def parallelize(model, runtime):
         return None
     from torch.distributed.tensor import Shard
 
-    from crosschip import local_shards
+    from crosschip.parallel import local_shards
     from crosschip_neuron import state
 
     sp = runtime.parallel.sequence_parallel
@@ -87,8 +87,8 @@ def attach_training_hooks(model, runtime) -> None:
     hooks act before accumulation, so gradient accumulation stays right."""
     from neuronx_distributed.parallel_layers import parallel_state
 
-    from crosschip import local_shards
-    from crosschip.kv_replication import KVReplicas
+    from crosschip.parallel import local_shards
+    from crosschip.parallel.kv_replication import KVReplicas
 
     local_shards.mark_parameters(model)
     kv_group = None

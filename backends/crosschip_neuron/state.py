@@ -100,7 +100,7 @@ def tp_mesh(runtime):
     from neuronx_distributed.parallel_layers import parallel_state
     from torch.distributed.device_mesh import DeviceMesh
 
-    from crosschip.distributed import TP_DIM
+    from crosschip.parallel.distributed import TP_DIM
 
     ranks = tuple(parallel_state.get_tensor_model_parallel_group(as_list=True)[0])
     key = (runtime.device.type, ranks)

@@ -10,17 +10,17 @@ import torch
 import transformer_engine.pytorch as te
 from torch import nn
 
-from crosschip.distributed import check_gated_mlp, check_linear
-from crosschip.kv_replication import kv_copies, physical_qkv_spec
-from crosschip.layouts import split_grouped_heads
+from crosschip.parallel.distributed import check_gated_mlp, check_linear
+from crosschip.parallel.kv_replication import kv_copies, physical_qkv_spec
+from crosschip.weights.layouts import split_grouped_heads
 from crosschip.lora.sites import adapt, has_adapters
-from crosschip.masks import AttentionMask, sdpa
+from crosschip.modeling.masks import AttentionMask, sdpa
 from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 from crosschip_te import parallel
 
 
 def _device(ctx) -> torch.device | str:
-    # Inside the core's model build (a meta-device context, see crosschip.loading.build_model)
+    # Inside the core's model build (a meta-device context, see crosschip.checkpoint.loading.build_model)
     # TE builds on meta too, deferring its allocation and initialisation, so that the memory
     # check counts this rank's shards before anything is allocated; TE initialises them after
     # to_empty (TEModules.reset_buffers). Built directly, a component is ready on its GPU.

@@ -3,7 +3,7 @@ reached from canonical roles by reversible transforms (plain tensor functions, t
 
 from __future__ import annotations
 
-from crosschip.layouts import Chain, InterleaveBlocks, Rename, grouped_qkv
+from crosschip.weights.layouts import Chain, InterleaveBlocks, Rename, grouped_qkv
 from crosschip.specs import GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
 
 

@@ -6,7 +6,7 @@ attention output projection row-parallel, ``LayerNormMLP`` with ``set_parallel_m
 column, fc2 row) and ``DotProductAttention`` over this rank's heads. :func:`parallelize` then
 creates the 1-D ``"tp"`` DeviceMesh, hands its process group to every TE module
 (``set_tensor_parallel_group``, TE's deferred form) and declares which parameters are shards
-(:mod:`crosschip.local_shards`), so checkpoints load, save and report gradients as for the torch
+(:mod:`crosschip.parallel.local_shards`), so checkpoints load, save and report gradients as for the torch
 backend. TE does the communication itself: the row-parallel GEMMs all-reduce their output, the
 column-parallel ones all-reduce the input gradient (before the fused norm's backward, so the
 replicated norm weights get whole, equal gradients on every rank).
@@ -14,7 +14,7 @@ replicated norm weights get whole, equal gradients on every rank).
 Left replicated: norms, and the embedding, LM head and loss, which te does not build.
 With ``sequence_parallel=True`` TE's layers also shard the residual stream along the sequence
 (:mod:`crosschip_te.sequence_parallel`). Where ``tp`` exceeds the KV heads they are replicated, one
-whole group per rank (:mod:`crosschip.kv_replication`), and the replicas' gradients summed by a
+whole group per rank (:mod:`crosschip.parallel.kv_replication`), and the replicas' gradients summed by a
 hook on the QKV weight. Not implemented on te: data parallelism (the torch backend does it).
 """
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from crosschip.distributed import TP_DIM, per_head_norms, summed_over
+from crosschip.parallel.distributed import TP_DIM, per_head_norms, summed_over
 from crosschip.errors import ConfigurationError
-from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
+from crosschip.parallel.kv_replication import KVReplicas, kv_copies, replica_groups
 
 #: Components whose te modules hold shards; under te TP no other backend may build them.
 SHARDED = ("qkv_projection", "out_projection", "gated_mlp")
@@ -107,7 +107,7 @@ def _bind(component, mesh, group) -> None:
     """Give every TE module in ``component`` the TP group and declare its sharded parameters."""
     from torch.distributed.tensor import Shard
 
-    from crosschip.local_shards import declare
+    from crosschip.parallel.local_shards import declare
 
     shards = {}
     for prefix, sub in component.named_modules():
@@ -145,7 +145,7 @@ def attach_training_hooks(model, runtime) -> None:
     per-head norms beside a te QKV projection (Qwen3's q_norm / k_norm), which see only this
     rank's heads so that their replicated weights get partial gradients, a sum over the TP group.
     A tensor hook (before accumulation) keeps gradient accumulation right."""
-    from crosschip.local_shards import mark_parameters
+    from crosschip.parallel.local_shards import mark_parameters
 
     mark_parameters(model)
     for module in model.modules():

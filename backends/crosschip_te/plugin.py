@@ -117,7 +117,7 @@ def crosschip_autocast(runtime):
     # Under tensor parallelism, FP8 scaling factors are agreed over the TP group (amaxes reduced
     # at the end of each step), so ranks holding the same tensor quantize it alike.
     mesh = runtime.device_mesh
-    from crosschip.distributed import TP_DIM
+    from crosschip.parallel.distributed import TP_DIM
 
     group = mesh.get_group(TP_DIM) if mesh is not None and TP_DIM in (mesh.mesh_dim_names or ()) else None
     return lambda: te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)

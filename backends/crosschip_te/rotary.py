@@ -16,7 +16,7 @@ import torch
 from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
 
 from crosschip.reference.components import Rotary as ReferenceRotary
-from crosschip.rope import RopeTables, per_forward_inverse_frequencies
+from crosschip.modeling.rope import RopeTables, per_forward_inverse_frequencies
 
 
 class RopeAngles(NamedTuple):

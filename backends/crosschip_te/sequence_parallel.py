@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from crosschip.distributed import check_sequence_divides
+from crosschip.parallel.distributed import check_sequence_divides
 
 
 class _ToStream(torch.autograd.Function):

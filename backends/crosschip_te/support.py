@@ -84,7 +84,7 @@ def attention(spec, ctx):
 
 
 def rotary(spec, ctx):
-    from crosschip.rope import rope_inverse_frequencies
+    from crosschip.modeling.rope import rope_inverse_frequencies
 
     try:
         _, scaling = rope_inverse_frequencies(spec)

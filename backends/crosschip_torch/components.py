@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from crosschip.layouts import split_grouped_heads
+from crosschip.weights.layouts import split_grouped_heads
 from crosschip.lora.sites import adapt
-from crosschip.masks import AttentionMask, sdpa
+from crosschip.modeling.masks import AttentionMask, sdpa
 from crosschip.reference.components import MLP as ReferenceMLP
 from crosschip.reference.components import CausalLMLoss as ReferenceCausalLMLoss
 from crosschip.reference.components import EagerAttention

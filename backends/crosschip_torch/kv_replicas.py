@@ -1,12 +1,12 @@
 """Summing the gradients of replicated KV heads where the torch backend's weight is used (see
-:mod:`crosschip.kv_replication` for the bookkeeping): an autograd function around the weight,
+:mod:`crosschip.parallel.kv_replication` for the bookkeeping): an autograd function around the weight,
 so it acts on whichever parameter object carries the gradient (FSDP2 gathers a new one)."""
 
 from __future__ import annotations
 
 import torch
 
-from crosschip.kv_replication import KVReplicas
+from crosschip.parallel.kv_replication import KVReplicas
 
 
 def sum_grads(weight, replicas: KVReplicas):

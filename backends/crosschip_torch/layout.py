@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crosschip.layouts import IDENTITY, Chain, InterleaveRows, Rename, grouped_qkv
+from crosschip.weights.layouts import IDENTITY, Chain, InterleaveRows, Rename, grouped_qkv
 from crosschip.specs import GatedMLPSpec, QKVSpec
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from crosschip.layouts import Chain, InterleaveRows, Rename, Stack
+from crosschip.weights.layouts import Chain, InterleaveRows, Rename, Stack
 from crosschip.reference.moe import route
 from crosschip.specs import GatedMLPSpec, MoESpec
 

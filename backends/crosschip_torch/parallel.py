@@ -2,7 +2,7 @@
 component, applied by torch.distributed (``parallelize_module``) on the ``"tp"`` dimension to
 every module of that component, so every model built from these components gets it; then FSDP2
 over ``"dp"`` (:mod:`crosschip_torch.data_parallel`). KV heads beyond ``tp`` are replicated
-(:mod:`crosschip.kv_replication`).
+(:mod:`crosschip.parallel.kv_replication`).
 
 Sharded: the combined QKV and gate/up projections column-wise (their interleaved row orders make a
 dim-0 shard hold whole KV groups and matching gate/up pairs), ``o_proj`` and ``down_proj``
@@ -14,15 +14,15 @@ communication; with it the stream and the norms on it are sharded on the sequenc
 norms' partial weight gradients are summed (see :func:`_gradient_like`). Attention needs no
 style: it receives this rank's heads as plain local tensors and derives head counts from their
 shapes. Per-head norms (Qwen3's q/k norms) see head-sharded activations, never sequence-sharded
-ones; see :func:`crosschip.distributed.per_head_norms` (their input is marked as sharded on the
+ones; see :func:`crosschip.parallel.distributed.per_head_norms` (their input is marked as sharded on the
 head dim, ``SequenceParallel`` over dim 2, so DTensor reduces their gradients).
 """
 
 from __future__ import annotations
 
-from crosschip.distributed import DP_DIM, TP_DIM, per_head_norms
+from crosschip.parallel.distributed import DP_DIM, TP_DIM, per_head_norms
 from crosschip.errors import ConfigurationError
-from crosschip.kv_replication import KVReplicas, kv_copies, replica_groups
+from crosschip.parallel.kv_replication import KVReplicas, kv_copies, replica_groups
 from crosschip_torch import data_parallel
 
 

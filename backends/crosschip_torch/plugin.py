@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crosschip import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
-from crosschip.distributed import check_gated_mlp, check_linear
+from crosschip.parallel.distributed import check_gated_mlp, check_linear
 
 NAME = "torch"
 _MOD = "crosschip_torch.components"
@@ -88,7 +88,7 @@ def crosschip_environment_info():
 # Factories build the full (unsharded) module, with KV heads replicated when the TP degree
 # exceeds them; the parallel plan shards it after the weights are loaded.
 def _qkv_projection(spec, ctx):
-    from crosschip.kv_replication import physical_qkv_spec
+    from crosschip.parallel.kv_replication import physical_qkv_spec
 
     return _cls("CombinedQKV")(physical_qkv_spec(spec, _tp(ctx)))
 

@@ -38,12 +38,16 @@ from crosschip.specs import (
     RopeSpec,
 )
 
+from crosschip import _moved
+
 __version__ = "0.1.0"
+
+_moved.install()  # the flat layout's import paths (crosschip.layouts...) still resolve
 
 _LAZY = {
     "Runtime": "crosschip.runtime",
-    "from_pretrained": "crosschip.loading",
-    "AttentionMask": "crosschip.masks",
+    "from_pretrained": "crosschip.checkpoint.loading",
+    "AttentionMask": "crosschip.modeling.masks",
     "CausalLM": "crosschip.modeling",
     "LoraConfig": "crosschip.lora.config",
 }

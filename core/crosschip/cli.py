@@ -103,8 +103,8 @@ def cmd_backends(args) -> int:
 def cmd_train(args) -> int:
     import torch.distributed as dist
 
-    from crosschip.distributed import shutdown
-    from crosschip.train import TrainArgs, train
+    from crosschip.parallel.distributed import shutdown
+    from crosschip.training.train import TrainArgs, train
 
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if hasattr(args, k)}
     result = train(TrainArgs(**fields), progress=not args.quiet)
@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
 
 
 def _add_data_arguments(train) -> None:
-    """``--data`` and what shapes it into examples (see crosschip.data)."""
+    """``--data`` and what shapes it into examples (see crosschip.training.data)."""
     train.add_argument("--data", default=None, metavar="PATH_OR_ID",
                        help="a dataset to fine-tune on: a local .jsonl, .json, .parquet, .txt or .arrow file, a "
                             "save_to_disk directory, or a Hub dataset id (online); rows of text or chat messages")
@@ -178,9 +178,9 @@ def _add_schedule_arguments(train) -> None:
 def cmd_generate(args) -> int:
     import torch
 
-    from crosschip import hub
-    from crosschip.loading import from_pretrained
-    from crosschip.tokenizer import chat_prompt, check_vocab_fits, load_tokenizer
+    from crosschip.checkpoint import hub
+    from crosschip.checkpoint.loading import from_pretrained
+    from crosschip.training.tokenizer import chat_prompt, check_vocab_fits, load_tokenizer
 
     _check_generate_args(args)  # before loading: a typo should not cost a model load
     if args.seed is not None:
@@ -224,7 +224,7 @@ def _check_generate_args(args) -> None:
 
 
 def cmd_convert(args) -> int:
-    from crosschip.convert import convert
+    from crosschip.checkpoint.convert import convert
 
     summary = convert(args.source, args.out, tp=args.tp, config=args.config, kv_layout=args.kv_layout,
                       fuse_qkv=args.fuse_qkv, progress=not args.quiet, max_shard_size=args.max_shard_size)

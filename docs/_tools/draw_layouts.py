@@ -118,7 +118,7 @@ def qkv():
 
     # arrow
     s.line(480, y + bh + 30, 480, y + bh + 62, arrow=True)
-    s.text(492, y + bh + 52, "InterleaveQKV (crosschip.layouts.interleave_qkv)", 12, mono=True, color="#444444")
+    s.text(492, y + bh + 52, "InterleaveQKV (crosschip.weights.layouts.interleave_qkv)", 12, mono=True, color="#444444")
 
     # 2. torch combined
     y = 250
@@ -187,7 +187,7 @@ def gate_up():
     s.text(x2, y + bh + 18, "mlp.up_proj.weight", 12, mono=True)
     s.text(940, y + bh + 18, "dim 0 →", 12, "end", color="#555555")
     s.line(480, y + bh + 30, 480, y + bh + 62, arrow=True)
-    s.text(492, y + bh + 52, "InterleaveRows (crosschip.layouts.interleave_rows)", 12, mono=True, color="#444444")
+    s.text(492, y + bh + 52, "InterleaveRows (crosschip.weights.layouts.interleave_rows)", 12, mono=True, color="#444444")
 
     y = 240
     s.text(20, y - 14, "2. torch backend: mlp.gate_up_proj.weight = [gate_0, up_0, gate_1, up_1, …]", 14, weight="bold")

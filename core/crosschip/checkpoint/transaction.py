@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from crosschip.checkpoint.lock import CONTROL, LOCK, output_lock
-from crosschip.distributed import rank as distributed_rank
+from crosschip.parallel.distributed import rank as distributed_rank
 from crosschip.errors import CheckpointError, save_failure
 
 logger = logging.getLogger(__name__)

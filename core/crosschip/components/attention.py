@@ -37,7 +37,7 @@ class AttentionSpec:
 def _example(spec: AttentionSpec, options, gen) -> Example:
     import torch
 
-    from crosschip.masks import AttentionMask
+    from crosschip.modeling.masks import AttentionMask
 
     kv_len = SEQ + 1
     q_len = options.get("q_len", kv_len)

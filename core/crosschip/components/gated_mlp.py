@@ -64,7 +64,7 @@ def _weights(roles):
 
 def _layout(roles):
     def layout(spec, ctx):
-        from crosschip.layouts import Rename
+        from crosschip.weights.layouts import Rename
 
         return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in roles for p in ("weight", "bias")})
 

@@ -68,7 +68,7 @@ def _call(module, inputs, helpers) -> tuple:
 
 
 def _layout(spec, ctx):
-    from crosschip.layouts import Rename
+    from crosschip.weights.layouts import Rename
 
     roles = {f"experts.{e}.{r}.weight": f"experts.{e}.{r}_proj.weight"
              for e in range(spec.num_experts) for r in ("gate", "up", "down")}

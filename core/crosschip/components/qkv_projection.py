@@ -72,7 +72,7 @@ def _cases():
 
 
 def _layout(spec, ctx):
-    from crosschip.layouts import Rename
+    from crosschip.weights.layouts import Rename
 
     return Rename.of(**{f"{r}.{p}": f"{r}_proj.{p}" for r in "qkv" for p in ("weight", "bias")})
 

@@ -13,7 +13,7 @@ from crosschip.errors import CheckpointError, ConfigurationError
 from crosschip.lora import sites
 from crosschip.lora.config import LoraConfig
 from crosschip.lora.slots import LoraAdapter, LoraSlot
-from crosschip.sharded_load import column_sources, local_region, row_sources
+from crosschip.checkpoint.sharded_load import column_sources, local_region, row_sources
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -163,9 +163,9 @@ def _tp_region(param, where: str):
     the tensor-parallel mesh, that mesh's process group (None when not sharded) and the
     weight's global number of columns. A DTensor parameter (torch backend) says where it is; a
     library's layer holding a plain local shard (neuronx-distributed's, see
-    :mod:`crosschip.local_shards`) is seen through its declared DTensor view. A weight that FSDP2
+    :mod:`crosschip.parallel.local_shards`) is seen through its declared DTensor view. A weight that FSDP2
     shards over ``dp`` only is whole at compute time."""
-    from crosschip.local_shards import as_global
+    from crosschip.parallel.local_shards import as_global
 
     shard = getattr(param, "crosschip_local_shard", None)
     view = as_global(param.detach(), *shard) if shard is not None else param
@@ -198,7 +198,7 @@ def write(model, staging: Path, base_model: str | None = None) -> None:
     """The adapter's files into ``staging`` (rank 0 writes; every rank gathers)."""
     from safetensors.torch import save_file
 
-    from crosschip.distributed import rank
+    from crosschip.parallel.distributed import rank
 
     adapter = _require(model)
     tensors = {k: weights.whole(v).detach().to("cpu").contiguous().clone()

@@ -2,7 +2,7 @@
 one physical weight's matmul.
 
 Which rows of that output belong to which Hugging Face projection follows from the backend's
-registered layout (:func:`crosschip.sharded_load.row_sources` pushes row indices through it), and
+registered layout (:func:`crosschip.checkpoint.sharded_load.row_sources` pushes row indices through it), and
 which of them this rank holds from the weight's tensor-parallel placement. So one combined
 ``qkv_proj`` output gets q's, k's and v's own low-rank updates at q's, k's and v's rows,
 KV-head replicas included, and no backend repeats adapter math or layout knowledge.
@@ -82,7 +82,7 @@ def _hook(owner, weight: str):
         # sequence: the update is computed for the whole sequence and scattered the same way.
         from torch.distributed.tensor import DTensor, Shard
 
-        from crosschip.sharded_load import local_region
+        from crosschip.checkpoint.sharded_load import local_region
 
         placements = tuple(out.placements)
         if len(placements) != 1 or not isinstance(placements[0], Shard):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crosschip.masks import AttentionMask
+from crosschip.modeling.masks import AttentionMask
 from crosschip.modeling import CausalLM, CausalLMOutput
 from crosschip.runtime import Runtime
 from crosschip.specs import (
@@ -164,7 +164,7 @@ class DecoderForCausalLM(CausalLM):
         ``[batch, seq]``, the document of each position of a packed row (attention stays within
         a document; give ``position_ids`` restarting at each document too, and labels of -100 at
         each document's first token, so that no document predicts the next one's start);
-        ``cache``: a :class:`crosschip.generation.KVCache` holding the past keys and values;
+        ``cache``: a :class:`crosschip.modeling.generation.KVCache` holding the past keys and values;
         ``last_logits_only``: logits of the last position only (``[batch, 1, vocab]``: a
         generation's prompt step needs no others, and they are the largest tensor of a forward)."""
         if last_logits_only and labels is not None:
@@ -188,7 +188,7 @@ class DecoderForCausalLM(CausalLM):
         return CausalLMOutput(logits=whole(logits), loss=loss)  # gathered if the plan sharded them
 
     def new_cache(self):
-        from crosschip.generation import KVCache
+        from crosschip.modeling.generation import KVCache
 
         return KVCache(self.opts.num_layers)
 

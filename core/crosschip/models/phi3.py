@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import Phi3Config
 
-from crosschip.layouts import IDENTITY, Chain, Concat, Rename
+from crosschip.weights.layouts import IDENTITY, Chain, Concat, Rename
 from crosschip.models import register_model
 from crosschip.models.decoder import DecoderForCausalLM, DecoderOptions
 from crosschip.models.hf_config import sliding_windows

@@ -77,7 +77,7 @@ class ComponentImpl:
 @dataclass(frozen=True)
 class LayoutImpl:
     """How a backend's component stores its weights: ``transform(spec, ctx)`` returns a
-    :class:`crosschip.layouts.Transform` from canonical role names to physical parameter names
+    :class:`crosschip.weights.layouts.Transform` from canonical role names to physical parameter names
     (relative to the component module)."""
 
     backend: str

@@ -9,8 +9,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from crosschip.lora.sites import adapt
-from crosschip.masks import AttentionMask, allowed
-from crosschip.rope import (
+from crosschip.modeling.masks import AttentionMask, allowed
+from crosschip.modeling.rope import (
     RopeTables,
     apply_rotary,
     long_inverse_frequencies,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crosschip.components import BUILTIN
-from crosschip.layouts import IDENTITY
+from crosschip.weights.layouts import IDENTITY
 from crosschip.plugins import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
 from crosschip.plugins.descriptors import resolve_callable
 

@@ -43,8 +43,8 @@ from torch import nn
 
 from crosschip import weights
 from crosschip.errors import CheckpointError, ConfigurationError, CrosschipError
-from crosschip.layouts import IDENTITY, canonical_shapes
-from crosschip.masks import AttentionMask
+from crosschip.weights.layouts import IDENTITY, canonical_shapes
+from crosschip.modeling.masks import AttentionMask
 from crosschip.modeling import CausalLM
 from crosschip.plugins.descriptors import PLUGIN_API_VERSION, BackendDescriptor, Probe, resolve_callable
 from crosschip.plugins.registry import REFERENCE, Registry, get_registry
@@ -291,7 +291,7 @@ def _select(backend: str, case: Case, device, dtype, registry) -> tuple[Runtime,
 
 def _build_side(backend_runtime: Runtime, reference: Runtime, case: Case, *, fused_norm: bool,
                 reference_norm: bool) -> _Side:
-    from crosschip.loading import build_model  # the path from_pretrained takes: meta, then to_empty
+    from crosschip.checkpoint.loading import build_model  # the path from_pretrained takes: meta, then to_empty
 
     def build():
         modules = {"component": backend_runtime.build(case.component, case.spec)}

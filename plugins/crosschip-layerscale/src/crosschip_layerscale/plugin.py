@@ -13,7 +13,7 @@ def probe() -> Probe:
 
 
 def _layout(spec, ctx):
-    from crosschip.layouts import Rename
+    from crosschip.weights.layouts import Rename
 
     return Rename.of(weight="gamma")
 

@@ -1,10 +1,10 @@
 """Physical layouts of the template backend, as reversible transforms from the canonical (Hugging
-Face) roles of each component; see ``crosschip.layouts`` for the vocabulary (Rename, Concat,
+Face) roles of each component; see ``crosschip.weights.layouts`` for the vocabulary (Rename, Concat,
 InterleaveQKV, InterleaveRows, Chain)."""
 
 from __future__ import annotations
 
-from crosschip.layouts import IDENTITY
+from crosschip.weights.layouts import IDENTITY
 
 
 def rms_norm_layout(spec, ctx=None):

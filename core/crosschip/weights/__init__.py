@@ -20,9 +20,9 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from crosschip import local_shards
+from crosschip.parallel import local_shards
 from crosschip.errors import CheckpointError
-from crosschip.layouts import IDENTITY, Transform, canonical_shapes
+from crosschip.weights.layouts import IDENTITY, Transform, canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.runtime import BuildContext, ComponentInfo
 
@@ -214,7 +214,7 @@ def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = fro
 def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> None:
     """Fill ``model`` from canonical tensors, streaming one component at a time. A sharded
     (DTensor) component reads only its rank's rows and columns."""
-    from crosschip.sharded_load import load_local
+    from crosschip.checkpoint.sharded_load import load_local
 
     release = getattr(source, "release", None)
     for b in check_source(model, source, ignored):

@@ -12,9 +12,9 @@ import json
 import warnings
 from pathlib import Path
 
-from crosschip import local_shards
+from crosschip.parallel import local_shards
 from crosschip.checkpoint import safe_dcp
-from crosschip.distributed import barrier, rank
+from crosschip.parallel.distributed import barrier, rank
 from crosschip.errors import CheckpointError, ConfigurationError
 
 STATE_DIR = "training_state"  # torch.distributed.checkpoint of model and optimizer, any layout

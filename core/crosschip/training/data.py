@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from crosschip.errors import ConfigurationError, CrosschipWarning
-from crosschip.tokenizer import has_chat_template
+from crosschip.training.tokenizer import has_chat_template
 
 IGNORE = -100  # the loss's ignore_index (LossSpec)
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})

@@ -1,4 +1,4 @@
-"""``crosschip.convert``: a Hugging Face checkpoint to neuronx-distributed (NxD) shards at a given
+"""``crosschip.checkpoint.convert``: a Hugging Face checkpoint to neuronx-distributed (NxD) shards at a given
 tp, or NxD shards (from NxD's trainer, Optimum Neuron or crosschip's neuron backend) to a Hugging
 Face checkpoint; the source format is detected. The output is written as one atomic save (a
 failure or a kill leaves whatever was at ``out`` as it was), and memory stays near one weight

@@ -1,5 +1,5 @@
 """``crosschip.from_pretrained``: a local Hugging Face directory, or a Hub model id through the
-local cache (:mod:`crosschip.hub`), onto any backend."""
+local cache (:mod:`crosschip.checkpoint.hub`), onto any backend."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from crosschip.models import model_class
 from crosschip.plugins.resolution import BackendChoice
 from crosschip.runtime import Runtime
 from crosschip.specs import ParallelSpec
-from crosschip.sizes import check_config_sizes, check_fits
-from crosschip import hub, weights
+from crosschip.checkpoint.sizes import check_config_sizes, check_fits
+from crosschip import weights
+from crosschip.checkpoint import hub
 
 
 def load_config(path: str | Path):
@@ -98,7 +99,7 @@ def from_pretrained(
 
     ``compile``: True, or a dict of ``torch.compile`` options (``mode``, ``fullgraph``,
     ``dynamic``, ``backend``, ``options``): the model's forward compiled in place (see
-    :mod:`crosschip.compilation`), after any adapter is attached.
+    :mod:`crosschip.modeling.compilation`), after any adapter is attached.
     """
     if lora is not None and adapter is not None:
         raise ConfigurationError("from_pretrained: give lora= (a new adapter) or adapter= (a saved one), not both")
@@ -108,7 +109,7 @@ def from_pretrained(
     if dtype is None:
         dtype = torch.float32
     if tp * dp > 1:  # under torchrun, join its process group unless the caller already did
-        from crosschip.distributed import join_launched_group
+        from crosschip.parallel.distributed import join_launched_group
 
         join_launched_group(None if device is None else str(device))
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=strict,
@@ -132,7 +133,7 @@ def from_pretrained(
         model.add_adapter(lora)
     elif adapter is not None:
         model.load_adapter(adapter)
-    from crosschip.compilation import compile_model
+    from crosschip.modeling.compilation import compile_model
 
     compile_model(model, compile)
     return model.eval()

@@ -1,7 +1,7 @@
 """The main job: train a causal LM on the built-in corpus, a text file or a dataset
-(``--data``, see :mod:`crosschip.data`), on any backend, and save a Hugging Face checkpoint with
+(``--data``, see :mod:`crosschip.training.data`), on any backend, and save a Hugging Face checkpoint with
 everything needed to resume (and, with ``--save-every``, intermediate ones: see
-:mod:`crosschip.periodic_saves`)."""
+:mod:`crosschip.training.periodic_saves`)."""
 
 from __future__ import annotations
 
@@ -15,28 +15,30 @@ from pathlib import Path
 
 import torch
 
-from crosschip import hub, periodic_saves
+from crosschip.checkpoint import hub
+
+from crosschip.training import periodic_saves
 from crosschip.checkpoint.lock import output_lock
 from crosschip.checkpoint.transaction import atomic_save, committed_directory, holds_checkpoint, manifest
-from crosschip.clipping import clip_gradients
-from crosschip.data import Batch, collate, collate_packed, pack_groups, pad_id, step_indices, training_splits
-from crosschip.distributed import DP_DIM, barrier
-from crosschip.distributed import rank as _rank
+from crosschip.training.clipping import clip_gradients
+from crosschip.training.data import Batch, collate, collate_packed, pack_groups, pad_id, step_indices, training_splits
+from crosschip.parallel.distributed import DP_DIM, barrier
+from crosschip.parallel.distributed import rank as _rank
 from crosschip.errors import CheckpointError, ConfigurationError, TrainingDivergedError
-from crosschip.init import init_weights
-from crosschip.loading import build_model, finalize, from_pretrained
-from crosschip.metrics import StepMetrics, parse_log, peak_memory_bytes
+from crosschip.weights.init import init_weights
+from crosschip.checkpoint.loading import build_model, finalize, from_pretrained
+from crosschip.training.metrics import StepMetrics, parse_log, peak_memory_bytes
 from crosschip.models import model_class
-from crosschip.presets import preset_config
-from crosschip.resume import normalised, read_meta, recorded, resumed_args
+from crosschip.training.presets import preset_config
+from crosschip.training.resume import normalised, read_meta, recorded, resumed_args
 from crosschip.runtime import Runtime
-from crosschip.schedule import learning_rate
+from crosschip.training.schedule import learning_rate
 from crosschip.specs import ParallelSpec
-from crosschip.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
-from crosschip.train_args import TrainArgs
-from crosschip.compilation import compile_model
-from crosschip.distributed import join_launched_group
-from crosschip.training_state import STATE_DIR, STATE_META, layouts_of, load_training_state, save_training_state
+from crosschip.training.tokenizer import ByteTokenizer, check_vocab_fits, load_tokenizer
+from crosschip.training.train_args import TrainArgs
+from crosschip.modeling.compilation import compile_model
+from crosschip.parallel.distributed import join_launched_group
+from crosschip.training.training_state import STATE_DIR, STATE_META, layouts_of, load_training_state, save_training_state
 
 
 @dataclass
@@ -61,7 +63,7 @@ def batch_for_step(tokens: torch.Tensor, step: int, args: TrainArgs, rows: int |
 
 class StepData:
     """The whole batch of each step (``grad_accumulation * batch_size`` rows): from the corpus
-    (every token a label, no padding) or from ``--data`` (:mod:`crosschip.data`); either way a
+    (every token a label, no padding) or from ``--data`` (:mod:`crosschip.training.data`); either way a
     function of (seed, step). ``evaluation``: the validation split's dataset, or None."""
 
     def __init__(self, args: TrainArgs, tokenizer):
@@ -102,7 +104,7 @@ def _corpus_tokens(args: TrainArgs, tokenizer) -> torch.Tensor:
             raise ConfigurationError(f"--text {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                      "expected a text file") from None
     else:
-        from crosschip.corpus import generate_corpus
+        from crosschip.training.corpus import generate_corpus
 
         text = generate_corpus(seed=args.seed)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)

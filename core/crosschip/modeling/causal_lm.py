@@ -14,7 +14,7 @@ from crosschip import weights
 from crosschip.checkpoint.transaction import atomic_save
 from crosschip.checkpoint.writer import write_weights
 from crosschip.errors import CheckpointError
-from crosschip.layouts import IDENTITY, Transform
+from crosschip.weights.layouts import IDENTITY, Transform
 from crosschip.runtime import Runtime
 
 
@@ -57,12 +57,12 @@ class CausalLM(nn.Module):
         Hugging Face checkpoint itself stores fused tensors (Phi-3's ``qkv_proj``)."""
         return IDENTITY
 
-    # -- generation: the cache protocol (crosschip.generation) -------------------------------
+    # -- generation: the cache protocol (crosschip.modeling.generation) -------------------------------
     def new_cache(self):
-        """A fresh cache for :func:`crosschip.generation.generate`, which then calls
+        """A fresh cache for :func:`crosschip.modeling.generation.generate`, which then calls
         ``forward(step_ids, attention_mask=, position_ids=, cache=, last_logits_only=True)`` with
         only the new tokens and lets the model fill it (the decoder returns a
-        :class:`crosschip.generation.KVCache`). None, the default, for a model whose forward takes
+        :class:`crosschip.modeling.generation.KVCache`). None, the default, for a model whose forward takes
         only ``input_ids``: generation then runs the whole sequence every step, without padding."""
         return None
 
@@ -76,7 +76,7 @@ class CausalLM(nn.Module):
                  eos_token_id=None, pad_token_id=None, generator=None):
         """Greedy or sampled continuation (with the model's cache, if it has one; left-padded
         batches then supported)."""
-        from crosschip.generation import SamplingConfig, generate
+        from crosschip.modeling.generation import SamplingConfig, generate
 
         return generate(self, input_ids, max_new_tokens, attention_mask,
                         SamplingConfig(do_sample, temperature, top_k, top_p),

@@ -404,8 +404,8 @@ def grouped_qkv(spec, tp: int, weight: str, bias: str) -> list[Transform]:
     """q, k, v (weights and biases) into one ``[Q_g | K_g | V_g]``-grouped projection, the layout
     of every backend whose QKV projection is column-parallel: a dim-0 shard holds whole groups.
     Where ``tp`` exceeds the KV heads each is first replicated (see
-    :mod:`crosschip.kv_replication`), so that each rank still gets one whole group."""
-    from crosschip.kv_replication import kv_copies
+    :mod:`crosschip.parallel.kv_replication`), so that each rank still gets one whole group."""
+    from crosschip.parallel.kv_replication import kv_copies
 
     copies = kv_copies(spec, tp)
     replicate = [ReplicateHeads(("k.weight", "v.weight", "k.bias", "v.bias"), spec.num_kv_heads, copies)]

@@ -1,12 +1,12 @@
 """Gradient clipping over any parallel layout: DTensor gradients on a ``(dp, tp)`` mesh, a
-backend's local shards (declared through :mod:`crosschip.local_shards`), plain replicated
+backend's local shards (declared through :mod:`crosschip.parallel.local_shards`), plain replicated
 gradients, and rows that replicate one another (KV heads copied where tp exceeds them)."""
 
 from __future__ import annotations
 
 import torch
 
-from crosschip import local_shards
+from crosschip.parallel import local_shards
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ def _squares(grad, row_copies) -> torch.Tensor:
     local = grad.to_local().float()
     if row_copies is None:
         return local.pow(2).sum()
-    from crosschip.sharded_load import local_region
+    from crosschip.checkpoint.sharded_load import local_region
 
     (start, stop), *_ = local_region(grad)
     per_row = local.pow(2).reshape(local.shape[0], -1).sum(dim=1)

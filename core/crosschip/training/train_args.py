@@ -1,5 +1,5 @@
 """The arguments of a training run (``crosschip train``'s options), checked before anything is
-built; which of them define a run on resume is :mod:`crosschip.resume`'s business."""
+built; which of them define a run on resume is :mod:`crosschip.training.resume`'s business."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crosschip.errors import ConfigurationError
-from crosschip.metrics import parse_log
-from crosschip.schedule import SCHEDULES
+from crosschip.training.metrics import parse_log
+from crosschip.training.schedule import SCHEDULES
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TrainArgs:
     # for the progress bar and the divergence check.
     log_every: int = 10
     # With resume: run-defining arguments that may differ from the saved run, "name=value"
-    # (several per item, comma-separated); see crosschip.resume.
+    # (several per item, comma-separated); see crosschip.training.resume.
     override: list[str] | None = None
     overwrite: bool = False  # replace a checkpoint in `out` that this run did not start from
     revision: str | None = None  # with a Hub model id as `model`: a branch, tag or commit

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crosschip.errors import ConfigurationError
-from crosschip.tokenizer import ByteTokenizer
+from crosschip.training.tokenizer import ByteTokenizer
 
 
 def _byte_llama(**sizes):

@@ -1,5 +1,5 @@
 """KV-head replication, for tensor-parallel degrees beyond the number of KV heads: each KV head is
-stored once per TP rank that needs it (:class:`crosschip.layouts.ReplicateHeads` orders the copies
+stored once per TP rank that needs it (:class:`crosschip.weights.layouts.ReplicateHeads` orders the copies
 so that a dim-0 shard of the QKV projection holds whole groups), and its copies must train as one
 weight: their gradients are summed over the ranks holding them, and a gradient norm counts each
 once. The bookkeeping is backend-neutral; each backend's parallel plan applies the sum where its
@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from crosschip.distributed import check_divides
+from crosschip.parallel.distributed import check_divides
 from crosschip.errors import ConfigurationError
 
 
