@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from crosschip import layouts as L
+from crosschip.weights import layouts as L
 from crosschip.weights.layouts import canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.plugins.registry import get_registry
