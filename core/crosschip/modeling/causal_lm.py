@@ -20,13 +20,16 @@ from crosschip.runtime import Runtime
 
 @dataclass
 class CausalLMOutput:
-    """``logits`` ``[batch, seq, vocab]`` (None when not asked for) and the mean next-token
-    ``loss`` (None without labels). Logits a parallel plan left sharded (the vocab-parallel LM
+    """``logits`` ``[batch, seq, vocab]`` (None when not asked for), the mean next-token
+    ``loss`` (None without labels), and a mixture of experts' ``aux_loss``, the routers'
+    load-balancing loss (None for dense models; in ``loss`` only where the config says so).
+    Logits a parallel plan left sharded (the vocab-parallel LM
     head's) are gathered whole here, differentiably, so a model's caller never sees a
     distributed tensor, whatever the model file returns."""
 
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
     def __post_init__(self):
         self.logits = weights.whole(self.logits)

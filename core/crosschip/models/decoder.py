@@ -5,6 +5,7 @@ tensors, a checkpoint transform); nothing here knows about any backend."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +16,6 @@ from crosschip.runtime import Runtime
 from crosschip.specs import (
     AttentionSpec,
     EmbeddingSpec,
-    GatedMLPSpec,
     LinearSpec,
     LMHeadSpec,
     LossSpec,
@@ -24,6 +24,9 @@ from crosschip.specs import (
     RopeSpec,
 )
 from crosschip.weights import whole
+
+if TYPE_CHECKING:  # the mixture's options import this module's runtime pieces in turn
+    from crosschip.models.moe import MoEOptions
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class DecoderOptions:
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
     logits_divisor: float = 1.0
+    #: Mixture-of-experts MLPs (Qwen3-MoE, Mixtral): see crosschip.models.moe.
+    moe: MoEOptions | None = None
 
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
@@ -93,9 +98,11 @@ class DecoderLayer(nn.Module):
         attn_norm = NormSpec(o.hidden_size, o.norm_eps)
         mlp_norm = NormSpec(o.hidden_size, o.norm_eps)
         self.self_attn = SelfAttention(o, rt, layer, attn_norm)
-        self.mlp = rt.gated_mlp(GatedMLPSpec(
-            o.hidden_size, o.intermediate_size, activation=o.activation, bias=o.mlp_bias,
-            input_norm=mlp_norm))
+        from crosschip.models.moe import feed_forward
+
+        self.mlp = feed_forward(o, rt, layer, mlp_norm)
+        #: A mixture's router logits of the last forward (for the auxiliary loss).
+        self.router_logits = None
         # Identity when the projection's backend fused the norm in.
         self.input_layernorm = rt.input_norm(attn_norm, self.self_attn.qkv_proj)
         self.post_attention_layernorm = rt.input_norm(mlp_norm, self.mlp)
@@ -105,6 +112,8 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(self.input_layernorm(hidden), rotary, tables, mask, cache)
         hidden = hidden + attn * self.residual_multiplier if self.residual_multiplier != 1.0 else hidden + attn
         mlp = self.mlp(self.post_attention_layernorm(hidden))
+        if isinstance(mlp, tuple):  # a mixture of experts: (output, router logits)
+            mlp, self.router_logits = mlp
         return hidden + mlp * self.residual_multiplier if self.residual_multiplier != 1.0 else hidden + mlp
 
 
@@ -185,7 +194,16 @@ class DecoderForCausalLM(CausalLM):
             if last_logits_only and sharded and logits is not None:
                 logits = logits[:, -1:]
             loss = self.loss_fn(hidden, labels, self.lm_head, logits) if labels is not None else None
-        return CausalLMOutput(logits=whole(logits), loss=loss)  # gathered if the plan sharded them
+        aux_loss = self._auxiliary_loss(attention_mask) if self.opts.moe is not None and cache is None else None
+        if loss is not None and aux_loss is not None and self.opts.moe.output_router_logits:
+            loss = loss + self.opts.moe.aux_loss_coef * aux_loss
+        return CausalLMOutput(logits=whole(logits), loss=loss, aux_loss=aux_loss)  # logits gathered if sharded
+
+    def _auxiliary_loss(self, attention_mask):
+        from crosschip.models.moe import auxiliary_loss
+
+        logits = tuple(layer.router_logits for layer in self.model.layers if layer.router_logits is not None)
+        return auxiliary_loss(self, logits, attention_mask) if logits else None
 
     def new_cache(self):
         from crosschip.modeling.generation import KVCache
@@ -195,6 +213,13 @@ class DecoderForCausalLM(CausalLM):
     @property
     def max_positions(self) -> int:
         return self.opts.rope.max_position_embeddings
+
+    def checkpoint_transform(self, path, info):
+        if info.component == "moe":
+            from crosschip.models.moe import checkpoint_transform
+
+            return checkpoint_transform(self.opts.moe)
+        return super().checkpoint_transform(path, info)
 
     def checkpoint_names(self) -> dict[str, dict[str, str]]:
         names = {}
@@ -208,4 +233,6 @@ class DecoderForCausalLM(CausalLM):
                 "gate": f"{p}.mlp.gate_proj", "up": f"{p}.mlp.up_proj",
                 "down": f"{p}.mlp.down_proj", "gate_up_proj": f"{p}.mlp.gate_up_proj",
                 "norm": f"{p}.post_attention_layernorm"}
+            if self.opts.moe is not None and self.opts.moe.sparse_layers[i]:
+                names[f"{p}.mlp"] = {"": f"{p}.{self.opts.moe.block}"}
         return names
