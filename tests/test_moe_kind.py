@@ -145,7 +145,7 @@ def test_grouped_experts_route_like_the_reference_at_the_edges(routing, dtype):
 
 @pytest.mark.cuda
 def test_grouped_experts_on_cuda_bf16_match_the_reference():
-    """The grouped GEMM path (bf16, compute capability 9.0+) against the reference in float32 on
+    """The grouped GEMM path (bf16, compute capability 8.0+) against the reference in float32 on
     the same bf16-rounded weights: within the conformance kit's bf16 tolerance."""
     from crosschip_torch.moe import grouped_mm_runs
 
@@ -154,4 +154,4 @@ def test_grouped_experts_on_cuda_bf16_match_the_reference():
     spec = MoESpec(256, 128, 16, 4, norm_topk_prob=True)
     grouped = crosschip.Runtime("torch", device="cuda", dtype=torch.bfloat16).moe(spec).cuda().bfloat16()
     x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
-    assert grouped_mm_runs(x, grouped.down_proj.transpose(1, 2)) == (torch.cuda.get_device_capability() >= (9, 0))
+    assert grouped_mm_runs(x, grouped.down_proj.transpose(1, 2)) == (torch.cuda.get_device_capability() >= (8, 0))

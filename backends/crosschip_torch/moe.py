@@ -1,7 +1,8 @@
 """The torch backend's mixture of experts: every expert's weights stacked (``[experts, ...]``,
 gate and up rows interleaved as in the dense MLP), tokens permuted into expert order on the
-device (no host synchronisation), and one grouped GEMM per projection (``torch._grouped_mm``)
-where this torch and device run it, else a loop over the experts' token ranges."""
+device (no host synchronisation), and one grouped GEMM per projection
+(``torch.nn.functional.grouped_mm``) where this torch and device run it, else a loop over the
+experts' token ranges."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class GroupedExperts(nn.Module):
 def _grouped(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``x[rows of group g] @ weights[g]`` for the consecutive row groups ending at ``offsets``."""
     if grouped_mm_runs(x, weights):
-        return torch._grouped_mm(x, weights, offs=offsets)
+        return _GROUPED_MM(x, weights, offs=offsets)
     # The loop needs the group boundaries on the host: a synchronisation, where the grouped GEMM
     # has none, but correct on every device and dtype.
     out, start = [], 0
@@ -72,13 +73,17 @@ def _grouped(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> t
     return torch.cat(out)
 
 
+#: The grouped GEMM: public since torch 2.10, private before.
+_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def grouped_mm_runs(x: torch.Tensor, weights: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands here: bfloat16 on a CUDA device of
-    compute capability 9.0 or later, float32 or bfloat16 on the CPU, and rows of 16-byte multiples."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != weights.dtype:
+    """Whether the grouped GEMM takes these operands here: bfloat16 on a CUDA device of compute
+    capability 8.0 or later, float32 or bfloat16 on the CPU, and rows of 16-byte multiples."""
+    if _GROUPED_MM is None or x.dtype != weights.dtype:
         return False
     if x.is_cuda:
-        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     else:
         ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
     return ok and all(d * x.element_size() % 16 == 0 for d in (*x.shape[1:], *weights.shape[1:]))
