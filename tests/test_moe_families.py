@@ -116,3 +116,21 @@ def test_a_checkpoint_missing_an_expert_names_it(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.block_sparse_moe\.experts\.3\.w1\.weight"):
         crosschip.from_pretrained(tmp_path, backend="torch")
+
+
+def test_crosschip_train_fine_tunes_a_moe_checkpoint(tmp_path):
+    """``crosschip train`` on a Qwen3-MoE checkpoint: the loss (with the routers' auxiliary loss)
+    falls, and the saved checkpoint loads in transformers with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from crosschip.training.train import TrainArgs, train
+
+    tiny = CONFIGS["qwen3_moe"][0]
+    config = type(tiny)(**{**tiny.to_dict(), "vocab_size": 320})  # room for the byte-level tokens
+    save_hf(tmp_path / "base", config)
+    result = train(TrainArgs(model=str(tmp_path / "base"), steps=30, batch_size=4, seq_len=32, lr=3e-3,
+                             out=str(tmp_path / "out"), seed=3), progress=False)
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5, result.losses
+    ids = torch.tensor([list(b"The engineer trains")])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(hf(ids).logits, result.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
