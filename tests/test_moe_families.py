@@ -134,3 +134,21 @@ def test_crosschip_train_fine_tunes_a_moe_checkpoint(tmp_path):
     ids = torch.tensor([list(b"The engineer trains")])
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(hf(ids).logits, result.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _tp_rank(rank: int, world: int, root) -> None:
+    from helpers import assert_training_steps_match
+
+    single = crosschip.from_pretrained(root / "moe", backend="torch").train()
+    model = crosschip.from_pretrained(root / "moe", backend="torch", tp=2).train()
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert_training_steps_match(model, single, ids, TOL, "qwen3_moe tp=2")
+    assert torch.equal(model.generate(ids[:, :4], max_new_tokens=4), single.generate(ids[:, :4], max_new_tokens=4))
+
+
+def test_moe_at_tp2_matches_one_process(tmp_path):
+    """Attention and the dense layers sharded over two ranks, every expert whole on each."""
+    from gloo_spawn import spawn
+
+    save_hf(tmp_path / "moe", CONFIGS["qwen3_moe"][0])
+    spawn(2, tmp_path, _tp_rank)
