@@ -33,6 +33,8 @@ class GroupedExperts(nn.Module):
         if spec.shared_intermediate_size is not None:
             self.shared = GatedMLP(GatedMLPSpec(h, spec.shared_intermediate_size, spec.activation))
             self.shared_gate = nn.Linear(h, 1, bias=False) if spec.shared_gate else None
+        #: Set by the parallel plan under expert parallelism: the group the experts are sharded over.
+        self.ep_group = None
 
     def forward(self, hidden: torch.Tensor):
         shape = hidden.shape
@@ -46,10 +48,10 @@ class GroupedExperts(nn.Module):
         tokens = order // k
         counts = torch.zeros(self.spec.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate_up = _grouped(x[tokens], self.gate_up_proj.transpose(1, 2), offsets)
-        gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
-        y = _grouped(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offsets)
+        if self.ep_group is None:
+            y = self._experts(x[tokens], counts, self.gate_up_proj, self.down_proj)
+        else:
+            y = self._dispatched(x[tokens], counts)
         y = y * weights.reshape(-1)[order, None]
         out = torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
         if self.spec.shared_intermediate_size is not None:
@@ -58,6 +60,42 @@ class GroupedExperts(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             out = out + shared
         return out.reshape(shape), router_logits
+
+    def _experts(self, rows, counts, gate_up_proj, down_proj):
+        """The experts on ``rows`` sorted by expert, ``counts`` rows each."""
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate_up = _grouped(rows, gate_up_proj.transpose(1, 2), offsets)
+        gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
+        return _grouped(self.act_fn(gate) * up, down_proj.transpose(1, 2), offsets)
+
+    def _dispatched(self, rows, counts):
+        """Expert parallelism: ``rows`` (sorted by expert, so grouped by the rank holding it) go
+        to their experts' ranks, this rank's experts run on what arrives, and the results come
+        back in the order they left (all-to-all both ways, differentiable)."""
+        import torch.distributed as dist
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        group, ep = self.ep_group, dist.get_world_size(self.ep_group)
+        local = self.spec.num_experts // ep
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=group)  # [source rank, my expert] row counts
+        # The split sizes must be host integers for the exchange: one synchronisation per layer.
+        send = counts.view(ep, local).sum(1).tolist()
+        recv = received.view(ep, local).sum(1).tolist()
+        arrived = all_to_all_single_autograd(rows, recv, send, group)
+        # Arrived rows are grouped by source rank, then by expert: regroup by expert for the GEMMs.
+        expert_of = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(received)
+        by_expert = torch.argsort(expert_of, stable=True)
+        per_expert = received.view(ep, local).sum(0)
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        y = self._experts(arrived[by_expert], per_expert, gate_up, down)
+        y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to arrival order
+        return all_to_all_single_autograd(y, send, recv, group)
+
+
+def _local(param):
+    """This rank's experts: the local shard of an expert-sharded (DTensor) parameter."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _grouped(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -99,3 +137,44 @@ def moe_layout(spec: MoESpec, ctx=None):
               InterleaveRows("shared.gate.weight", "shared.up.weight", "shared.gate_up_proj.weight"),
               Rename.of(**{"shared.down.weight": "shared.down_proj.weight"})]
     return Chain.of(*steps)
+
+
+def shard_experts(model, runtime, ep_mesh) -> set:
+    """Expert parallelism: each torch-built mixture's stacked experts sharded on dim 0 over
+    ``ep_mesh`` (the data-parallel ranks), so a rank holds and computes ``num_experts / ep`` of
+    them. Returns the expert parameters, which data parallelism must leave alone: they are not
+    replicated across its ranks. Each receives, through the all-to-all's backward, every rank's
+    contribution, where FSDP averages the other gradients over the ranks; a hook divides by
+    ``ep`` so both are the gradient of the mean loss over the whole batch."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from crosschip.errors import ConfigurationError
+
+    ep = ep_mesh.size()
+    experts = set()
+    for path, module in model.named_modules():
+        info = getattr(module, "crosschip_component", None)
+        if info is None or info.component != "moe":
+            continue
+        if info.backend != "torch":
+            raise ConfigurationError(f"ep={ep}: moe at {path} was built by backend {info.backend!r}; the torch "
+                                     "backend's plan shards only its own experts")
+        if info.spec.num_experts % ep:
+            raise ConfigurationError(f"ep={ep} does not divide the number of experts ({info.spec.num_experts}) "
+                                     f"of the moe at {path}")
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(module, name)
+            sharded = nn.Parameter(distribute_tensor(param.data, ep_mesh, [Shard(0)]),
+                                   requires_grad=param.requires_grad)
+            setattr(module, name, sharded)
+            experts.add(sharded)
+        module.ep_group = ep_mesh.get_group()
+    return experts
+
+
+def average_expert_gradients(model, ep: int) -> None:
+    """The hook of :func:`shard_experts`, on the final parameter objects."""
+    for module in model.modules():
+        if isinstance(module, GroupedExperts) and module.ep_group is not None:
+            for param in (module.gate_up_proj, module.down_proj):
+                param.register_hook(lambda grad: grad / ep)

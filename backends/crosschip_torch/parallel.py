@@ -152,8 +152,13 @@ def parallelize(model, runtime):
     mesh = _mesh(runtime)
     if parallel.tp > 1:
         _tensor_parallel(model, runtime, mesh)
+    experts = set()
+    if parallel.ep > 1:  # experts over the data-parallel ranks (ParallelSpec: ep == dp)
+        from crosschip_torch.moe import shard_experts
+
+        experts = shard_experts(model, runtime, _dim(mesh, DP_DIM))
     if parallel.dp > 1:
-        data_parallel.shard(model, parallel, _dim(mesh, DP_DIM))
+        data_parallel.shard(model, parallel, _dim(mesh, DP_DIM), ignored=experts)
     runtime.device_mesh = mesh
     return model
 
@@ -286,6 +291,10 @@ def attach_training_hooks(model) -> None:
         if replicas is not None:
             for param in module.parameters():
                 param.crosschip_row_copies = replicas.row_copies
+    if model.runtime.parallel.ep > 1:
+        from crosschip_torch.moe import average_expert_gradients
+
+        average_expert_gradients(model, model.runtime.parallel.ep)
     if model.runtime.parallel.dp > 1:
         return
     for param in model.parameters():

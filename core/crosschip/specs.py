@@ -74,17 +74,27 @@ class ParallelSpec:
 
     Mixed precision of the data-parallel shards: ``param_dtype`` is the dtype parameters are
     gathered to and computed in (None: their stored dtype), ``reduce_dtype`` the dtype gradients
-    are averaged in across the ``dp`` ranks (None: the gradients' own)."""
+    are averaged in across the ``dp`` ranks (None: the gradients' own).
+
+    Expert parallelism ``ep``: a mixture of experts' experts sharded over the data-parallel
+    ranks (each holds ``num_experts / ep`` of every layer's), tokens sent to their experts'
+    ranks and back (all-to-all); ``ep`` must equal ``dp`` (or be 1)."""
 
     tp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
     param_dtype: Any = None
     reduce_dtype: Any = None
+    ep: int = 1
 
     def __post_init__(self):
         positive("ParallelSpec.tp", self.tp)
         positive("ParallelSpec.dp", self.dp)
+        positive("ParallelSpec.ep", self.ep)
+        if self.ep > 1 and self.ep != self.dp:
+            raise ConfigurationError(
+                f"{self}: ep={self.ep} shards the experts over the data-parallel ranks, so it needs dp={self.ep} "
+                f"(found dp={self.dp})")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigurationError(
                 f"{self}: sequence_parallel=True shards the sequence over the tensor-parallel ranks, "

@@ -74,6 +74,7 @@ def from_pretrained(
     sequence_parallel: bool = False,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
+    ep: int = 1,
     revision: str | None = None,
     lora=None,
     adapter: str | Path | None = None,
@@ -92,7 +93,8 @@ def from_pretrained(
     part of each weight it holds. ``tp`` shards each layer's projections (tensor parallel,
     optionally ``sequence_parallel``); ``dp`` shards parameters, gradients and optimizer state
     over the data-parallel ranks (FSDP2), which gather them to ``param_dtype`` for compute and
-    average gradients in ``reduce_dtype``.
+    average gradients in ``reduce_dtype``. ``ep`` (equal to ``dp``): a mixture of experts'
+    experts sharded over the data-parallel ranks, tokens exchanged all-to-all.
 
     ``lora``: a :class:`crosschip.LoraConfig`, a new adapter (base weights frozen);
     ``adapter``: a PEFT adapter directory to attach (from crosschip or from PEFT).
@@ -116,7 +118,7 @@ def from_pretrained(
                       precision=precision, fp8_recipe=fp8_recipe,
                       activation_checkpointing=activation_checkpointing,
                       parallel=ParallelSpec(tp=tp, dp=dp, sequence_parallel=sequence_parallel,
-                                            param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+                                            param_dtype=param_dtype, reduce_dtype=reduce_dtype, ep=ep))
     if nxd is not None:  # Trainium shards, consolidated one weight at a time as they load
         from crosschip.checkpoint.nxd.source import ConsolidatedSource
 

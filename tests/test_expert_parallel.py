@@ -1,0 +1,88 @@
+"""Expert parallelism on the torch backend (gloo, CPU): each data-parallel rank holds half of every
+layer's experts, tokens travel to their experts' ranks and back (all-to-all), FSDP2 shards the
+rest; the mean of the ranks' losses, every gradient, AdamW steps and the saved checkpoint equal
+one process on the whole batch. The config leaves the routers' auxiliary loss out of the loss:
+it is a nonlinear function of batch-wide routing statistics, which a data-parallel rank (with or
+without expert parallelism) computes over its own part of the batch only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import crosschip
+from crosschip.errors import ConfigurationError
+from gloo_spawn import spawn
+from helpers import assert_parallel_grads_match, assert_rel_close, assert_saves_alike
+from zoo import save_hf
+
+TOL = 1e-5
+
+
+def _config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
+                norm_topk_prob=True, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return Qwen3MoeConfig(**{**base, **overrides})
+
+
+def _mean(value, group):
+    import torch.distributed as dist
+
+    value = value.detach().clone()
+    dist.all_reduce(value, group=group)
+    return value / dist.get_world_size(group)
+
+
+def _rank(rank: int, world: int, root: Path, tp: int = 1) -> None:
+    from torch.distributed.tensor import DTensor
+
+    single = crosschip.from_pretrained(root / "moe", backend="torch").train()
+    model = crosschip.from_pretrained(root / "moe", backend="torch", dp=2, ep=2, tp=tp).train()
+    experts = model.model.layers[0].mlp
+    assert isinstance(experts.gate_up_proj, DTensor) and experts.gate_up_proj.to_local().shape[0] == 3
+    assert_saves_alike(model, single, root / f"saved-tp{tp}", rank, f"ep=2 tp={tp}")
+    mesh = model.runtime.device_mesh
+    group, dp_rank = (mesh.get_group("dp"), mesh.get_local_rank("dp")) if tp > 1 else (mesh.get_group(), rank)
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+    part = ids.chunk(2)[dp_rank]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
+    for step in range(3):
+        expected = single(ids, labels=ids)
+        expected.loss.backward()
+        got = model(part, labels=part)
+        got.loss.backward()
+        at = f"ep=2 step {step}"
+        assert_rel_close(got.logits, expected.logits.chunk(2)[dp_rank], TOL, f"{at} logits")
+        assert_rel_close(_mean(got.loss, group), expected.loss, TOL, f"{at} loss")
+        assert_parallel_grads_match(model, single, TOL, at)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    if tp == 1:
+        with pytest.raises(ConfigurationError, match=r"ep=2 does not divide the number of experts \(5\)"):
+            crosschip.from_pretrained(root / "moe5", backend="torch", dp=2, ep=2)
+
+
+def test_ep2_matches_one_process(tmp_path):
+    save_hf(tmp_path / "moe", _config())
+    save_hf(tmp_path / "moe5", _config(num_experts=5))
+    spawn(2, tmp_path, _rank)
+
+
+def test_ep2_with_tp2_attention_matches_one_process(tmp_path):
+    """(dp=ep=2) x tp=2: attention and dense layers tensor-parallel inside each expert-parallel rank."""
+    save_hf(tmp_path / "moe", _config())
+    spawn(4, tmp_path, _rank, 2)
+
+
+def test_ep_must_equal_dp():
+    from crosschip.specs import ParallelSpec
+
+    with pytest.raises(ConfigurationError, match="ep=2 shards the experts over the data-parallel ranks, so it needs "
+                                                 "dp=2 \\(found dp=1\\)"):
+        ParallelSpec(tp=2, ep=2)
