@@ -23,7 +23,10 @@ Every check runs even when an earlier one failed; :class:`ParityError` then list
         parity.check_model(Qwen3Config(...), tmp_path)   # raises ParityError naming what differs
 
 ``model_class=`` checks a class that is not registered (yet): it is used for the config's
-architecture for the duration of the check only.
+architecture for the duration of the check only. The ``tp`` check starts its ranks with
+``spawn``, which imports the caller's main module again: a script (not a test) that asks for it
+calls :func:`check_model` under ``if __name__ == "__main__":``, and the class must be importable
+(defined at module level).
 """
 
 from __future__ import annotations
@@ -156,7 +159,10 @@ def check_model(config, directory: str | Path, *, model_class=None,
         if "generate" in checks:
             report.results.append(_guard("generate", backend, _check_generate, model, hf, ids, max_new_tokens))
     if "tp" in checks:
-        report.results.append(_guard("tp", f"torch tp={tp}", _check_tp, hf_dir, model_class, architecture,
+        # The ranks are fresh interpreters: they get the class itself (pickled by reference, so
+        # its module is imported there, registering it) rather than this process's registry.
+        rank_class = model_class or _registered_class(architecture)
+        report.results.append(_guard("tp", f"torch tp={tp}", _check_tp, hf_dir, rank_class, architecture,
                                      dtype, ids, tp, tolerance, torch_run, directory, tp_timeout_s))
     if report.failed:
         raise ParityError(str(report))
@@ -211,13 +217,18 @@ def _random_transformers_model(config, seed: int):
     return model
 
 
-def _registered_name(architecture: str) -> str:
+def _registered_class(architecture: str):
     from crosschip.models import model_class
 
     try:
-        return model_class(architecture).__qualname__
+        return model_class(architecture)
     except ConfigurationError:
-        return f"(no crosschip class for {architecture})"
+        return None
+
+
+def _registered_name(architecture: str) -> str:
+    cls = _registered_class(architecture)
+    return cls.__qualname__ if cls is not None else f"(no crosschip class for {architecture})"
 
 
 def _load(path: Path, backend: str, dtype: torch.dtype, model_class):
