@@ -32,6 +32,12 @@ class WrongNormEps(LlamaForCausalLM):
         return dataclasses.replace(super().options(config), norm_eps=1e-2)
 
 
+class DropsAttentionBias(LlamaForCausalLM):
+    @classmethod
+    def options(cls, config):
+        return dataclasses.replace(super().options(config), qkv_bias=False)
+
+
 class FrozenFinalNorm(LlamaForCausalLM):
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
@@ -124,6 +130,13 @@ def test_a_wrong_norm_fails_logits_and_loss(tmp_path):
     assert re.search(r"    loss: relative error [0-9.e-]+ > 1e-05", message)
 
 
+def test_a_dropped_bias_fails_the_load_naming_the_keys(tmp_path):
+    message = _failure(tmp_path, DropsAttentionBias, checks=("logits", "save"))
+    assert "0 passed, 2 failed" in message  # one line per backend: nothing else can run
+    assert "load [reference]: FAILED" in message and "load [torch]: FAILED" in message
+    assert "model.layers.0.self_attn.q_proj.bias" in message
+
+
 def test_a_frozen_weight_fails_that_gradient_only(tmp_path):
     message = _failure(tmp_path, FrozenFinalNorm, backends=("torch",), checks=("logits", "grads"))
     assert "logits [torch]: passed" in message and "grads [torch]: FAILED" in message
@@ -150,6 +163,11 @@ def test_a_failing_rank_fails_tp_with_its_traceback(tmp_path):
     assert "logits [torch]: passed" in message and "tp [torch tp=2]: FAILED" in message
     assert "rank " in message and "Traceback" in message
     assert "ValueError: this model refuses tensor parallelism" in message
+
+
+def test_ranks_past_the_timeout_are_stopped(tmp_path):
+    message = _failure(tmp_path, None, backends=(), checks=("tp",), tp=2, tp_timeout_s=0.5)
+    assert "tp [torch tp=2]: FAILED" in message and "ranks still running after 0.5 s; stopped" in message
 
 
 # -- the docs page, as written ------------------------------------------------------------------

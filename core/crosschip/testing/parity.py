@@ -69,7 +69,8 @@ class CheckResult:
     def lines(self) -> list[str]:
         error = "" if self.max_error is None else f" (max relative error {self.max_error:.3g})"
         head = f"{self.check} [{self.backend}]: {'passed' if self.passed else 'FAILED'}{error}"
-        return [head, *("    " + p for p in self.problems)]
+        # A multi-line problem (an error's message, a rank's traceback) stays under its check.
+        return [head, *("    " + line for p in self.problems for line in p.splitlines())]
 
 
 @dataclass
@@ -370,7 +371,7 @@ def _spawn(world: int, args: tuple, timeout_s: float) -> list[str]:
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
-                return [f"ranks still running after {timeout_s:.0f} s; stopped"]
+                return [f"ranks still running after {timeout_s:g} s; stopped"]
     except ProcessException as exc:
         return [f"rank {exc.error_index} failed: {exc}".rstrip()]
     finally:
