@@ -73,6 +73,11 @@ class SwapsCachedKV(LlamaForCausalLM):
         return _CacheSwapsKV(self.opts.num_layers)
 
 
+class ForwardFails(LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("forward broke")
+
+
 class FailsUnderTP(LlamaForCausalLM):
     def __init__(self, config, runtime):
         if runtime.parallel.tp > 1:
@@ -117,7 +122,8 @@ def test_unknown_check_is_an_error(tmp_path):
 def _failure(tmp_path, cls, **kwargs) -> str:
     with pytest.raises(ParityError) as info:
         parity.check_model(LLAMA, tmp_path, model_class=cls, **kwargs)
-    assert isinstance(info.value, AssertionError)
+    assert isinstance(info.value, AssertionError) and info.value.report.failed
+    assert str(info.value) == str(info.value.report)
     return str(info.value)
 
 
@@ -163,6 +169,12 @@ def test_a_failing_rank_fails_tp_with_its_traceback(tmp_path):
     assert "logits [torch]: passed" in message and "tp [torch tp=2]: FAILED" in message
     assert "rank " in message and "Traceback" in message
     assert "ValueError: this model refuses tensor parallelism" in message
+
+
+def test_a_failing_forward_is_reported_and_the_other_checks_run(tmp_path):
+    message = _failure(tmp_path, ForwardFails, backends=("reference",), checks=("logits", "grads", "save"))
+    assert "logits [reference]: FAILED\n      RuntimeError: forward broke" in message
+    assert "grads [reference]: FAILED" in message and "save [reference]: passed" in message
 
 
 def test_ranks_past_the_timeout_are_stopped(tmp_path):

@@ -40,7 +40,7 @@ from typing import Iterable
 
 import torch
 
-from crosschip.errors import ConfigurationError, CrosschipError
+from crosschip.errors import ConfigurationError
 from crosschip.testing.conformance import _rel_err, tolerance_for
 
 #: Every check, in the order they run. ``tp`` runs only when asked for (it starts processes).
@@ -49,7 +49,12 @@ DEFAULT_CHECKS = ("logits", "grads", "save", "generate")
 
 
 class ParityError(AssertionError):
-    """A model differs from its transformers counterpart; the message lists every difference."""
+    """A model differs from its transformers counterpart; the message lists every difference,
+    and ``report`` holds the :class:`ParityReport`."""
+
+    def __init__(self, report: "ParityReport"):
+        super().__init__(str(report))
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -143,18 +148,13 @@ def check_model(config, directory: str | Path, *, model_class=None,
         try:
             with registered(model_class, architecture):
                 model = _load(hf_dir, backend, dtype, model_class)
-        except (CrosschipError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        except Exception as exc:  # reported as this backend's failure; the others still run
             report.results.append(CheckResult("load", backend, (f"{type(exc).__name__}: {exc}",)))
             continue
         if "logits" in checks or "grads" in checks:
-            got = _run(model, ids, None)
-            if backend == "torch":
-                torch_run = got
-            if "logits" in checks:
-                report.results.append(_compare_outputs("logits", backend, got, expected, tolerance))
-            if "grads" in checks:
-                report.results.append(_compare_grads("grads", backend, got[2], expected[2], tolerance,
-                                                     "transformers"))
+            results, got = _forward_checks(model, backend, ids, expected, checks, tolerance)
+            report.results.extend(results)
+            torch_run = got if backend == "torch" else torch_run
         if "save" in checks:
             report.results.append(_guard("save", backend, _check_save, model, hf, directory / f"saved-{backend}"))
         if "generate" in checks:
@@ -166,7 +166,7 @@ def check_model(config, directory: str | Path, *, model_class=None,
         report.results.append(_guard("tp", f"torch tp={tp}", _check_tp, hf_dir, rank_class, architecture,
                                      dtype, ids, tp, tolerance, torch_run, directory, tp_timeout_s))
     if report.failed:
-        raise ParityError(str(report))
+        raise ParityError(report)
     return report
 
 
@@ -253,6 +253,22 @@ def _run(model, ids, hf_params):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def _forward_checks(model, backend, ids, expected, checks, tol):
+    """``logits`` and ``grads`` from one forward and backward; also returns that run (None
+    when the model's forward or backward raised, which fails both checks)."""
+    try:
+        got = _run(model, ids, None)
+    except Exception as exc:
+        failure = (f"{type(exc).__name__}: {exc}",)
+        return [CheckResult(c, backend, failure) for c in ("logits", "grads") if c in checks], None
+    results = []
+    if "logits" in checks:
+        results.append(_compare_outputs("logits", backend, got, expected, tol))
+    if "grads" in checks:
+        results.append(_compare_grads("grads", backend, got[2], expected[2], tol, "transformers"))
+    return results, got
+
+
 def _compare(name: str, actual, expected, tol: float, problems: list[str], errors: list[float]) -> None:
     if tuple(actual.shape) != tuple(expected.shape):
         problems.append(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
@@ -287,7 +303,7 @@ def _guard(check, backend, fn, *args) -> CheckResult:
     """Run one check; an exception is its failure (named), not the end of the others."""
     try:
         problems, error = fn(*args)
-    except (CrosschipError, RuntimeError, KeyError, ValueError, TypeError, OSError) as exc:
+    except Exception as exc:
         problems, error = [f"{type(exc).__name__}: {exc}"], None
     return CheckResult(check, backend, tuple(problems), error)
 
