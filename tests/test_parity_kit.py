@@ -188,7 +188,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_the_model_authors_page_runs(tmp_path, monkeypatch):
     """docs/model-authors.md's code blocks are the example files, included whole (snippets);
-    the model file registers its family and its tests (the kit, once at tp=2) pass."""
+    the two model files register their families and their tests (the kit, once at tp=2) pass."""
     import importlib
 
     import crosschip.models as models
@@ -197,15 +197,19 @@ def test_the_model_authors_page_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     included = [re.fullmatch(r'--8<-- "(examples/model_author_\w+\.py)"\n', block) for block in blocks]
     assert blocks and all(included), "every python block of the page includes an example file"
-    assert [m.group(1) for m in included] == ["examples/model_author_ministral.py", "examples/model_author_test.py"]
+    assert [m.group(1) for m in included] == ["examples/model_author_ministral.py",
+                                              "examples/model_author_starcoder2.py",
+                                              "examples/model_author_test.py"]
 
     models._load_builtin()
     monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the page registers a family
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    family = importlib.import_module("model_author_ministral")
-    assert models.model_class("MinistralForCausalLM") is family.MinistralForCausalLM
+    for module, name in (("model_author_ministral", "MinistralForCausalLM"),
+                         ("model_author_starcoder2", "Starcoder2ForCausalLM")):
+        family = importlib.import_module(module)
+        assert models.model_class(name) is getattr(family, name)
     tests = importlib.import_module("model_author_test")
     names = [n for n in vars(tests) if n.startswith("test_")]
-    assert names == ["test_ministral_matches_transformers", "test_ministral_tensor_parallel"]
+    assert names == ["test_ministral_matches_transformers", "test_starcoder2_matches_transformers_also_at_tp2"]
     for name in names:
         getattr(tests, name)(tmp_path / name)
