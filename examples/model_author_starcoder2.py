@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import Starcoder2Config
 
-from crosschip.generation import KVCache
-from crosschip.masks import AttentionMask
+from crosschip.modeling.generation import KVCache
+from crosschip.modeling.masks import AttentionMask
 from crosschip.modeling import CausalLM, CausalLMOutput
 from crosschip.models import register_model
 from crosschip.models.decoder import DecoderOptions, SelfAttention

@@ -19,7 +19,7 @@ for old, new in MOVED.items():
         module = importlib.import_module(old)
     assert module is importlib.import_module(new), old
     assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
-from crosschip.layouts import interleave_rows
+from crosschip.weights.layouts import interleave_rows
 from crosschip.weights.layouts import interleave_rows as moved
 assert interleave_rows is moved
 print("ok", len(MOVED))

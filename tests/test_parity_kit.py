@@ -15,8 +15,8 @@ import pytest
 from transformers import LlamaConfig
 
 from crosschip.errors import ConfigurationError
-from crosschip.generation import KVCache
-from crosschip.layouts import Transform
+from crosschip.modeling.generation import KVCache
+from crosschip.weights.layouts import Transform
 from crosschip.models import model_class
 from crosschip.models.llama import LlamaForCausalLM
 from crosschip.testing import ParityError, parity

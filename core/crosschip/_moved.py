@@ -1,4 +1,4 @@
-"""Old import paths of modules that moved into the subpackages (``crosschip.layouts`` is now
+"""Old import paths of modules that moved into the subpackages (``crosschip.weights.layouts`` is now
 ``crosschip.weights.layouts``...): importing an old path gives the very same module object, so
 code written against the flat layout (model files, plugins, scripts) keeps working, attribute
 patches included. Each first import of an old path warns once (DeprecationWarning)."""

@@ -403,7 +403,7 @@ def _tp_rank(rank, world, init_method, hf_dir, model_class, architecture, dtype,
     the logits, loss and gathered gradients to ``out``."""
     import torch.distributed as dist
 
-    from crosschip.distributed import shutdown
+    from crosschip.parallel.distributed import shutdown
 
     torch.set_num_threads(1)  # ranks share the machine's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
