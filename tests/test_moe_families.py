@@ -21,7 +21,7 @@ TOL = 1e-5
 
 
 def _configs():
-    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
     common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
                   max_position_embeddings=128, rms_norm_eps=1e-5, output_router_logits=True, tie_word_embeddings=False)
@@ -33,6 +33,10 @@ def _configs():
         "mixtral": (MixtralConfig(**common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                   router_aux_loss_coef=0.05, sliding_window=6),
                     "block_sparse_moe", ("w1", "w3", "w2")),
+        # OLMoE: q/k norms over the whole projection, top-k weights not renormalised.
+        "olmoe": (OlmoeConfig(**common, intermediate_size=32, num_experts=5, num_experts_per_tok=3,
+                              norm_topk_prob=False, router_aux_loss_coef=0.01),
+                  "mlp", ("gate_proj", "up_proj", "down_proj")),
     }
 
 
@@ -146,9 +150,11 @@ def _tp_rank(rank: int, world: int, root) -> None:
     assert torch.equal(model.generate(ids[:, :4], max_new_tokens=4), single.generate(ids[:, :4], max_new_tokens=4))
 
 
-def test_moe_at_tp2_matches_one_process(tmp_path):
-    """Attention and the dense layers sharded over two ranks, every expert whole on each."""
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
+def test_moe_at_tp2_matches_one_process(tmp_path, name):
+    """Attention and the dense layers sharded over two ranks, every expert whole on each (OLMoE:
+    its projection-wide q/k norms reduce their statistics over the ranks)."""
     from gloo_spawn import spawn
 
-    save_hf(tmp_path / "moe", CONFIGS["qwen3_moe"][0])
+    save_hf(tmp_path / "moe", CONFIGS[name][0])
     spawn(2, tmp_path, _tp_rank)

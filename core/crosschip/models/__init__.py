@@ -35,4 +35,4 @@ def supported_architectures() -> list[str]:
 
 def _load_builtin() -> None:
     # Each module registers its classes on import.
-    from crosschip.models import granite, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401
+    from crosschip.models import granite, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401

@@ -48,6 +48,9 @@ class DecoderOptions:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    #: What the q/k norms normalise: each head ("head", Qwen3) or the whole projection
+    #: ("projection": OLMo-2, OLMoE, over num_heads * head_dim and num_kv_heads * head_dim).
+    qk_norm_scope: str = "head"
     tie_embeddings: bool = False
     sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: full attention
     attention_dropout: float = 0.0
@@ -71,8 +74,10 @@ class SelfAttention(nn.Module):
             o.hidden_size, o.num_heads, o.num_kv_heads, o.head_dim, bias=o.qkv_bias,
             input_norm=input_norm))
         if o.qk_norm:
-            self.q_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps, scope="head"))
-            self.k_norm = rt.rms_norm(NormSpec(o.head_dim, o.norm_eps, scope="head"))
+            whole = o.qk_norm_scope == "projection"
+            q, k = (o.num_heads * o.head_dim, o.num_kv_heads * o.head_dim) if whole else (o.head_dim, o.head_dim)
+            self.q_norm = rt.rms_norm(NormSpec(q, o.norm_eps, scope=o.qk_norm_scope))
+            self.k_norm = rt.rms_norm(NormSpec(k, o.norm_eps, scope=o.qk_norm_scope))
         self.attn = rt.attention(AttentionSpec(
             o.num_heads, o.num_kv_heads, o.head_dim, causal=True, sliding_window=o.window(layer),
             scale=o.attention_scale, dropout=o.attention_dropout))
@@ -85,11 +90,19 @@ class SelfAttention(nn.Module):
     def forward(self, hidden, rotary, tables, mask, cache=None):
         q, k, v = self.qkv_proj(hidden)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self._normed(self.q_norm, q), self._normed(self.k_norm, k)
         q, k = rotary.apply(q, k, tables)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.o_proj(self.attn(q, k, v, mask))
+
+    @staticmethod
+    def _normed(norm, x):
+        """A q or k norm on ``[batch, seq, heads, head_dim]``: per head, or over the projection
+        (this rank's heads flattened; the norm's backend reduces over the others)."""
+        if norm.crosschip_component.spec.scope == "projection":
+            return norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
+        return norm(x)
 
 
 class DecoderLayer(nn.Module):
