@@ -18,8 +18,8 @@ def _cfg(config_cls, **overrides):
 
 
 def zoo_configs() -> dict:
-    from transformers import (GraniteConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig,
+                              Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     return {
         "llama3.2_tied": (_cfg(LlamaConfig, tie_word_embeddings=True, rope_parameters={
@@ -45,6 +45,22 @@ def zoo_configs() -> dict:
             "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "short_factor": [1.0, 1.1], "long_factor": [1.5, 2.5],
             "original_max_position_embeddings": 16}), "Phi3ForCausalLM"),
+        # Post-norms and q/k norms over the whole projection.
+        "olmo2_post_norms": (_cfg(Olmo2Config), "Olmo2ForCausalLM"),
+        # (1 + w) sandwich norms, sqrt(hidden) embeddings, soft-capped attention and logits, a
+        # sliding layer whose window the 40-token test sequences exceed.
+        "gemma2_softcaps": (_cfg(Gemma2Config, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                 attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                 layer_types=["sliding_attention", "full_attention"]), "Gemma2ForCausalLM"),
+        # Per-head (1 + w) q/k norms, local and global RoPE (a scaled global one).
+        "gemma3_local_global": (_cfg(Gemma3TextConfig, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                     num_hidden_layers=3, layer_types=["sliding_attention", "full_attention",
+                                                                       "sliding_attention"],
+                                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                      "full_attention": {"rope_type": "linear", "rope_theta": 100000.0,
+                                                                         "factor": 4.0}}), "Gemma3ForCausalLM"),
+        # RoPE left out on the second layer (NoPE).
+        "smollm3_nope": (_cfg(SmolLM3Config, no_rope_layers=[1, 0], pad_token_id=0), "SmolLM3ForCausalLM"),
     }
 
 

@@ -31,7 +31,9 @@ def rope_inverse_frequencies(spec: RopeSpec, device=None) -> tuple[torch.Tensor,
                          f"supported: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
     if spec.config is None:
         raise ValueError(f"rope_type {rope_type!r} needs the Hugging Face config on RopeSpec.config")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](spec.config, device)
+    layer_type = params.get("layer_type")  # one of a config's per-layer-type rope parameter sets
+    extra = {"layer_type": layer_type} if layer_type is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](spec.config, device, **extra)
     return inv_freq.float(), float(scaling)
 
 

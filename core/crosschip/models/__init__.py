@@ -35,4 +35,5 @@ def supported_architectures() -> list[str]:
 
 def _load_builtin() -> None:
     # Each module registers its classes on import.
-    from crosschip.models import granite, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401
+    from crosschip.models import (gemma2, gemma3, granite, llama, mistral, mixtral, olmo2, olmoe,  # noqa: F401
+                                  phi3, qwen2, qwen3, qwen3_moe, smollm3)

@@ -62,13 +62,48 @@ class DecoderOptions:
     logits_divisor: float = 1.0
     #: Mixture-of-experts MLPs (Qwen3-MoE, Mixtral): see crosschip.models.moe.
     moe: MoEOptions | None = None
+    #: Where the norms sit: "pre" (before attention and MLP, Llama), "post" (after each, on its
+    #: output, OLMo-2) or "sandwich" (both, Gemma 2 and 3).
+    norm_placement: str = "pre"
+    #: Gemma's norms scale by (1 + weight): 1.0; every norm of the model (final and q/k included).
+    norm_offset: float = 0.0
+    #: Gemma 2's soft-capping of the attention logits and of the final logits (None: none).
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    #: One RopeSpec per layer where layers differ (Gemma 3: local and global); None: ``rope``.
+    layer_ropes: tuple[RopeSpec, ...] | None = None
+    #: Per layer, whether RoPE applies (SmolLM3's NoPE layers: False); None: every layer.
+    rope_layers: tuple[bool, ...] | None = None
+    #: Gemma rounds its embedding multiplier (sqrt(hidden)) to the activations' dtype first.
+    round_embedding_multiplier: bool = False
+
+    def __post_init__(self):
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"DecoderOptions.norm_placement must be one of {', '.join(NORM_PLACEMENTS)}, "
+                             f"found {self.norm_placement!r}")
+        for name in ("layer_ropes", "rope_layers", "sliding_windows"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_layers:
+                raise ValueError(f"DecoderOptions.{name} has {len(value)} entries for {self.num_layers} layers")
 
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
+    def norm(self, size: int | None = None, scope: str = "hidden") -> NormSpec:
+        return NormSpec(size or self.hidden_size, self.norm_eps, scope=scope, offset=self.norm_offset)
+
+    def layer_rope(self, layer: int) -> RopeSpec:
+        return self.layer_ropes[layer] if self.layer_ropes else self.rope
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.rope_layers is None or self.rope_layers[layer]
+
+
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+
 
 class SelfAttention(nn.Module):
-    def __init__(self, o: DecoderOptions, rt: Runtime, layer: int, input_norm: NormSpec):
+    def __init__(self, o: DecoderOptions, rt: Runtime, layer: int, input_norm: NormSpec | None):
         super().__init__()
         self.qkv_proj = rt.qkv_projection(QKVSpec(
             o.hidden_size, o.num_heads, o.num_kv_heads, o.head_dim, bias=o.qkv_bias,
@@ -76,11 +111,12 @@ class SelfAttention(nn.Module):
         if o.qk_norm:
             whole = o.qk_norm_scope == "projection"
             q, k = (o.num_heads * o.head_dim, o.num_kv_heads * o.head_dim) if whole else (o.head_dim, o.head_dim)
-            self.q_norm = rt.rms_norm(NormSpec(q, o.norm_eps, scope=o.qk_norm_scope))
-            self.k_norm = rt.rms_norm(NormSpec(k, o.norm_eps, scope=o.qk_norm_scope))
+            self.q_norm = rt.rms_norm(o.norm(q, o.qk_norm_scope))
+            self.k_norm = rt.rms_norm(o.norm(k, o.qk_norm_scope))
         self.attn = rt.attention(AttentionSpec(
             o.num_heads, o.num_kv_heads, o.head_dim, causal=True, sliding_window=o.window(layer),
-            scale=o.attention_scale, dropout=o.attention_dropout))
+            scale=o.attention_scale, dropout=o.attention_dropout, softcap=o.attn_softcap))
+        self.rope = o.uses_rope(layer)
         self.o_proj = rt.out_projection(LinearSpec(
             o.num_heads * o.head_dim, o.hidden_size, bias=o.o_bias, parallel="row",
             input_heads=(o.num_heads, o.num_kv_heads)))
@@ -91,7 +127,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv_proj(hidden)
         if self.qk_norm:
             q, k = self._normed(self.q_norm, q), self._normed(self.k_norm, k)
-        q, k = rotary.apply(q, k, tables)
+        if self.rope:
+            q, k = rotary.apply(q, k, tables)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.o_proj(self.attn(q, k, v, mask))
@@ -106,28 +143,56 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One block. Its norms keep their Hugging Face names: ``pre`` has ``input_layernorm`` and
+    ``post_attention_layernorm`` (before the MLP); ``post`` has ``post_attention_layernorm`` and
+    ``post_feedforward_layernorm`` on the outputs; ``sandwich`` has all four, the MLP's input
+    norm being ``pre_feedforward_layernorm``. A pre-norm is a projection's ``input_norm``, which its
+    backend may fuse (the module here is then an identity)."""
+
     def __init__(self, o: DecoderOptions, rt: Runtime, layer: int):
         super().__init__()
-        attn_norm = NormSpec(o.hidden_size, o.norm_eps)
-        mlp_norm = NormSpec(o.hidden_size, o.norm_eps)
+        before = o.norm_placement in ("pre", "sandwich")
+        attn_norm = o.norm() if before else None
+        mlp_norm = o.norm() if before else None
         self.self_attn = SelfAttention(o, rt, layer, attn_norm)
         from crosschip.models.moe import feed_forward
 
         self.mlp = feed_forward(o, rt, layer, mlp_norm)
         #: A mixture's router logits of the last forward (for the auxiliary loss).
         self.router_logits = None
+        self.norm_names = _NORM_NAMES[o.norm_placement]
+        attn_in, mlp_in, attn_out, mlp_out = self.norm_names
         # Identity when the projection's backend fused the norm in.
-        self.input_layernorm = rt.input_norm(attn_norm, self.self_attn.qkv_proj)
-        self.post_attention_layernorm = rt.input_norm(mlp_norm, self.mlp)
+        if attn_in:
+            setattr(self, attn_in, rt.input_norm(attn_norm, self.self_attn.qkv_proj))
+        if mlp_in:
+            setattr(self, mlp_in, rt.input_norm(mlp_norm, self.mlp))
+        for name in (attn_out, mlp_out):
+            if name:
+                setattr(self, name, rt.rms_norm(o.norm()))
         self.residual_multiplier = o.residual_multiplier
 
+    def _norm(self, index: int, x):
+        name = self.norm_names[index]
+        return getattr(self, name)(x) if name else x
+
     def forward(self, hidden, rotary, tables, mask, cache=None):
-        attn = self.self_attn(self.input_layernorm(hidden), rotary, tables, mask, cache)
+        attn = self._norm(2, self.self_attn(self._norm(0, hidden), rotary, tables, mask, cache))
         hidden = hidden + attn * self.residual_multiplier if self.residual_multiplier != 1.0 else hidden + attn
-        mlp = self.mlp(self.post_attention_layernorm(hidden))
+        mlp = self.mlp(self._norm(1, hidden))
         if isinstance(mlp, tuple):  # a mixture of experts: (output, router logits)
             mlp, self.router_logits = mlp
+        mlp = self._norm(3, mlp)
         return hidden + mlp * self.residual_multiplier if self.residual_multiplier != 1.0 else hidden + mlp
+
+
+#: Per placement, the Hugging Face names of (attention input, MLP input, attention output, MLP
+#: output) norms; None where there is none.
+_NORM_NAMES = {
+    "pre": ("input_layernorm", "post_attention_layernorm", None, None),
+    "post": (None, None, "post_attention_layernorm", "post_feedforward_layernorm"),
+    "sandwich": ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"),
+}
 
 
 class DecoderModel(nn.Module):
@@ -135,21 +200,33 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = rt.embedding(EmbeddingSpec(o.vocab_size, o.hidden_size, o.padding_idx))
         self.layers = nn.ModuleList(DecoderLayer(o, rt, i) for i in range(o.num_layers))
-        self.norm = rt.rms_norm(NormSpec(o.hidden_size, o.norm_eps))
+        self.norm = rt.rms_norm(o.norm())
         self.rotary_emb = rt.rotary(o.rope)
+        # Layers whose RoPE differs (Gemma 3's local layers) share one more rotary per spec.
+        specs = [o.layer_rope(i) for i in range(o.num_layers)]
+        others = list(dict.fromkeys(spec for spec in specs if spec != o.rope))
+        self.layer_rotary = nn.ModuleList(rt.rotary(spec) for spec in others)
+        self.rotary_of = [0 if spec == o.rope else 1 + others.index(spec) for spec in specs]
         self.embedding_multiplier = o.embedding_multiplier
+        self.round_multiplier = o.round_embedding_multiplier
         self.runtime = rt
 
     def forward(self, input_ids, mask: AttentionMask, position_ids, cache=None):
         hidden = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
-            hidden = hidden * self.embedding_multiplier
-        tables = self.rotary_emb(position_ids, hidden.dtype)
+            multiplier = self.embedding_multiplier
+            if self.round_multiplier:  # as Gemma: the multiplier itself in the activations' dtype
+                multiplier = torch.tensor(multiplier, dtype=hidden.dtype, device=hidden.device)
+            hidden = hidden * multiplier
+        rotaries = [self.rotary_emb, *self.layer_rotary]
+        tables = [rotary(position_ids, hidden.dtype) for rotary in rotaries]
         for index, layer in enumerate(self.layers):
+            which = self.rotary_of[index]
+            args = (hidden, rotaries[which], tables[which], mask)
             if self.training and cache is None and self.runtime.checkpoint_layer(index):
-                hidden = self.runtime.checkpoint(layer, hidden, self.rotary_emb, tables, mask)
+                hidden = self.runtime.checkpoint(layer, *args)
             else:
-                hidden = layer(hidden, self.rotary_emb, tables, mask, cache)
+                hidden = layer(*args, cache)
         return self.norm(hidden)
 
 
@@ -168,7 +245,7 @@ class DecoderForCausalLM(CausalLM):
             self.ignored_checkpoint_keys = frozenset()
         self.model = DecoderModel(o, runtime)
         self.lm_head = runtime.lm_head(LMHeadSpec(o.hidden_size, o.vocab_size, tied=o.tie_embeddings,
-                                                  logits_divisor=o.logits_divisor))
+                                                  logits_divisor=o.logits_divisor, softcap=o.final_softcap))
         if o.tie_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
         self.loss_fn = runtime.loss(LossSpec(o.vocab_size))
@@ -242,10 +319,11 @@ class DecoderForCausalLM(CausalLM):
                 "q": f"{p}.self_attn.q_proj", "k": f"{p}.self_attn.k_proj",
                 "v": f"{p}.self_attn.v_proj", "qkv_proj": f"{p}.self_attn.qkv_proj",
                 "norm": f"{p}.input_layernorm"}
+            mlp_norm = _NORM_NAMES[self.opts.norm_placement][1] or "post_attention_layernorm"
             names[f"{p}.mlp"] = {
                 "gate": f"{p}.mlp.gate_proj", "up": f"{p}.mlp.up_proj",
                 "down": f"{p}.mlp.down_proj", "gate_up_proj": f"{p}.mlp.gate_up_proj",
-                "norm": f"{p}.post_attention_layernorm"}
+                "norm": f"{p}.{mlp_norm}"}
             if self.opts.moe is not None and self.opts.moe.sparse_layers[i]:
                 names[f"{p}.mlp"] = {"": f"{p}.{self.opts.moe.block}"}
         return names

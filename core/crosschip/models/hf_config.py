@@ -13,8 +13,12 @@ def kv_heads_of(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def rope_spec(config, head_dim: int) -> RopeSpec:
+def rope_spec(config, head_dim: int, layer_type: str | None = None) -> RopeSpec:
+    """The RopeSpec of ``config``'s ``rope_parameters``; with ``layer_type`` (Gemma 3 keeps one set
+    per layer type: ``sliding_attention``, ``full_attention``), that type's."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None:
+        params = dict(params[layer_type], layer_type=layer_type)
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     original = getattr(config, "original_max_position_embeddings", None)

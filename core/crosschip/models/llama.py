@@ -24,7 +24,7 @@ def llama_options(config, **overrides) -> DecoderOptions:
         head_dim=head_dim,
         norm_eps=config.rms_norm_eps,
         rope=rope_spec(config, head_dim),
-        activation=config.hidden_act,
+        activation=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu"),
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
