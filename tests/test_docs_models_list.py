@@ -1,0 +1,31 @@
+"""The README and the docs' home page name every architecture the zoo loads, and no other."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from crosschip.models import supported_architectures
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The name the pages use for each Hugging Face architecture.
+NAMES = {
+    "LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2",
+    "Qwen3ForCausalLM": "Qwen3", "GraniteForCausalLM": "Granite", "Phi3ForCausalLM": "Phi-3",
+    "Olmo2ForCausalLM": "OLMo-2", "Gemma2ForCausalLM": "Gemma 2", "Gemma3ForCausalLM": "Gemma 3",
+    "SmolLM3ForCausalLM": "SmolLM3", "Qwen3MoeForCausalLM": "Qwen3-MoE", "MixtralForCausalLM": "Mixtral",
+    "OlmoeForCausalLM": "OLMoE", "GPTNeoXForCausalLM": "GPT-NeoX",
+}
+
+
+def _listed(text: str, start: str) -> set[str]:
+    """The family names in the sentence that starts with ``start`` (up to its mention of the
+    ``architectures`` field); a name followed by a hyphen is another family (Qwen3-MoE)."""
+    sentence = text[text.index(start):].split("`architectures`")[0]
+    return {name for name in NAMES.values() if re.search(rf"\b{re.escape(name)}\b(?!-)", sentence)}
+
+
+def test_pages_name_exactly_the_supported_architectures():
+    expected = {NAMES[a] for a in supported_architectures()}
+    assert _listed((ROOT / "README.md").read_text(), "Models: ") == expected
+    assert _listed((ROOT / "docs" / "index.md").read_text(), "Llama (1 to 3.2)") == expected
