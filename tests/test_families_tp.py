@@ -1,8 +1,11 @@
 """The families added with the open component set, at tp=2 on the torch backend (gloo, two
 processes): logits, loss and every gradient equal one process within 1e-5, and greedy tokens
-match. (One step: after an AdamW step Gemma 3's vocab-parallel embedding gradient drifts to 1.7e-5,
-float32 rounding of a differently summed gradient amplified by Adam's normalisation.) OLMo-2's projection-wide q/k norms reduce their statistics over the ranks; Gemma's
-soft-capped attention runs on each rank's heads; SmolLM3 skips RoPE on its NoPE layer."""
+match. OLMo-2's projection-wide q/k norms reduce their statistics over the ranks; Gemma's
+soft-capped attention runs on each rank's heads; SmolLM3 skips RoPE on its NoPE layer; GPT-NeoX
+shards its non-gated MLP (up column-, down row-parallel) beside replicated LayerNorms.
+
+One step only: after an AdamW step Gemma 3's vocab-parallel embedding gradient drifts to 1.7e-5,
+float32 rounding of a differently summed gradient amplified by Adam's normalisation."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from gloo_spawn import spawn
 from helpers import assert_training_steps_match
 from zoo import save_hf, zoo_configs
 
-FAMILIES = ("olmo2_post_norms", "gemma2_softcaps", "gemma3_local_global", "smollm3_nope")
+FAMILIES = ("olmo2_post_norms", "gemma2_softcaps", "gemma3_local_global", "smollm3_nope", "gpt_neox_parallel")
 
 
 def _rank(rank: int, world: int, root: Path) -> None:

@@ -17,9 +17,17 @@ def _cfg(config_cls, **overrides):
     return config_cls(**kwargs)
 
 
+def _neox(config_cls, **overrides):
+    """GPT-NeoX configs name their sizes differently (no KV heads: multi-head attention)."""
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                  max_position_embeddings=128, layer_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
 def zoo_configs() -> dict:
-    from transformers import (Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig,
-                              Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, GraniteConfig, LlamaConfig,
+                              MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     return {
         "llama3.2_tied": (_cfg(LlamaConfig, tie_word_embeddings=True, rope_parameters={
@@ -61,6 +69,10 @@ def zoo_configs() -> dict:
                                                                          "factor": 4.0}}), "Gemma3ForCausalLM"),
         # RoPE left out on the second layer (NoPE).
         "smollm3_nope": (_cfg(SmolLM3Config, no_rope_layers=[1, 0], pad_token_id=0), "SmolLM3ForCausalLM"),
+        # Pythia: LayerNorms, a GELU MLP, attention and MLP in parallel, rotary on a quarter of each head.
+        "gpt_neox_parallel": (_neox(GPTNeoXConfig, use_parallel_residual=True), "GPTNeoXForCausalLM"),
+        "gpt_neox_sequential_full_rotary": (_neox(GPTNeoXConfig, use_parallel_residual=False, attention_bias=False,
+                                                  rotary_pct=1.0), "GPTNeoXForCausalLM"),
     }
 
 

@@ -35,5 +35,5 @@ def supported_architectures() -> list[str]:
 
 def _load_builtin() -> None:
     # Each module registers its classes on import.
-    from crosschip.models import (gemma2, gemma3, granite, llama, mistral, mixtral, olmo2, olmoe,  # noqa: F401
-                                  phi3, qwen2, qwen3, qwen3_moe, smollm3)
+    from crosschip.models import (gemma2, gemma3, gpt_neox, granite, llama, mistral, mixtral, olmo2,  # noqa: F401
+                                  olmoe, phi3, qwen2, qwen3, qwen3_moe, smollm3)
