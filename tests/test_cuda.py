@@ -346,12 +346,15 @@ def test_te_gelu_is_the_tanh_approximation():
         x = torch.randn(4, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
         out = mlp(x)
     h = 3 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-    tail = (h < -2.5) & (h > -4.5)
+    tail = (h < -2.5) & (h > -4.0)
     assert tail.sum() > 50
-    rel = lambda want: ((out - want).abs() / want.abs())[tail].max().item()
+    # Mean relative error over the tail: TF32 rounding of fc1's input moves h by ~5e-4
+    # relative, which the steep tail amplifies to ~1% at -4; erf and tanh GELU differ there
+    # by 3% (at -2.5) to 40% (at -4).
+    rel = lambda want: ((out - want).abs() / want.abs())[tail].mean().item()
     tanh_err, erf_err = rel(F.gelu(h, approximate="tanh")), rel(F.gelu(h))
     print(f"TE gelu vs tanh GELU {tanh_err:.2e}, vs erf GELU {erf_err:.2e}")
-    assert tanh_err < 1e-2 < 5e-2 < erf_err
+    assert tanh_err < 0.1 * erf_err and erf_err > 5e-2, (tanh_err, erf_err)
 
 
 @needs_te
