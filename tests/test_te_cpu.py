@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crosschip import ConfigurationError, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec, Runtime
+from crosschip.specs import AttentionSpec, LayerNormSpec, MLPSpec, ParallelSpec
 from crosschip.weights.layouts import canonical_shapes
 from crosschip.plugins.descriptors import resolve_callable
 from crosschip.plugins.registry import get_registry
@@ -64,7 +65,8 @@ def test_registered_and_unavailable_with_reason():
     record = get_registry().backend("te")
     assert record.descriptor.priority == 200 and "fp8" in record.descriptor.precisions
     assert set(get_registry().components_of("te")) == {
-        "qkv_projection", "gated_mlp", "out_projection", "rms_norm", "attention", "rotary", "loss"}
+        "qkv_projection", "gated_mlp", "mlp", "out_projection", "linear", "rms_norm", "layer_norm",
+        "attention", "rotary", "loss"}
     probe = record.probe()
     assert not probe.available and "transformer_engine is not installed" in probe.reason
 
@@ -305,3 +307,149 @@ def test_fused_loss_needs_a_transformer_engine_that_keeps_the_logits(monkeypatch
     ctx = type("Ctx", (), {"dtype": torch.bfloat16})()
     reason = support.loss(None, ctx)
     assert reason is None if has_option else "overwrites the logits in its forward" in reason
+
+
+# -- the newer kinds: layer_norm, mlp, linear, offset RMSNorm, LayerNorm input norms --------------
+def _round_trip(component, spec, expected: dict[str, str], tp=1):
+    """The layout maps each canonical role to exactly the TE parameter ``expected`` names, with
+    the values untouched (plain renames), and inverts bitwise."""
+    layout = resolve_callable(get_registry().layouts[("te", component)].transform)(spec, _Ctx(tp))
+    canonical = _random(canonical_shapes(component, spec, fuses_input_norm=True))
+    assert set(canonical) == set(expected), sorted(canonical)
+    physical = layout.apply(dict(canonical))
+    assert set(physical) == set(expected.values())
+    for role, name in expected.items():
+        assert torch.equal(physical[name], canonical[role]), role
+    back = layout.invert(physical)
+    assert set(back) == set(canonical) and all(torch.equal(back[k], canonical[k]) for k in canonical)
+
+
+MLP_NAMES = {"up.weight": "mlp.fc1_weight", "up.bias": "mlp.fc1_bias",
+             "down.weight": "mlp.fc2_weight", "down.bias": "mlp.fc2_bias"}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mlp_layout_is_fc1_fc2_with_the_fused_norm(tp):
+    # Not gated: fc1 is up as it is (a column shard of it is a plain dim-0 slice at any tp).
+    layer = {"norm.weight": "mlp.layer_norm_weight", "norm.bias": "mlp.layer_norm_bias"}
+    _round_trip("mlp", MLPSpec(16, 24, "gelu_pytorch_tanh", input_norm=LayerNormSpec(16)), MLP_NAMES | layer, tp)
+    no_bias = {k: v for k, v in MLP_NAMES.items() if "bias" not in k}
+    _round_trip("mlp", MLPSpec(16, 24, "relu", bias=False, input_norm=NormSpec(16)),
+                no_bias | {"norm.weight": "mlp.layer_norm_weight"}, tp)
+
+
+def test_layer_norm_inputs_of_qkv_and_gated_mlp_keep_their_bias():
+    spec = QKVSpec(16, 4, 2, 4, input_norm=LayerNormSpec(16))
+    layout = _layout("qkv_projection", spec)
+    canonical = _random(canonical_shapes("qkv_projection", spec, fuses_input_norm=True))
+    physical = layout.apply(dict(canonical))
+    assert set(physical) == {"proj.weight", "proj.layer_norm_weight", "proj.layer_norm_bias"}
+    assert torch.equal(physical["proj.layer_norm_bias"], canonical["norm.bias"])
+    back = layout.invert(physical)
+    assert set(back) == set(canonical) and all(torch.equal(back[k], canonical[k]) for k in canonical)
+    gated = GatedMLPSpec(16, 8, "gelu_pytorch_tanh", input_norm=LayerNormSpec(16, 1e-6))
+    physical = _layout("gated_mlp", gated).apply(_random(canonical_shapes("gated_mlp", gated, fuses_input_norm=True)))
+    assert set(physical) == {"mlp.fc1_weight", "mlp.fc2_weight", "mlp.layer_norm_weight", "mlp.layer_norm_bias"}
+
+
+def test_layer_norm_linear_and_offset_norm_layouts():
+    _round_trip("layer_norm", LayerNormSpec(16), {"weight": "norm.weight", "bias": "norm.bias"})
+    # Gemma's stored weight is the difference from one, exactly what zero_centered_gamma holds.
+    _round_trip("rms_norm", NormSpec(16, offset=1.0), {"weight": "norm.weight"})
+    for parallel in ("column", "row", "replicated"):
+        _round_trip("linear", LinearSpec(16, 8, bias=True, parallel=parallel),
+                    {"weight": "proj.weight", "bias": "proj.bias"}, tp=2)
+
+
+class _SupportCtx:
+    def __init__(self, dtype=torch.bfloat16, precision="bf16", **parallel):
+        self.dtype = dtype
+        self.runtime = type("Runtime", (), {"precision": precision})()
+        self.parallel = ParallelSpec(**parallel)
+
+
+TE_BUILDS = [
+    ("layer_norm", LayerNormSpec(32)),
+    ("layer_norm", LayerNormSpec(8, scope="head")),
+    ("rms_norm", NormSpec(32, offset=1.0)),
+    ("mlp", MLPSpec(32, 64, "gelu_pytorch_tanh", input_norm=LayerNormSpec(32))),
+    ("mlp", MLPSpec(32, 64, "gelu_new", input_norm=NormSpec(32, offset=1.0))),
+    ("mlp", MLPSpec(32, 48, "relu", bias=False, input_norm=NormSpec(32))),
+    ("mlp", MLPSpec(32, 48, "quick_gelu", input_norm=NormSpec(32))),
+    ("mlp", MLPSpec(32, 48, "relu2", input_norm=NormSpec(32))),
+    ("gated_mlp", GatedMLPSpec(32, 64, "gelu_pytorch_tanh", input_norm=LayerNormSpec(32))),
+    ("gated_mlp", GatedMLPSpec(32, 64, input_norm=NormSpec(32, offset=1.0))),
+    ("qkv_projection", QKVSpec(32, 4, 2, 8, input_norm=LayerNormSpec(32))),
+    ("qkv_projection", QKVSpec(32, 4, 2, 8, input_norm=NormSpec(32, offset=1.0))),
+    ("linear", LinearSpec(32, 48, bias=True, parallel="column")),
+]
+
+
+TE_DECLINES = [
+    ("layer_norm", LayerNormSpec(32, bias=False), "always holds and adds a learned bias"),
+    ("layer_norm", LayerNormSpec(12), "hidden size divisible by 8, found 12"),
+    ("rms_norm", NormSpec(32, offset=0.5), "zero_centered_gamma scales by exactly 1 + weight"),
+    ("rms_norm", NormSpec(32, scope="projection"), "scope='projection'"),
+    ("mlp", MLPSpec(32, 64, input_norm=NormSpec(32)),
+     "'gelu' is the exact (erf) GELU; Transformer Engine's gelu kernel is the tanh approximation"),
+    ("mlp", MLPSpec(32, 64, "gelu_pytorch_tanh"), "LayerNormMLP needs an input norm"),
+    ("mlp", MLPSpec(32, 64, "tanh", input_norm=NormSpec(32)), "'tanh' has no Transformer Engine kernel"),
+    ("mlp", MLPSpec(32, 64, "relu", input_norm=LayerNormSpec(32, bias=False)), "always holds and adds"),
+    ("gated_mlp", GatedMLPSpec(32, 64, "gelu", input_norm=NormSpec(32)), "exact (erf) GELU"),
+    ("qkv_projection", QKVSpec(32, 4, 2, 8, input_norm=NormSpec(32, offset=2.0)), "no other offset"),
+    ("attention", AttentionSpec(4, 2, 8, softcap=50.0), "fused (cuDNN) attention does not support it"),
+]
+
+
+@pytest.mark.parametrize("component,spec", TE_BUILDS, ids=lambda x: x if isinstance(x, str) else "")
+def test_te_accepts_what_transformer_engine_computes(component, spec):
+    impl = get_registry().components[("te", component)]
+    assert resolve_callable(impl.supports)(spec, _SupportCtx()) is None
+
+
+@pytest.mark.parametrize("component,spec,reason", TE_DECLINES, ids=lambda x: x if isinstance(x, str) else "")
+def test_te_declines_naming_what_transformer_engine_lacks(component, spec, reason):
+    impl = get_registry().components[("te", component)]
+    assert reason in resolve_callable(impl.supports)(spec, _SupportCtx())
+
+
+def test_general_linear_declines_sequence_parallel_and_fp8_misfits():
+    from crosschip_te import support
+
+    assert "sequence-parallel stream layout" in support.general_linear(
+        LinearSpec(32, 48, parallel="column"), _SupportCtx(tp=2, sequence_parallel=True))
+    assert support.general_linear(LinearSpec(32, 48, parallel="row"), _SupportCtx(tp=2)) is None
+    assert "divisible by 16, found [40]" in support.mlp(
+        MLPSpec(32, 40, "relu", input_norm=NormSpec(32)), _SupportCtx(precision="fp8"))
+
+
+def _pretend_te_runs_here(monkeypatch) -> Runtime:
+    """A CPU runtime whose te backend passes the probe and device checks, to reach te's own
+    supports checks and ``handles`` (nothing is built: that would import TE)."""
+    import dataclasses
+
+    from crosschip.plugins.descriptors import Probe
+
+    registry = get_registry()
+    record = registry.backend("te")
+    monkeypatch.setattr(record, "_probe", Probe(True, "pretend available, to reach selection"))
+    monkeypatch.setattr(record, "descriptor", dataclasses.replace(record.descriptor, device_types=("cpu",)))
+    return Runtime("te", device="cpu", dtype="bf16", registry=registry)
+
+
+@pytest.mark.parametrize("component,spec", TE_BUILDS,
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_runtime_chooses_te_for_the_extensions_it_declares(monkeypatch, component, spec):
+    """``handles`` lists the extensions te computes (offset, a LayerNorm input norm): with te
+    pretended available the runtime picks it, instead of declining on its behalf."""
+    rt = _pretend_te_runs_here(monkeypatch)
+    _, chosen, _, declines = rt.select(component, spec)
+    assert chosen == "te", declines
+
+
+def test_runtime_passes_over_te_with_its_reason(monkeypatch):
+    rt = _pretend_te_runs_here(monkeypatch)
+    _, chosen, _, declines = rt.select("mlp", MLPSpec(32, 64, input_norm=LayerNormSpec(32)))
+    assert chosen == "torch" and "exact (erf) GELU" in dict(declines)["te"]
+    _, chosen, _, declines = rt.select("attention", AttentionSpec(4, 2, 8, softcap=50.0))
+    assert chosen == "torch" and "soft-capping" in dict(declines)["te"]

@@ -15,8 +15,10 @@ from crosschip.parallel.kv_replication import kv_copies, physical_qkv_spec
 from crosschip.weights.layouts import split_grouped_heads
 from crosschip.lora.sites import adapt, has_adapters
 from crosschip.modeling.masks import AttentionMask, sdpa
-from crosschip.specs import AttentionSpec, GatedMLPSpec, LinearSpec, NormSpec, QKVSpec
+from crosschip.specs import (AttentionSpec, GatedMLPSpec, LayerNormSpec, LinearSpec, MLPSpec, NormSpec,
+                             QKVSpec)
 from crosschip_te import parallel
+from crosschip_te.support import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS
 
 
 def _device(ctx) -> torch.device | str:
@@ -29,6 +31,15 @@ def _device(ctx) -> torch.device | str:
     if torch.get_default_device().type == "meta":
         return "meta"
     return ctx.device if ctx.device.type == "cuda" else torch.device("cuda")
+
+
+def _norm_args(norm: NormSpec | LayerNormSpec) -> dict:
+    """TE's arguments for a fused input norm (``crosschip_te.support`` has checked TE computes it):
+    LayerNorm (always with a bias), or RMSNorm, scaling by ``1 + weight`` in float32 for an
+    offset of 1 (TE's ``zero_centered_gamma``)."""
+    if isinstance(norm, LayerNormSpec):
+        return dict(normalization="LayerNorm", eps=norm.eps)
+    return dict(normalization="RMSNorm", eps=norm.eps, zero_centered_gamma=norm.offset == 1.0)
 
 
 class TEModules(nn.Module):
@@ -53,7 +64,7 @@ class TEModules(nn.Module):
 
 
 class QKVProjection(TEModules):
-    """RMSNorm fused into the QKV matmul (``te.LayerNormLinear``) when the spec carries an input
+    """The input norm (RMSNorm or LayerNorm) fused into the QKV matmul (``te.LayerNormLinear``) when the spec carries an input
     norm, else ``te.Linear``. Output rows are grouped ``[Q_g | K_g | V_g]`` per KV head, as the
     torch backend's, so a column shard holds whole KV groups; each rank splits its own output
     (head counts follow from the width)."""
@@ -72,8 +83,7 @@ class QKVProjection(TEModules):
         common = dict(bias=spec.bias, params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
                       parallel_mode="column" if tp > 1 else None, sequence_parallel=self.sequence_parallel)
         if spec.input_norm is not None:
-            self.proj = te.LayerNormLinear(spec.hidden_size, rows, eps=spec.input_norm.eps,
-                                           normalization="RMSNorm", **common)
+            self.proj = te.LayerNormLinear(spec.hidden_size, rows, **_norm_args(spec.input_norm), **common)
         else:
             self.proj = te.Linear(spec.hidden_size, rows, **common)
 
@@ -98,26 +108,40 @@ class QKVProjection(TEModules):
         return split_grouped_heads(out, s.group_size, s.head_dim)
 
 
-class GatedMLP(TEModules):
-    """``te.LayerNormMLP``: RMSNorm, fc1 (gate and up in halves), SwiGLU, fc2 in one module."""
+class _FusedMLP(TEModules):
+    """``te.LayerNormMLP``: the input norm, fc1, the activation and fc2 in one module."""
 
-    lora_decline = ("te.LayerNormMLP fuses the norm, gate/up, activation and down projections, so no "
-                    "adapter can reach its gate, up or down rows; build gated_mlp with the torch backend "
-                    "(components={'gated_mlp': 'torch'}) for adapters there")
+    lora_decline = ("te.LayerNormMLP fuses the norm, up (and gate), activation and down projections, so "
+                    "no adapter can reach their rows; build the MLP with the torch backend "
+                    "(components={'gated_mlp': 'torch'} or {'mlp': 'torch'}) for adapters there")
     lora_sites: dict = {}
 
-    def __init__(self, spec: GatedMLPSpec, ctx):
+    def __init__(self, spec, ctx, activation: str):
         super().__init__()
         tp = parallel.tp_degree(ctx)
-        check_gated_mlp(spec, tp)
-        self.mlp = te.LayerNormMLP(spec.hidden_size, spec.intermediate_size, eps=spec.input_norm.eps,
-                                   bias=spec.bias, normalization="RMSNorm", activation="swiglu",
+        check_gated_mlp(spec, tp)  # fc1 column-, fc2 row-parallel: tp divides the intermediate size
+        self.mlp = te.LayerNormMLP(spec.hidden_size, spec.intermediate_size, **_norm_args(spec.input_norm),
+                                   bias=spec.bias, activation=activation,
                                    params_dtype=ctx.dtype, device=_device(ctx), tp_size=tp,
                                    set_parallel_mode=tp > 1,
                                    sequence_parallel=parallel.sequence_parallel(ctx, tp))
 
     def forward(self, x):
         return self.mlp(x)
+
+
+class GatedMLP(_FusedMLP):
+    """Gate and up are fc1's halves (see ``crosschip_te.layout``); SwiGLU, GeGLU (tanh), ReGLU..."""
+
+    def __init__(self, spec: GatedMLPSpec, ctx):
+        super().__init__(spec, ctx, GATED_ACTIVATIONS[spec.activation])
+
+
+class MLP(_FusedMLP):
+    """Not gated: ``down(act(up(norm(x))))``, up as fc1, down as fc2."""
+
+    def __init__(self, spec: MLPSpec, ctx):
+        super().__init__(spec, ctx, PLAIN_ACTIVATIONS[spec.activation])
 
 
 class Linear(TEModules):
@@ -143,9 +167,24 @@ class Linear(TEModules):
 
 
 class RMSNorm(TEModules):
+    """``te.RMSNorm``; Gemma's ``(1 + weight)`` (offset 1) is TE's ``zero_centered_gamma``, whose
+    kernel adds the 1 to the weight in float32 and scales in float32, as Gemma does."""
+
     def __init__(self, spec: NormSpec, ctx):
         super().__init__()
-        self.norm = te.RMSNorm(spec.hidden_size, eps=spec.eps, params_dtype=ctx.dtype, device=_device(ctx))
+        self.norm = te.RMSNorm(spec.hidden_size, eps=spec.eps, zero_centered_gamma=spec.offset == 1.0,
+                               params_dtype=ctx.dtype, device=_device(ctx))
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class LayerNorm(TEModules):
+    """``te.LayerNorm`` (always with a bias: ``crosschip_te.support`` declines ``bias=False``)."""
+
+    def __init__(self, spec: LayerNormSpec, ctx):
+        super().__init__()
+        self.norm = te.LayerNorm(spec.hidden_size, eps=spec.eps, params_dtype=ctx.dtype, device=_device(ctx))
 
     def forward(self, x):
         return self.norm(x)

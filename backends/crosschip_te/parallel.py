@@ -2,8 +2,8 @@
 
 The factories build every TE module with ``tp_size`` (so it allocates only this rank's shard):
 the QKV projection column-parallel (``parallel_mode="column"``, whole KV groups per rank), the
-attention output projection row-parallel, ``LayerNormMLP`` with ``set_parallel_mode`` (fc1
-column, fc2 row) and ``DotProductAttention`` over this rank's heads. :func:`parallelize` then
+attention output projection row-parallel, ``LayerNormMLP`` (gated or not) with
+``set_parallel_mode`` (fc1 column, fc2 row), a general ``linear`` as its spec's ``parallel`` says and ``DotProductAttention`` over this rank's heads. :func:`parallelize` then
 creates the 1-D ``"tp"`` DeviceMesh, hands its process group to every TE module
 (``set_tensor_parallel_group``, TE's deferred form) and declares which parameters are shards
 (:mod:`crosschip.parallel.local_shards`), so checkpoints load, save and report gradients as for the torch
@@ -27,7 +27,7 @@ from crosschip.errors import ConfigurationError
 from crosschip.parallel.kv_replication import KVReplicas, kv_copies, replica_groups
 
 #: Components whose te modules hold shards; under te TP no other backend may build them.
-SHARDED = ("qkv_projection", "out_projection", "gated_mlp")
+SHARDED = ("qkv_projection", "out_projection", "gated_mlp", "mlp", "linear")
 
 
 def tp_degree(ctx) -> int:

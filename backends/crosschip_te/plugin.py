@@ -45,7 +45,7 @@ def crosschip_register_backends():
         probe=probe,
         fallbacks=("torch",),
         precisions=("fp8",),
-        description="Transformer Engine: RMSNorm fused into QKV and MLP, fused attention, FP8",
+        description="Transformer Engine: RMSNorm / LayerNorm fused into QKV and MLP, fused attention, FP8",
     )]
 
 
@@ -58,14 +58,25 @@ def _factory(cls: str, module: str = _C):
     return build
 
 
+#: The fused input norms TE's LayerNormLinear / LayerNormMLP compute: a LayerNorm (with bias), and
+#: an RMSNorm with Gemma's offset (zero_centered_gamma); support.py declines the rest.
+_FUSED_NORMS = ("input_norm=LayerNormSpec", "input_norm.offset")
+
+
 @hookimpl
 def crosschip_register_components():
     return [
-        ComponentImpl(NAME, "qkv_projection", _factory("QKVProjection"), f"{_S}:qkv", fuses_input_norm=True),
-        ComponentImpl(NAME, "gated_mlp", _factory("GatedMLP"), f"{_S}:gated_mlp", fuses_input_norm=True),
+        ComponentImpl(NAME, "qkv_projection", _factory("QKVProjection"), f"{_S}:qkv", fuses_input_norm=True,
+                      handles=_FUSED_NORMS),
+        ComponentImpl(NAME, "gated_mlp", _factory("GatedMLP"), f"{_S}:gated_mlp", fuses_input_norm=True,
+                      handles=_FUSED_NORMS),
+        ComponentImpl(NAME, "mlp", _factory("MLP"), f"{_S}:mlp", fuses_input_norm=True, handles=_FUSED_NORMS),
         ComponentImpl(NAME, "out_projection", _factory("Linear"), f"{_S}:linear"),
-        ComponentImpl(NAME, "rms_norm", _factory("RMSNorm"), f"{_S}:rms_norm"),
-        ComponentImpl(NAME, "attention", _factory("DotProductAttention"), f"{_S}:attention"),
+        ComponentImpl(NAME, "linear", _factory("Linear"), f"{_S}:general_linear"),
+        ComponentImpl(NAME, "rms_norm", _factory("RMSNorm"), f"{_S}:rms_norm", handles=("offset",)),
+        ComponentImpl(NAME, "layer_norm", _factory("LayerNorm"), f"{_S}:layer_norm"),
+        # softcap "handled" by support.attention declining it with TE's own reason.
+        ComponentImpl(NAME, "attention", _factory("DotProductAttention"), f"{_S}:attention", handles=("softcap",)),
         ComponentImpl(NAME, "rotary", _factory("Rotary", "crosschip_te.rotary"), f"{_S}:rotary"),
         ComponentImpl(NAME, "loss", _factory("CausalLMLoss", "crosschip_te.loss"), f"{_S}:loss"),
     ]
@@ -76,8 +87,11 @@ def crosschip_register_layouts():
     return [
         LayoutImpl(NAME, "qkv_projection", f"{_L}:qkv_layout"),
         LayoutImpl(NAME, "gated_mlp", f"{_L}:gated_mlp_layout"),
+        LayoutImpl(NAME, "mlp", f"{_L}:mlp_layout"),
         LayoutImpl(NAME, "out_projection", f"{_L}:linear_layout"),
+        LayoutImpl(NAME, "linear", f"{_L}:linear_layout"),
         LayoutImpl(NAME, "rms_norm", f"{_L}:rms_norm_layout"),
+        LayoutImpl(NAME, "layer_norm", f"{_L}:layer_norm_layout"),
     ]
 
 

@@ -76,14 +76,14 @@ def install(model, group) -> None:
 
 def partial_gradient_params(model, per_head_norms) -> list:
     """Parameters whose gradient each rank computes from its own tokens only: norm weights on the
-    stream (TE's fused ``layer_norm_weight`` / ``layer_norm_bias`` and standalone ``rms_norm``
-    components, not the per-head q/k norms, which see whole sequences) and biases added after a
+    stream (TE's fused ``layer_norm_weight`` / ``layer_norm_bias`` and standalone ``rms_norm`` /
+    ``layer_norm`` components, not the per-head q/k norms, which see whole sequences) and biases added after a
     reduce-scatter (a row-parallel ``bias``, LayerNormMLP's ``fc2_bias``)."""
     per_head = {id(n) for n in per_head_norms}
     out: list = []
     for module in model.modules():
         info = getattr(module, "crosschip_component", None)
-        if info is not None and info.component == "rms_norm" and id(module) not in per_head:
+        if info is not None and info.component in ("rms_norm", "layer_norm") and id(module) not in per_head:
             out.extend(module.parameters())
             continue
         if not getattr(module, "sequence_parallel", False):

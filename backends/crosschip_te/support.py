@@ -23,24 +23,59 @@ def _fp8_dims(ctx, *dims) -> str | None:
     return None
 
 
-def _input_norm(spec) -> str | None:
-    """The fused norm here is TE's RMSNorm with a plain weight."""
-    norm = spec.input_norm
-    if norm is None:
-        return None
-    from crosschip.specs import NormSpec
+#: transformers' activation names -> TE's LayerNormMLP activation of the same function (TE's
+#: kernels, transformer_engine/common/util/math.h): TE's "gelu" is the tanh approximation
+#: ``x * (0.5 + 0.5 * tanh(x * (0.79788456 + 0.03567741 * x^2)))``, transformers' gelu_pytorch_tanh,
+#: gelu_new, gelu_fast and gelu_python_tanh; "qgelu" is ``x * sigmoid(1.702 x)`` (quick_gelu);
+#: "srelu" is ``relu(x)^2`` (relu2). transformers' plain "gelu" is the exact erf GELU: no TE kernel.
+PLAIN_ACTIVATIONS = {
+    "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu_fast": "gelu", "gelu_python_tanh": "gelu",
+    "quick_gelu": "qgelu", "relu": "relu", "relu2": "srelu", "silu": "silu", "swish": "silu",
+}
+#: The gated forms (TE gates with the first half of fc1's output, as the layout stores it).
+GATED_ACTIVATIONS = {
+    "silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu",
+    "gelu_fast": "geglu", "gelu_python_tanh": "geglu", "quick_gelu": "qgeglu", "relu": "reglu",
+    "relu2": "sreglu",
+}
 
-    if not isinstance(norm, NormSpec):
-        return f"the fused input norm is an RMSNorm here, not {type(norm).__name__}"
-    return _rms_variant(norm)
+
+def _activation(activation: str, table: dict) -> str | None:
+    if activation in table:
+        return None
+    if activation in ("gelu", "gelu_python"):
+        return (f"activation {activation!r} is the exact (erf) GELU; Transformer Engine's gelu kernel is "
+                "the tanh approximation (transformers' gelu_pytorch_tanh), so it is not built here")
+    return (f"activation {activation!r} has no Transformer Engine kernel here (TE fuses "
+            f"{', '.join(sorted(table))})")
+
+
+def _input_norm(spec) -> str | None:
+    """The fused norm: TE's RMSNorm or LayerNorm inside LayerNormLinear / LayerNormMLP."""
+    norm = spec.input_norm
+    return None if norm is None else norm_variant(norm)
+
+
+def norm_variant(spec) -> str | None:
+    """Why TE's norms cannot compute ``spec`` (an RMS or layer norm spec), or None."""
+    from crosschip.specs import LayerNormSpec
+
+    if isinstance(spec, LayerNormSpec):
+        if not spec.bias:
+            return ("LayerNorm without a bias: Transformer Engine's LayerNorm (and the LayerNorm of "
+                    "LayerNormLinear / LayerNormMLP) always holds and adds a learned bias")
+        return None
+    return _rms_variant(spec)
 
 
 def _rms_variant(spec) -> str | None:
-    if spec.offset:
-        return (f"RMSNorm offset {spec.offset} (Gemma's 1 + weight) is not built here (TE's "
-                "zero_centered_gamma is not wired up)")
+    if spec.offset not in (0.0, 1.0):
+        return (f"RMSNorm offset {spec.offset}: TE's zero_centered_gamma scales by exactly 1 + weight "
+                "(offset 1.0), no other offset")
     if spec.scope == "projection":
-        return "a projection-wide RMSNorm (scope='projection') is not built here"
+        return ("a projection-wide RMSNorm (scope='projection', OLMo-2's q/k norms) is not built by te: "
+                "sharded under tensor parallelism its statistics need an all-reduce over the ranks' "
+                "features, which TE's RMSNorm and te's plan do not do (the torch backend's plan does)")
     return None
 
 
@@ -55,13 +90,37 @@ def gated_mlp(spec, ctx):
     reason = _input_norm(spec)
     if reason:
         return reason
-    if spec.activation not in ("silu", "swish"):
-        return f"activation {spec.activation!r} is not fused here (only SwiGLU: silu)"
-    return _common(ctx) or _fp8_dims(ctx, spec.hidden_size, spec.intermediate_size)
+    return (_activation(spec.activation, GATED_ACTIVATIONS) or _common(ctx)
+            or _fp8_dims(ctx, spec.hidden_size, spec.intermediate_size))
+
+
+def mlp(spec, ctx):
+    if spec.input_norm is None:
+        return "TE's fused LayerNormMLP needs an input norm; this spec has none"
+    return (_input_norm(spec) or _activation(spec.activation, PLAIN_ACTIVATIONS) or _common(ctx)
+            or _fp8_dims(ctx, spec.hidden_size, spec.intermediate_size))
 
 
 def linear(spec, ctx):
     return _common(ctx) or _fp8_dims(ctx, spec.in_features, spec.out_features)
+
+
+def general_linear(spec, ctx):
+    """The ``linear`` kind: te.Linear, column- or row-parallel as the spec says under tp > 1."""
+    parallel = getattr(ctx, "parallel", None)
+    if parallel is not None and parallel.sequence_parallel:
+        return ("sequence parallelism: te's sequence-parallel stream layout ([seq / tp, batch, hidden]) "
+                "is wired only for its own projections (QKV, attention output, MLPs), not a general linear")
+    return linear(spec, ctx)
+
+
+def layer_norm(spec, ctx):
+    reason = norm_variant(spec)
+    if reason:
+        return reason
+    if spec.hidden_size % 8:
+        return f"TE LayerNorm kernels need a hidden size divisible by 8, found {spec.hidden_size}"
+    return _common(ctx)
 
 
 def rms_norm(spec, ctx):
@@ -75,7 +134,12 @@ def rms_norm(spec, ctx):
 
 def attention(spec, ctx):
     if spec.softcap is not None:
-        return "TE's fused attention has no logit soft-capping"
+        # TE 2.20's DotProductAttention takes softcap=, but its backend selection disables the
+        # fused (cuDNN) backend for it, leaving FlashAttention >= 2.6 (not a dependency here) or
+        # its unfused PyTorch path: nothing faster than the torch backend's attention.
+        return ("logit soft-capping: Transformer Engine's fused (cuDNN) attention does not support it "
+                "(TE's DotProductAttention(softcap=) runs it only on FlashAttention >= 2.6 or its "
+                "unfused PyTorch path)")
     if ctx.dtype == torch.float32:
         return "TE fused attention runs in bf16/fp16 only; dtype is float32"
     if spec.head_dim % 8 or spec.head_dim > 256:
