@@ -326,7 +326,7 @@ class Runtime:
                 return None, str(reason)
         return impl, None
 
-    _GEMM_COMPONENTS = ("qkv_projection", "out_projection", "gated_mlp")
+    _GEMM_COMPONENTS = ("qkv_projection", "out_projection", "gated_mlp", "mlp", "linear", "moe")
 
     def _check_fp8(self, component: str, spec, backend: str) -> None:
         """Under ``precision="fp8"`` a projection built by a backend without FP8 runs in
