@@ -376,3 +376,49 @@ def test_te_new_kinds_build_on_meta_with_their_parameters():
     assert torch.all(norm.norm.weight == 1) and torch.all(norm.norm.bias == 0)
     assert gemma.norm.zero_centered_gamma and torch.all(gemma.norm.weight == 0)
     assert mlp.mlp.layer_norm_bias.is_cuda and mlp.mlp.normalization == "LayerNorm"
+
+
+# The families of the open component set and the mixtures of experts, at sizes TE takes.
+NEW_FAMILY_CONFIGS = {
+    "olmo2": ("Olmo2Config", dict()),
+    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                    layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], pad_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", dict(layer_norm_eps=1e-5, hidden_act="gelu_new")),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, moe_intermediate_size=128, num_experts=8,
+                                         num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2)),
+}
+
+
+@needs_te
+@pytest.mark.parametrize("name", list(NEW_FAMILY_CONFIGS))
+def test_te_bf16_new_families_within_the_references_bf16_error(tmp_path, name):
+    """Each new family on te in bf16 (te builds what TE can; torch, its declared fallback, the rest,
+    strictly: nothing ends on the reference), against the reference in float32, within a small
+    multiple of the reference's own bf16 error."""
+    import transformers
+
+    cls_name, extra = NEW_FAMILY_CONFIGS[name]
+    kwargs = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kwargs.update(extra)
+    if cls_name == "GPTNeoXConfig":
+        kwargs.pop("num_key_value_heads"), kwargs.pop("rms_norm_eps")
+    save_hf(tmp_path, getattr(transformers, cls_name)(**kwargs))
+    ids = torch.randint(1, 256, (2, 64), device="cuda")
+    ref32 = _run(crosschip.from_pretrained(tmp_path, backend="reference", device="cuda"), ids)
+    ref16 = _run(crosschip.from_pretrained(tmp_path, backend="reference", device="cuda", dtype="bf16"), ids)
+    te_model = crosschip.from_pretrained(tmp_path, backend="te", device="cuda", dtype="bf16", strict=True)
+    assert "te" in te_model.runtime.report.backends_for("qkv_projection")
+    te16 = _run(te_model, ids)
+    for what, i in (("logits", 0), ("loss", 1)):
+        budget = 3 * norm_rel(ref16[i], ref32[i]) + 4e-3
+        assert norm_rel(te16[i], ref32[i]) <= budget, what
+    for key, g32 in ref32[2].items():
+        budget = 3 * norm_rel(ref16[2][key], g32) + 4e-3
+        assert norm_rel(te16[2][key], g32) <= budget, key
