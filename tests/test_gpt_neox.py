@@ -1,10 +1,13 @@
 """GPT-NeoX (Pythia) against transformers' own model, float32 on CPU: both residual variants,
-rotary on a quarter or all of each head, with and without attention biases. Logits, loss and
+rotary on a quarter or all of each head, with and without attention biases, untied or tied
+embed_out. Logits, loss and
 every gradient (under transformers' names) within 1e-5 on reference and torch; a saved
 checkpoint transformers loads bit for bit; greedy tokens equal transformers' greedy generate;
 AdamW lowers the loss; tp=2 on torch (two gloo processes) equals one process."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -37,6 +40,8 @@ CONFIGS = {
                                         rotary_emb_base=1000),
     "sequential_quarter_rotary_bias": dict(use_parallel_residual=False, rotary_pct=0.25, attention_bias=True,
                                            hidden_act="gelu_new"),
+    # embed_out shares embed_in's weight (transformers then saves no embed_out).
+    "parallel_tied": dict(use_parallel_residual=True, rotary_pct=0.25, attention_bias=True, tie_word_embeddings=True),
 }
 
 
@@ -84,7 +89,7 @@ def test_fused_qkv_is_per_head_q_k_v():
         assert all(torch.equal(back[r], t) for r, t in zip("qkv", (q, k, v)))
 
 
-@pytest.mark.parametrize("name", ["parallel_quarter_rotary_bias", "sequential_full_rotary_nobias"])
+@pytest.mark.parametrize("name", ["parallel_quarter_rotary_bias", "sequential_full_rotary_nobias", "parallel_tied"])
 def test_save_pretrained_loads_bitwise_in_transformers(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
@@ -94,11 +99,16 @@ def test_save_pretrained_loads_bitwise_in_transformers(tmp_path, name):
         for p in model.parameters():
             p.add_(0.01)
     model.save_pretrained(tmp_path / "out", max_shard_size="50KB")
+    # The files hold exactly the keys transformers itself writes (no missing or unexpected keys).
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(load_file(tmp_path / "in" / "model.safetensors"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ours, theirs = model.hf_state_dict(), reloaded.state_dict()
     assert set(theirs) == set(hf.state_dict())
+    # transformers' lm_head is saved as embed_out, or not at all when tied to embed_in.
+    head = "gpt_neox.embed_in.weight" if hf.config.tie_word_embeddings else "embed_out.weight"
     for key, value in theirs.items():
-        mine = ours["embed_out.weight" if key == "lm_head.weight" else key]
+        mine = ours[head if key == "lm_head.weight" else key]
         assert torch.equal(mine, value), key
         assert not torch.equal(value, hf.state_dict()[key]), key
     ids = ids_for(2, (1, 20))
@@ -135,14 +145,17 @@ def test_adamw_steps_lower_the_loss(tmp_path):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-TP_CONFIGS = ("parallel_quarter_rotary_bias", "sequential_full_rotary_nobias")
+TP_CONFIGS = ("parallel_quarter_rotary_bias", "sequential_full_rotary_nobias", "parallel_tied")
 
 
 def _tp_rank(rank: int, world: int, root) -> None:
     for name in TP_CONFIGS:
         single = crosschip.from_pretrained(root / name, backend="torch", dtype=torch.float32).train()
         model = crosschip.from_pretrained(root / name, backend="torch", tp=2, dtype=torch.float32).train()
-        assert_training_steps_match(model, single, ids_for(5, (2, 16)), TOL, f"{name} tp=2", steps=2)
+        ids = ids_for(5, (2, 16))
+        assert_training_steps_match(model, single, ids, TOL, f"{name} tp=2", steps=2)
+        prompt = ids[:, :5]
+        assert torch.equal(model.generate(prompt, max_new_tokens=6), single.generate(prompt, max_new_tokens=6)), name
 
 
 def test_tp2_matches_one_process(tmp_path):
