@@ -1,9 +1,8 @@
 """GPT-NeoX (Pythia) against transformers' own model, float32 on CPU: both residual variants,
 rotary on a quarter or all of each head, with and without attention biases, untied or tied
-embed_out. Logits, loss and
-every gradient (under transformers' names) within 1e-5 on reference and torch; a saved
-checkpoint transformers loads bit for bit; greedy tokens equal transformers' greedy generate;
-AdamW lowers the loss; tp=2 on torch (two gloo processes) equals one process."""
+embed_out. Logits, loss and every gradient (under transformers' names) within 1e-5 on reference
+and torch; a saved checkpoint transformers loads bit for bit; greedy tokens equal transformers'
+greedy generate; AdamW lowers the loss; tp=2 on torch (two gloo processes) equals one process."""
 
 from __future__ import annotations
 
