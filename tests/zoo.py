@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
             rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -77,16 +75,10 @@ def zoo_configs() -> dict:
 
 
 def save_hf(path: Path, config, seed: int = 0):
-    """A random transformers model for ``config`` saved to ``path``; returns it in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """A random transformers model for ``config`` (the parity kit's: norms and biases moved off
+    their no-op values) saved to ``path``; returns it in eval mode."""
+    from crosschip.testing.parity import random_transformers_model
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                param.normal_(0, 0.1)
+    model = random_transformers_model(config, seed)
     model.save_pretrained(path)
     return model

@@ -132,7 +132,7 @@ def check_model(config, directory: str | Path, *, model_class=None,
     tp = tp if tp > 1 else 2
     tolerance = tolerance_for(dtype) if tolerance is None else tolerance
     directory = Path(directory)
-    hf = _random_transformers_model(config, seed)
+    hf = random_transformers_model(config, seed)
     hf_dir = directory / "transformers"
     hf.save_pretrained(hf_dir)
     architecture = type(hf).__name__
@@ -202,8 +202,8 @@ def _selected(checks, tp: int) -> tuple[str, ...]:
     return chosen
 
 
-def _random_transformers_model(config, seed: int):
-    """Random weights, with norm weights away from 1 and biases away from 0: a model that drops
+def random_transformers_model(config, seed: int = 0):
+    """transformers' own model for ``config`` (eager attention, eval mode), seeded: random weights, with norm weights away from 1 and biases away from 0: a model that drops
     a norm or a bias then differs (initialised to 1 and 0 they would be no-ops)."""
     from transformers import AutoModelForCausalLM
 
@@ -421,4 +421,5 @@ def _tp_rank(rank, world, init_method, hf_dir, model_class, architecture, dtype,
     shutdown()
 
 
-__all__ = ["CHECKS", "DEFAULT_CHECKS", "CheckResult", "ParityError", "ParityReport", "check_model", "registered"]
+__all__ = ["CHECKS", "DEFAULT_CHECKS", "CheckResult", "ParityError", "ParityReport", "check_model",
+           "random_transformers_model", "registered"]
