@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from crosschip.components.examples import call_on_x, hidden_example
@@ -63,17 +64,12 @@ LINEAR = ComponentKind(
 
 #: The attention output projection: a ``linear`` the models mark with ``input_heads``, kept as
 #: its own kind so a backend can build it differently (row-parallel with permuted heads).
-OUT_PROJECTION = ComponentKind(
+OUT_PROJECTION = dataclasses.replace(
+    LINEAR,
     name="out_projection",
-    spec=LinearSpec,
-    weights=_weights,
-    reference="crosschip.reference.components:Linear",
-    call=call_on_x,
-    example=hidden_example("in_features"),
     cases=lambda: [
         ("plain", LinearSpec(32, 48), {}),
         ("row-bias", LinearSpec(48, 32, bias=True, parallel="row"), {}),
     ],
-    tensor_parallel=lambda spec: _SPLITS[spec.parallel],
     summary="the attention output projection",
 )
