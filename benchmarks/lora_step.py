@@ -90,8 +90,8 @@ def worker(args) -> dict:
 
         times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result)
         median = statistics.median(times)
-        full, non_embedding = flops_per_token(config, SEQ)
-        per_token = full - 2 * non_embedding  # no weight gradients of the frozen base
+        full, matmul_params = flops_per_token(config, SEQ)
+        per_token = full - 2 * matmul_params  # no weight gradients of the frozen base
         tokens = batch * SEQ
         achieved = per_token * tokens / median / 1e12
         result.update(status="ok", step_s_median=median, step_s_all=times, tokens_per_s=tokens / median,

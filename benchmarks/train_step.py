@@ -8,8 +8,14 @@ te bf16 and te FP8 backends, all given identical weights.
 
 Each (variant, seq) runs in its own process so peak memory and compile caches do not mix. The
 result JSON keeps the command, versions, device and every number; plot it with plot_train_step.py.
-MFU follows torchtitan: 6 x non-embedding parameters + 12 x layers x hidden x seq FLOPs per token,
-over the H100's 989 TFLOP/s dense bf16 peak and over a bf16 matmul rate measured in the same run.
+MFU follows torchtitan: 6 x the parameters that take part in matmuls + 12 x layers x hidden x seq
+FLOPs per token, over the H100/H200's 989 TFLOP/s dense bf16 peak and over a bf16 matmul rate
+measured in the same run. The LM head counts also when it is tied to the embedding (its matmul is
+computed either way; only the embedding lookup is free). FP8 runs are stated against the same bf16
+peak (``mfu_basis`` in the JSON says so), not against FP8's.
+
+``--activation-checkpointing`` takes one setting for every variant and/or ``VARIANT=SETTING``
+overrides, so each side runs at its own best setting that fits (recorded per run).
 """
 
 from __future__ import annotations
@@ -48,12 +54,14 @@ def llama_config(shape: str, seq: int):
 
 
 def flops_per_token(config, seq: int) -> tuple[float, int]:
+    """(training FLOPs per token, parameters in matmuls). The LM head's ``vocab x hidden`` counts
+    whether or not it is tied: tying shares the weight, not the product."""
     h, i, l = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
-    non_embedding = l * per_layer + h + (0 if config.tie_word_embeddings else config.vocab_size * h)
-    return 6 * non_embedding + 12 * l * config.hidden_size * seq, non_embedding
+    matmul_params = l * per_layer + h + config.vocab_size * h
+    return 6 * matmul_params + 12 * l * config.hidden_size * seq, matmul_params
 
 
 def build(variant: str, config, seed: int, ac: str):
@@ -72,6 +80,8 @@ def build(variant: str, config, seed: int, ac: str):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(canonical_tensor(name, tuple(p.shape), seed, device="cuda", dtype=p.dtype))
+        if ac == "selective":
+            raise ValueError("transformers checkpoints whole layers only: use full or none for it")
         if ac != "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
@@ -164,7 +174,7 @@ def worker(args) -> dict:
 
         times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result)
         median = statistics.median(times)
-        per_token, non_embedding = flops_per_token(config, args.seq)
+        per_token, matmul_params = flops_per_token(config, args.seq)
         tokens = batch * args.seq
         achieved = per_token * tokens / median / 1e12
         rate = matmul_tflops()
@@ -172,7 +182,8 @@ def worker(args) -> dict:
             status="ok", step_s_median=median, step_s_all=times, tokens_per_s=tokens / median,
             tflops=achieved, mfu_vs_peak=achieved / PEAK_TFLOPS, matmul_tflops=rate,
             mfu_vs_matmul=achieved / rate, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-            non_embedding_params=non_embedding, losses=losses)
+            mfu_basis="bf16 dense peak" + (" (an FP8 run, stated against bf16)" if args.variant == "te-fp8" else ""),
+            matmul_params=matmul_params, losses=losses)
         if args.variant != "transformers":
             result["backends"] = {k: sorted(v["backend"] for v in entries)
                                   for k, entries in model.runtime.report.summary().items()}
@@ -212,6 +223,20 @@ def _relative_to_transformers(runs: list[dict]) -> None:
                     r["memory_vs_transformers"] = r["peak_memory_gib"] / base["peak_memory_gib"]
 
 
+def checkpointing_per_variant(parser, given: list[str], settings) -> dict[str, str]:
+    """``--activation-checkpointing`` as ``{variant: setting}``: a bare setting applies to every
+    variant, ``VARIANT=SETTING`` to one (later entries win)."""
+    chosen = dict.fromkeys(VARIANTS, "none")
+    for entry in given:
+        variant, _, setting = entry.rpartition("=")
+        if setting not in settings or (variant and variant not in VARIANTS):
+            parser.error(f"--activation-checkpointing {entry!r}: expected SETTING or VARIANT=SETTING with SETTING "
+                         f"one of {', '.join(settings)} and VARIANT one of {', '.join(VARIANTS)}")
+        for name in [variant] if variant else VARIANTS:
+            chosen[name] = setting
+    return chosen
+
+
 def main(argv=None) -> int:
     from crosschip.specs import CHECKPOINTING
 
@@ -222,25 +247,29 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none")
+    parser.add_argument("--activation-checkpointing", nargs="+", default=["none"], metavar="[VARIANT=]SETTING",
+                        help=f"{', '.join(CHECKPOINTING)}: one for every variant, and/or VARIANT=SETTING for one")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    checkpointing = checkpointing_per_variant(parser, args.activation_checkpointing, CHECKPOINTING)
     if args.worker:
         args.seq = args.seq[0]
+        args.activation_checkpointing = checkpointing[args.variant]
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
 
     runs = []
     report = {"command": "python " + " ".join(sys.argv),
               "versions": versions(), "shape": args.shape, "config": SHAPES[args.shape],
-              "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS, "runs": runs}
+              "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS,
+              "activation_checkpointing": {v: checkpointing[v] for v in args.variants}, "runs": runs}
     for seq in args.seq:
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", args.shape,
                    "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--seed", str(args.seed), "--activation-checkpointing", args.activation_checkpointing]
+                   "--seed", str(args.seed), "--activation-checkpointing", checkpointing[variant]]
             run = in_own_process(cmd, dict(variant=variant, seq=seq))
             runs.append(run)
             if run.get("status") == "ok":
