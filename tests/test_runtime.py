@@ -184,3 +184,67 @@ def test_input_norm_identity_when_fused():
                        qkv.crosschip_component.__class__("qkv_projection", "x", QKV, fuses_input_norm=True))
     assert isinstance(rt.input_norm(NormSpec(32), qkv), nn.Identity)
     assert torch.is_tensor(qkv.q_proj.weight)
+
+
+def _available_on_cpu(registry, name: str) -> None:
+    """Make the built-in backend ``name`` look available on this CPU (its own descriptor otherwise:
+    priority, fallbacks, declined kinds), as it would be on its hardware."""
+    import dataclasses
+
+    from crosschip import Probe
+    from crosschip.plugins.registry import BackendRecord
+
+    record = registry.backends[name]
+    descriptor = dataclasses.replace(record.descriptor, device_types=("cpu",), probe=lambda: Probe(True))
+    registry.backends[name] = BackendRecord(descriptor, record.plugin)
+
+
+def _moe_spec():
+    from crosschip.components.moe import MoESpec
+
+    return MoESpec(32, 16, 4, 2)
+
+
+def test_a_declined_kind_is_recorded_and_its_fallback_builds_it(monkeypatch):
+    """te knows no MoE: the reason it declares shows as its decline, and its fallback (torch)
+    builds the experts without a warning (a declared fallback is no reference fall-back)."""
+    from crosschip.plugins.registry import get_registry, reset_registry
+    from crosschip_te.plugin import MOE_DECLINE
+
+    reset_registry()
+    try:
+        registry = get_registry()
+        _available_on_cpu(registry, "te")
+        rt = Runtime("te", device="cpu", registry=registry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CrosschipWarning)
+            module = rt.component("moe", _moe_spec())
+        assert module.crosschip_component.backend == "torch"
+        decision = rt.report.summary()["moe"][0]
+        assert decision["backend"] == "torch"
+        assert decision["declines"] == [{"backend": "te", "reason": MOE_DECLINE}], decision
+    finally:
+        reset_registry()
+
+
+def test_strict_refuses_a_declined_kind_ending_on_reference_with_its_reason():
+    """neuron has no fallback: its declared MoE decline ends on reference, which strict mode
+    refuses naming neuron's reason (before, a kind a backend left out went to reference silently)."""
+    from crosschip.plugins.registry import get_registry, reset_registry
+
+    reset_registry()
+    try:
+        registry = get_registry()
+        _available_on_cpu(registry, "neuron")
+        with pytest.raises(StrictFallbackError, match=r"moe .* fell back to the reference backend \(neuron: "
+                                                      r"neuronx-distributed's MoE layers"):
+            Runtime("neuron", device="cpu", registry=registry, strict=True).component("moe", _moe_spec())
+        with pytest.warns(CrosschipWarning, match="neuronx-distributed's MoE layers"):
+            module = Runtime("neuron", device="cpu", registry=registry).component("moe", _moe_spec())
+        assert module.crosschip_component.backend == "reference"
+        # A kind neuron never declared stays no decline: rotary goes to reference quietly.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CrosschipWarning)
+            Runtime("neuron", device="cpu", registry=registry, strict=True).rotary(ROPE)
+    finally:
+        reset_registry()

@@ -64,6 +64,10 @@ def crosschip_register_backends():
         # No fallbacks: a component neuron declines goes to reference, which strict mode refuses
         # (on a Trainium host the torch backend could not run it anyway: it has no XLA device).
         description="neuronx-distributed parallel layers on AWS Trainium (or in NxD's CPU mode)",
+        # The reference's experts select tokens by data-dependent masks, which an XLA trace cannot
+        # keep static: a strict run refuses it with this reason instead of tracing it.
+        declined_kinds={"moe": "neuronx-distributed's MoE layers (neuronx_distributed.modules.moe) are not "
+                               "wired into this backend yet"},
     )]
 
 

@@ -13,6 +13,11 @@ _C = "crosschip_te.components"
 _S = "crosschip_te.support"
 _L = "crosschip_te.layout"
 
+#: Why te leaves mixtures of experts to its fallback (the torch backend's grouped GEMMs).
+MOE_DECLINE = ("Transformer Engine's GroupedLinear takes the tokens per expert as a host list "
+               "(m_splits: List[int]), a device-to-host synchronisation in every MoE layer, and keeps one "
+               "weight per expert; the torch backend's grouped_mm experts need neither")
+
 
 def probe() -> Probe:
     if importlib.util.find_spec("transformer_engine") is None:
@@ -46,6 +51,7 @@ def crosschip_register_backends():
         fallbacks=("torch",),
         precisions=("fp8",),
         description="Transformer Engine: RMSNorm / LayerNorm fused into QKV and MLP, fused attention, FP8",
+        declined_kinds={"moe": MOE_DECLINE},
     )]
 
 

@@ -46,7 +46,7 @@ def _backends_data(registry, backend=None) -> dict:
                 d = backend_record.descriptor
                 entry.update(priority=d.priority, device_types=list(d.device_types),
                              available=probe.available, components=registry.components_of(name),
-                             fallbacks=list(d.fallbacks))
+                             fallbacks=list(d.fallbacks), declined_kinds=dict(d.declined_kinds))
                 if record.usable:
                     entry["status"] = "available" if probe.available else "unavailable"
                     entry["reason"] = probe.reason
@@ -76,6 +76,11 @@ def _print_backends(data: dict, out) -> None:
         out.write("\nstatus reasons:\n")
         for b in reasons:
             out.write(f"  {b['name']}: {b['reason']}\n")
+    declined = [(b["name"], kind, why) for b in data["backends"] for kind, why in b.get("declined_kinds", {}).items()]
+    if declined:
+        out.write("\nkinds a backend declines:\n")
+        for name, kind, why in declined:
+            out.write(f"  {name} {kind}: {why}\n")
     out.write(f"\nresolved components (device {data['device']}):\n")
     width = max(len(c) for c in data["resolved"])
     for component, r in data["resolved"].items():

@@ -304,7 +304,8 @@ class Runtime:
 
     def _candidate(self, component: str, spec, backend: str) -> tuple[ComponentImpl | None, str | None]:
         """The implementation to use, or None with the reason it was passed over (None reason:
-        the backend simply does not implement this component, which is no decline)."""
+        the backend simply does not implement this component and declares no reason, which is no
+        decline)."""
         record = self.registry.backend(backend)
         probe = record.probe()
         if not probe.available:
@@ -314,7 +315,7 @@ class Runtime:
                           f"(supports {', '.join(record.descriptor.device_types)})")
         impl = self.registry.components.get((backend, component))
         if impl is None:
-            return None, None
+            return None, record.descriptor.declined_kinds.get(component)
         unhandled = [] if spec is None or "*" in impl.handles else [
             e for e in extensions_used(spec, impl.fuses_input_norm) if e not in impl.handles]
         if unhandled:

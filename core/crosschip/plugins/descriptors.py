@@ -40,7 +40,9 @@ class BackendDescriptor:
     """What a backend is. ``probe`` must be cheap and must never initialise a device: it runs
     whenever backends are listed or resolved. ``fallbacks`` names backends placed right after
     this one in its chain (before ``reference``); like any chain member they are skipped when
-    unavailable."""
+    unavailable. ``declined_kinds`` maps a component kind the backend knowingly does not build to
+    the reason: it is recorded as that backend's decline wherever the kind is resolved (so a strict
+    run that would end on ``reference`` says why), where a kind it simply never heard of is not."""
 
     name: str
     priority: int
@@ -51,6 +53,7 @@ class BackendDescriptor:
     description: str = ""
     #: Reduced-precision compute modes the backend implements (``"fp8"``); dtypes are universal.
     precisions: tuple[str, ...] = ()
+    declined_kinds: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
