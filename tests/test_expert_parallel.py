@@ -1,12 +1,13 @@
 """Expert parallelism on the torch backend (gloo, CPU): each data-parallel rank holds half of every
 layer's experts, tokens travel to their experts' ranks and back (all-to-all), FSDP2 shards the
 rest; the mean of the ranks' losses, every gradient, AdamW steps and the saved checkpoint equal
-one process on the whole batch. The config leaves the routers' auxiliary loss out of the loss:
+one process on the whole batch, and each rank reads only its own experts from the checkpoint. The config leaves the routers' auxiliary loss out of the loss:
 it is a nonlinear function of batch-wide routing statistics, which a data-parallel rank (with or
 without expert parallelism) computes over its own part of the batch only."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -38,16 +39,41 @@ def _mean(value, group):
     return value / dist.get_world_size(group)
 
 
+@contextlib.contextmanager
+def _reads():
+    """The checkpoint keys read while loading (whole or in slices)."""
+    from crosschip.checkpoint.reader import SafetensorsCheckpoint
+
+    read, get, get_slice = set(), SafetensorsCheckpoint.get, SafetensorsCheckpoint.get_slice
+
+    def whole(self, key):
+        read.add(key)
+        return get(self, key)
+
+    def part(self, key, index):
+        read.add(key)
+        return get_slice(self, key, index)
+
+    SafetensorsCheckpoint.get, SafetensorsCheckpoint.get_slice = whole, part
+    try:
+        yield read
+    finally:
+        SafetensorsCheckpoint.get, SafetensorsCheckpoint.get_slice = get, get_slice
+
+
 def _rank(rank: int, world: int, root: Path, tp: int = 1) -> None:
     from torch.distributed.tensor import DTensor
 
     single = crosschip.from_pretrained(root / "moe", backend="torch").train()
-    model = crosschip.from_pretrained(root / "moe", backend="torch", dp=2, ep=2, tp=tp).train()
+    with _reads() as read:
+        model = crosschip.from_pretrained(root / "moe", backend="torch", dp=2, ep=2, tp=tp).train()
     experts = model.model.layers[0].mlp
     assert isinstance(experts.gate_up_proj, DTensor) and experts.gate_up_proj.to_local().shape[0] == 3
     assert_saves_alike(model, single, root / f"saved-tp{tp}", rank, f"ep=2 tp={tp}")
     mesh = model.runtime.device_mesh
     group, dp_rank = (mesh.get_group("dp"), mesh.get_local_rank("dp")) if tp > 1 else (mesh.get_group(), rank)
+    experts_read = {int(key.split(".experts.")[1].split(".")[0]) for key in read if ".experts." in key}
+    assert experts_read == set(range(3 * dp_rank, 3 * dp_rank + 3)), (rank, sorted(experts_read))
     ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
     part = ids.chunk(2)[dp_rank]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]

@@ -21,7 +21,17 @@ CHUNK_BYTES = 16 * 2**20
 
 def row_sources(binding) -> dict[str, torch.Tensor] | None:
     """Physical name -> int64 ``key_id << 32 | row`` per physical row, or None if a transform
-    of this component is not a pure row permutation."""
+    of this component is not a pure row permutation (or stacks rows under a new leading dim)."""
+    ids = leading_row_sources(binding)
+    if ids is None or any(t.dim() != 1 for t in ids.values()):
+        return None
+    return ids
+
+
+def leading_row_sources(binding) -> dict[str, torch.Tensor] | None:
+    """Like :func:`row_sources`, but a physical tensor may hold checkpoint rows under more than
+    one leading dim (a mixture of experts' ``[experts, rows, ...]`` stack): its ids come shaped as
+    those leading dims, so a shard of the first (an expert-parallel rank's experts) maps to rows."""
     keys = list(binding.hf_shapes)
     index = {}
     for key_id, key in enumerate(keys):
@@ -35,7 +45,7 @@ def row_sources(binding) -> dict[str, torch.Tensor] | None:
     rows_of = torch.tensor([binding.hf_shapes[key][0] for key in keys])
     out = {}
     for name, tensor in physical.items():
-        if tensor.dtype != torch.int64 or tensor.dim() == 0 or any(d != 1 for d in tensor.shape[1:]):
+        if tensor.dtype != torch.int64 or tensor.dim() == 0:
             return None
         flat = tensor.reshape(-1)
         key_id, row = flat >> _KEY_SHIFT, flat & ((1 << _KEY_SHIFT) - 1)
@@ -43,7 +53,13 @@ def row_sources(binding) -> dict[str, torch.Tensor] | None:
         # ids that name no checkpoint row: read whole tensors rather than wrong rows.
         if flat.numel() and (key_id.min() < 0 or key_id.max() >= len(keys) or (row >= rows_of[key_id]).any()):
             return None
-        out[name] = flat
+        ndims = {len(binding.hf_shapes[keys[k]]) for k in key_id.unique().tolist()}
+        if len(ndims) > 1:
+            return None  # rows of matrices and of vectors mixed in one tensor
+        lead = tensor.dim() - (ndims.pop() - 1) if flat.numel() else 1
+        if lead < 1 or any(d != 1 for d in tensor.shape[lead:]):
+            return None
+        out[name] = tensor.reshape(tensor.shape[:lead])
     return out
 
 
@@ -110,7 +126,7 @@ def load_local(binding, source) -> bool:
     (nothing written) when the component's transforms cannot be followed row by row or column
     by column."""
     targets = {k: v for k, v in binding.module.state_dict().items() if not k.endswith("_extra_state")}
-    sources = row_sources(binding)
+    sources = leading_row_sources(binding)
     if sources is None or set(sources) != set(targets):
         columns = column_sources(binding)
         if columns is None or set(columns) != set(targets):
@@ -119,14 +135,16 @@ def load_local(binding, source) -> bool:
     keys = list(binding.hf_shapes)
     plan = []
     for name, target in targets.items():
-        region = local_region(target)
-        runs = list(_runs(sources[name][region[0][0]:region[0][1]]))
-        if any(tuple(binding.hf_shapes[keys[k]][1:]) != tuple(target.shape[1:]) for k, _, _ in runs):
+        ids, region = sources[name], local_region(target)
+        lead = ids.dim()  # 1, or 2 for [experts, rows, ...]: this rank's experts, every row
+        runs = list(_runs(ids[tuple(slice(a, b) for a, b in region[:lead])].reshape(-1)))
+        if any(tuple(binding.hf_shapes[keys[k]][1:]) != tuple(target.shape[lead:]) for k, _, _ in runs):
             return False  # columns are not carried over unchanged: not a row permutation
-        plan.append((target, runs, tuple(slice(a, b) for a, b in region[1:])))
-    for target, runs, columns in plan:
+        plan.append((target, lead, runs, tuple(slice(a, b) for a, b in region[lead:])))
+    for target, lead, runs, columns in plan:
         dest = target.to_local() if hasattr(target, "device_mesh") else target
-        rows_view = dest.reshape(dest.shape[0], -1) if dest.dim() > 1 else dest  # a view: contiguous
+        rows = dest.shape[:lead].numel()
+        rows_view = dest.reshape(rows, -1) if dest.dim() > lead else dest.reshape(rows)  # a view: contiguous
         step = max(1, CHUNK_BYTES // max(1, rows_view[:1].numel() * dest.element_size()))
         offset = 0
         for key_id, start, stop in runs:
