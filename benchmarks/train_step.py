@@ -1,6 +1,7 @@
 """Training-step benchmark on one GPU: forward + backward + fused AdamW of a Llama-shaped model,
 for transformers' LlamaForCausalLM (sdpa) and crosschip's reference, torch, torch + compile,
-te bf16 and te FP8 backends, all given identical weights.
+te bf16 and te FP8 backends, and the crosschip-liger plugin (Liger's kernels for RMSNorm, SwiGLU,
+RoPE and the loss, torch for the rest; eager and compiled), all given identical weights.
 
     python benchmarks/train_step.py --shape 1b --seq 2048 4096 --out benchmarks/results/train_step_1b.json
     python benchmarks/train_step.py --shape 8b --seq 4096 --variants transformers te-bf16 te-fp8 \\
@@ -40,7 +41,9 @@ SHAPES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                  intermediate_size=512, vocab_size=1024, tie_word_embeddings=True, head_dim=32),
 }
-VARIANTS = ["transformers", "reference", "torch", "torch-compile", "te-bf16", "te-fp8"]
+VARIANTS = ["transformers", "reference", "torch", "torch-compile", "te-bf16", "te-fp8", "liger", "liger-compile"]
+#: What the liger variants build with the crosschip-liger plugin (plugins/crosschip-liger); torch the rest.
+LIGER_COMPONENTS = ("rms_norm", "gated_mlp", "rotary", "loss")
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 TOKENS_PER_STEP = 4096
 
@@ -90,15 +93,18 @@ def build(variant: str, config, seed: int, ac: str):
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
-    backend = {"reference": "reference", "torch": "torch", "torch-compile": "torch"}.get(variant, "te")
-    runtime = Runtime(backend, device="cuda", dtype="bf16", strict=backend != "reference",
+    backend = {"reference": "reference", "torch": "torch", "torch-compile": "torch",
+               "liger": "torch", "liger-compile": "torch"}.get(variant, "te")
+    # strict: a liger component declined or unavailable is an error, not a silent reference fallback.
+    components = {c: "liger" for c in LIGER_COMPONENTS} if variant.startswith("liger") else None
+    runtime = Runtime(backend, components=components, device="cuda", dtype="bf16", strict=backend != "reference",
                       precision="fp8" if variant == "te-fp8" else "auto", fp8_recipe="delayed",
                       activation_checkpointing=ac)
     model = build_model(model_class("LlamaForCausalLM"), config, runtime)
     init_weights(model, seed=seed, device="cuda")
     from crosschip.modeling.compilation import compile_model
 
-    compile_model(model, variant == "torch-compile")  # what from_pretrained(compile=True) and --compile do
+    compile_model(model, variant.endswith("-compile"))  # what from_pretrained(compile=True) and --compile do
     return model.train()
 
 
@@ -128,13 +134,14 @@ def in_own_process(cmd: list[str], identity: dict) -> dict:
     return json.loads(lines[-1][7:]) if lines else dict(identity, status="crashed", error=proc.stderr[-2000:])
 
 
-def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dict):
+def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dict, **forward):
     """``warmup`` untimed training steps (their time in ``result["warmup_s"]``), then ``steps``
-    timed ones from a reset memory peak: ``(seconds per step, losses)``."""
+    timed ones from a reset memory peak: ``(seconds per step, losses)``. ``forward``: extra
+    arguments of the model's forward."""
     import torch
 
     def step():
-        loss = step_model(input_ids=ids, labels=ids).loss
+        loss = step_model(input_ids=ids, labels=ids, **forward).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +179,10 @@ def worker(args) -> dict:
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda", generator=gen)
 
-        times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result)
+        # No logits asked for, as `crosschip train` asks: the liger loss then fuses the LM head in
+        # (given logits, it can only compute the cross-entropy over them).
+        forward = dict(return_logits=False) if args.variant.startswith("liger") else {}
+        times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result, **forward)
         median = statistics.median(times)
         per_token, matmul_params = flops_per_token(config, args.seq)
         tokens = batch * args.seq

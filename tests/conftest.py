@@ -65,6 +65,14 @@ def kind_plugin_site(tmp_path_factory):
     return install(tmp_path_factory, KIND_PACKAGES, "kind-plugin")
 
 
+@pytest.fixture(scope="session")
+def liger_plugin_site(tmp_path_factory):
+    """The Liger kernel plugin (plugins/crosschip-liger), in a directory of its own."""
+    from plugin_site import LIGER_PACKAGES, install
+
+    return install(tmp_path_factory, LIGER_PACKAGES, "liger-plugin")
+
+
 @pytest.fixture
 def te_installed():
     """Transformer Engine importable: else a skip, or a failure where CROSSCHIP_REQUIRE_HARDWARE

@@ -48,6 +48,10 @@ cpu_only = pytest.mark.skipif(_accelerator_backend_available(),
 #: every auto chain the other tests expect.
 KIND_PACKAGES = [ROOT / "plugins" / "crosschip-layerscale"]
 
+#: The third-party kernel plugin (Liger), in a site of its own: where it is available (a CUDA
+#: machine with liger-kernel) it would join the auto chains the other tests expect.
+LIGER_PACKAGES = [ROOT / "plugins" / "crosschip-liger"]
+
 _sites: dict[str, Path] = {}
 
 

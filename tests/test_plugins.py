@@ -8,7 +8,9 @@ runs in subprocesses in test_cli.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -328,6 +330,62 @@ def test_template_package_passes_its_own_tests(plugin_site):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "plugins" / "crosschip-template")],
         capture_output=True, text=True, env=subprocess_environ(plugin_site), cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and not any(w in summary for w in ("skipped", "failed", "error")), summary
+
+
+# -- a real third-party kernel plugin: plugins/crosschip-liger --------------------------------------
+LIGER_REASON = "liger-kernel is not installed (pip install 'crosschip-liger[kernels]')"
+#: CI installs no liger-kernel (see docs/backends.md): the plugin must register and explain that.
+liger_absent = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
+                                  reason="expects liger-kernel to be absent, as on CPU CI")
+
+
+@pytest.fixture
+def liger(liger_plugin_site, monkeypatch):
+    for var in set(os.environ) - set(clean_environ()):
+        monkeypatch.delenv(var)
+    monkeypatch.syspath_prepend(str(liger_plugin_site))
+    reset_registry()
+    yield liger_plugin_site
+    reset_registry()
+
+
+@liger_absent
+def test_liger_registers_unavailable_with_its_reason_and_components_fall_through(liger):
+    registry = get_registry()
+    record = registry.plugins["liger"]
+    assert (record.source, record.distribution, record.version, record.status) == (
+        "entry point", "crosschip-liger", "0.1.0", "loaded")
+    assert registry.components_of("liger") == ["gated_mlp", "rms_norm", "rotary", "loss"]
+    assert registry.backend("liger").probe() == crosschip.Probe(False, LIGER_REASON)
+    assert "liger" not in Runtime(device="cpu").chain("rms_norm").backends  # auto skips it
+    with pytest.warns(CrosschipWarning, match=re.escape(f"liger: unavailable: {LIGER_REASON}")):
+        norm = Runtime("liger", device="cpu").rms_norm(NORM)
+    assert norm.crosschip_component.backend == "reference"
+    with pytest.raises(StrictFallbackError, match=re.escape(f"liger: unavailable: {LIGER_REASON}")):
+        Runtime(components={"loss": "liger"}, device="cpu", strict=True).loss(crosschip.LossSpec(64))
+
+
+@liger_absent
+def test_crosschip_backends_lists_liger_with_its_reason(liger):
+    from plugin_site import run_cli
+
+    result = run_cli(liger, "backends")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^liger\s+unavailable\s+150\s+crosschip-liger\s+0\.1\.0\s+gated_mlp,rms_norm,rotary,loss$",
+                     result.stdout, re.M), result.stdout
+    assert f"\n  liger: {LIGER_REASON}\n" in result.stdout
+
+
+@liger_absent
+def test_liger_package_passes_its_own_cpu_tests(liger):
+    """Its suite without the ``cuda`` tests (those run on the GPU machine): nothing skipped."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
+         str(ROOT / "plugins" / "crosschip-liger")],
+        capture_output=True, text=True, env=subprocess_environ(liger), cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and not any(w in summary for w in ("skipped", "failed", "error")), summary
