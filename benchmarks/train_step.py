@@ -179,9 +179,9 @@ def worker(args) -> dict:
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda", generator=gen)
 
-        # No logits asked for, as `crosschip train` asks: the liger loss then fuses the LM head in
-        # (given logits, it can only compute the cross-entropy over them).
-        forward = dict(return_logits=False) if args.variant.startswith("liger") else {}
+        # The crosschip variants ask for no logits, as `crosschip train` does: a loss component
+        # may then fuse the LM head in (liger's, given logits, can only compute the cross-entropy).
+        forward = {} if args.variant == "transformers" else dict(return_logits=False)
         times, losses = timed_steps(step_model, optimizer, ids, args.warmup, args.steps, result, **forward)
         median = statistics.median(times)
         per_token, matmul_params = flops_per_token(config, args.seq)
