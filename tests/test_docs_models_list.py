@@ -1,10 +1,13 @@
-"""The README and the docs' home page name every architecture the zoo loads, and no other."""
+"""The README and the docs' home page name every architecture the zoo loads, and no other; the
+README's and the selection page's component lists name every built-in component kind, in the
+registry's order."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from crosschip.components import BUILTIN_NAMES
 from crosschip.models import supported_architectures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +32,14 @@ def test_pages_name_exactly_the_supported_architectures():
     expected = {NAMES[a] for a in supported_architectures()}
     assert _listed((ROOT / "README.md").read_text(), "Models: ") == expected
     assert _listed((ROOT / "docs" / "index.md").read_text(), "Llama (1 to 3.2)") == expected
+
+
+def _kinds_listed(path: Path, start: str) -> tuple[str, ...]:
+    """The code-quoted names in the paragraph of ``path`` that starts with ``start``."""
+    text = path.read_text()
+    return tuple(re.findall(r"`(\w+)`", text[text.index(start):].split("\n\n")[0]))
+
+
+def test_pages_list_every_built_in_component_kind():
+    assert _kinds_listed(ROOT / "README.md", "\nComponents: ") == BUILTIN_NAMES
+    assert _kinds_listed(ROOT / "docs" / "selection.md", "Every component (") == BUILTIN_NAMES

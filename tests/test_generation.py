@@ -15,7 +15,8 @@ CONFIGS = zoo_configs()
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("name", ["llama3.2_tied", "mistral_sliding", "qwen3_qknorm_headdim", "phi3_fused",
-                                  "granite_multipliers"])
+                                  "granite_multipliers", "olmo2_post_norms", "gemma2_softcaps",
+                                  "gemma3_local_global", "smollm3_nope"])
 def test_greedy_matches_transformers(tmp_path, backend, name):
     config, _ = CONFIGS[name]
     hf = save_hf(tmp_path, config)

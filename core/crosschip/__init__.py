@@ -42,7 +42,7 @@ from crosschip import _moved
 
 __version__ = "0.1.0"
 
-_moved.install()  # the flat layout's import paths (crosschip.weights.layouts...) still resolve
+_moved.install()  # the flat layout's import paths (crosschip.layouts...) still resolve
 
 _LAZY = {
     "Runtime": "crosschip.runtime",

@@ -1,7 +1,7 @@
-"""Old import paths of modules that moved into the subpackages (``crosschip.weights.layouts`` is now
-``crosschip.weights.layouts``...): importing an old path gives the very same module object, so
-code written against the flat layout (model files, plugins, scripts) keeps working, attribute
-patches included. Each first import of an old path warns once (DeprecationWarning)."""
+"""Old import paths of modules that moved into the subpackages (``crosschip.layouts`` is now
+``crosschip.weights.layouts``, ``crosschip.train`` is ``crosschip.training.train``...):
+importing an old path gives the very same module object, so code written against the flat
+layout (model files, plugins, scripts) keeps working, attribute patches included. Each first import of an old path warns once (DeprecationWarning)."""
 
 from __future__ import annotations
 

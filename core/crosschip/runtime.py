@@ -51,6 +51,11 @@ from crosschip.specs import (
 MODES = ("train", "inference")
 
 
+#: Kinds whose backend owns a parallel model's plan, by precedence: the attention projections
+#: first (the plan shards their layout), then the other sharded projections.
+PLAN_OWNER_KINDS = ("qkv_projection", "out_projection", "gated_mlp", "mlp", "moe", "linear")
+
+
 @dataclass(frozen=True)
 class ComponentInfo:
     """Attached to every module the runtime builds (``module.crosschip_component``)."""
@@ -241,9 +246,15 @@ class Runtime:
     def plan_owner(self) -> str | None:
         """The backend whose parallel plan a parallel model gets: the one that built the
         attention projections, whose layout the plan shards (two plugins sharding one model
-        would conflict). None before any projection is built."""
-        built = sorted(self.report.backends_for("qkv_projection"))
-        return built[0] if built else None
+        would conflict). A model without attention (an MLP stack of ``linear`` components) gets
+        the plan of the backend that built its first kind in :data:`PLAN_OWNER_KINDS` order, so
+        it is sharded rather than refused for having no QKV projection. None before any
+        projection is built."""
+        for kind in PLAN_OWNER_KINDS:
+            built = sorted(self.report.backends_for(kind))
+            if built:
+                return built[0]
+        return None
 
     def chain(self, component: str):
         return resolve_chain(self.registry, component, self.backend, self.components)

@@ -169,8 +169,10 @@ def finalize(model) -> None:
 
 
 def _parallelize(model, runtime: Runtime) -> None:
-    """Apply the parallel plan of one owner: the plugin of the backend that built the attention
-    projections, whose layout the plan shards (two plugins sharding one model would conflict)."""
+    """Apply the parallel plan of one owner (:attr:`Runtime.plan_owner`): the plugin of the
+    backend that built the attention projections, whose layout the plan shards, or the other
+    sharded projections of a model without attention (two plugins sharding one model would
+    conflict)."""
     if runtime.parallel == ParallelSpec():
         return
     owners = [runtime.plan_owner] if runtime.plan_owner else []
