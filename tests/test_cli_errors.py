@@ -74,6 +74,8 @@ CASES = {
               "--top-p must be in (0, 1], found 1.5"),
     "max-new-tokens": (["generate", "--model", "{good}", "--prompt", "x", "--max-new-tokens", "-5"],
                        "--max-new-tokens must be >= 0, found -5"),
+    "compile-dynamic": (["generate", "--model", "{good}", "--prompt", "x", "--compile", "--cache", "dynamic"],
+                        "--compile needs --cache static (found --cache dynamic)"),
 }
 
 
@@ -87,6 +89,15 @@ def test_bad_input_is_one_line(case, dirs, tmp_path, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("crosschip: error: ") and message.format(**dirs) in last, err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_with_the_static_cache_prints_what_the_dynamic_one_does(dirs, capsys):
+    printed = []
+    for cache in ("dynamic", "static"):
+        assert main(["generate", "--model", dirs["good"], "--prompt", "The ", "--max-new-tokens", "12",
+                     "--cache", cache]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(printed[0]) > len("The ")
 
 
 def test_lower_case_component_variable_names_the_valid_one(dirs, monkeypatch, capsys):

@@ -201,7 +201,7 @@ def cmd_generate(args) -> int:
     ids = torch.tensor([prompt], device=model.runtime.device)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                         eos_token_id=tokenizer.eos_token_id)
+                         eos_token_id=tokenizer.eos_token_id, cache=args.cache, compile=args.compile)
     answer = tokenizer.decode(out[0, len(prompt):].tolist())
     print(answer if args.chat else args.prompt + answer)
     return 0
@@ -212,6 +212,9 @@ def _check_generate_args(args) -> None:
 
     if args.max_new_tokens < 0:
         raise ConfigurationError(f"--max-new-tokens must be >= 0, found {args.max_new_tokens}")
+    if args.compile and args.cache == "dynamic":
+        raise ConfigurationError("--compile needs --cache static (found --cache dynamic): the dynamic cache grows "
+                                 "every token, so every token would compile anew")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ConfigurationError(f"--temperature must be >= 0 (0 decodes greedily), found {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -316,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default=None)
     gen.add_argument("--device", default=None)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--cache", choices=("dynamic", "static"), default=None,
+                     help="the KV cache: dynamic (grown each token) or static (preallocated, written in place); "
+                     "default static with --compile, else dynamic")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the per-token decode step over the static cache (torch.compile; CUDA graphs on "
+                     "CUDA): the first generation pays the compilation")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="Hugging Face checkpoint <-> neuronx-distributed (Trainium) shards, or "

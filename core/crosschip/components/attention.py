@@ -46,6 +46,13 @@ def _example(spec: AttentionSpec, options, gen) -> Example:
         padding = torch.ones(BATCH, kv_len, dtype=torch.bool)
         padding[1, :2] = False  # left padding in the second sequence
         mask, keep = AttentionMask(padding=padding), padding
+    elif options.get("static_cache"):
+        # A static cache's buffer: the queries sit at a device-tensor offset, the last two slots
+        # are not written yet (random here, so a backend that attends to them fails), row 1
+        # is left-padded.
+        padding = torch.ones(BATCH, kv_len, dtype=torch.bool)
+        padding[1, :2] = False
+        mask = AttentionMask(padding=padding, q_offset=torch.tensor(kv_len - q_len - 2))
     elif q_len != kv_len:
         mask = AttentionMask(q_offset=kv_len - q_len)
     return Example({"q": randn(gen, BATCH, q_len, spec.num_heads, spec.head_dim),
@@ -67,6 +74,7 @@ KIND = ComponentKind(
         ("sliding-window", AttentionSpec(4, 2, 8, sliding_window=3), {}),
         ("left-padding", AttentionSpec(4, 1, 8, scale=0.2), {"padding": True}),
         ("cached-keys", AttentionSpec(4, 2, 8), {"q_len": 2}),
+        ("static-cache", AttentionSpec(4, 2, 8, sliding_window=4), {"q_len": 2, "static_cache": True}),
         ("softcap", AttentionSpec(4, 2, 8, sliding_window=4, softcap=2.0), {}),
     ],
     tensor_parallel=lambda spec: LOCAL,

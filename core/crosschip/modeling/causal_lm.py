@@ -64,9 +64,14 @@ class CausalLM(nn.Module):
     def new_cache(self):
         """A fresh cache for :func:`crosschip.modeling.generation.generate`, which then calls
         ``forward(step_ids, attention_mask=, position_ids=, cache=, last_logits_only=True)`` with
-        only the new tokens and lets the model fill it (the decoder returns a
-        :class:`crosschip.modeling.generation.KVCache`). None, the default, for a model whose forward takes
-        only ``input_ids``: generation then runs the whole sequence every step, without padding."""
+        only the new tokens, lets the model fill it (``cache.update(layer, k, v)`` returns the keys
+        and values to attend over) and calls ``cache.advance(step_len)`` after each forward. None,
+        the default, for a model whose forward takes only ``input_ids``: generation then runs the
+        whole sequence every step, without padding. A model that also takes
+        ``new_cache(max_length=None, device=None)`` (the decoder does, through
+        :func:`crosschip.modeling.generation.kv_cache`) has a static cache too: ``max_length``
+        preallocated slots, the write position a tensor on ``device``
+        (``generate(cache="static")``)."""
         return None
 
     @property
@@ -76,14 +81,19 @@ class CausalLM(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id=None, generator=None):
+                 eos_token_id=None, pad_token_id=None, generator=None, cache: str | None = None,
+                 compile=False):
         """Greedy or sampled continuation (with the model's cache, if it has one; left-padded
-        batches then supported)."""
+        batches then supported). ``cache``: ``"dynamic"`` (grown each step) or ``"static"``
+        (preallocated for prompt + ``max_new_tokens``, written in place); None: static when
+        compiling, else dynamic. ``compile``: True (or a dict of ``torch.compile`` options)
+        compiles the per-token step over the static cache, as CUDA graphs on CUDA; the first
+        call pays the compilation, later calls of the same batch size and length reuse it."""
         from crosschip.modeling.generation import SamplingConfig, generate
 
         return generate(self, input_ids, max_new_tokens, attention_mask,
                         SamplingConfig(do_sample, temperature, top_k, top_p),
-                        eos_token_id, pad_token_id, generator)
+                        eos_token_id, pad_token_id, generator, cache=cache, compile=compile)
 
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks (decoder layers): the units a data-parallel plan shards and

@@ -3,8 +3,9 @@
 (``nn.Module.compile``), so the model stays the same object with the same methods and state dict.
 
 Adapters are attached before compiling (their hooks are part of the traced forward). Training
-steps of a fixed shape compile once; generation, whose sequence length grows each step, recompiles
-for new shapes and is better run without it.
+steps of a fixed shape compile once. Generation has its own option, ``generate(compile=True)``
+(:mod:`crosschip.modeling.decode_step`): the decode step over the static cache, whose shapes do
+not change from token to token.
 """
 
 from __future__ import annotations

@@ -14,20 +14,24 @@ class AttentionMask:
 
     ``padding``: bool ``[batch, kv_len]``, True for real tokens (Hugging Face's attention_mask),
     or None when every token is real. ``q_offset``: index of the first query within the keys
-    (non-zero when keys include cached tokens). ``documents``: int ``[batch, kv_len]``, the
+    (non-zero when keys include cached tokens): an int, or a 0-dim integer tensor on the model's
+    device when a static cache gives it (the keys are then its whole preallocated buffer, and
+    the causal structure hides the slots not written yet, so a compiled decode step sees the
+    same shapes and no host value at every position). ``documents``: int ``[batch, kv_len]``, the
     document each position belongs to in a packed sequence (attention stays within a document),
     or None for one document per row.
     """
 
     padding: torch.Tensor | None = None
-    q_offset: int = 0
+    q_offset: int | torch.Tensor = 0
     documents: torch.Tensor | None = None
 
     @property
     def is_plain(self) -> bool:
         """Nothing beyond the causal (or sliding-window) structure of the spec: no padding, no
         cached keys, no packed documents; what fused kernels handle without an explicit mask."""
-        return self.padding is None and self.q_offset == 0 and self.documents is None
+        return (self.padding is None and isinstance(self.q_offset, int) and self.q_offset == 0
+                and self.documents is None)
 
 
 def allowed(
@@ -63,6 +67,13 @@ def allowed(
     return result
 
 
+def itself(q_len: int, kv_len: int, mask: AttentionMask | None, device: torch.device) -> torch.Tensor:
+    """Bool ``[q_len, kv_len]``: True where key j is query i's own position."""
+    offset = mask.q_offset if mask is not None else 0
+    q_pos = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    return torch.arange(kv_len, device=device).unsqueeze(0) == q_pos
+
+
 def sdpa(q, k, v, spec, mask: AttentionMask | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of ``q [batch, seq, heads, head_dim]`` over ``k``, ``v [batch, kv_seq, kv_heads,
     head_dim]`` with ``scaled_dot_product_attention`` (native GQA), returning ``[batch, seq,
@@ -79,9 +90,10 @@ def sdpa(q, k, v, spec, mask: AttentionMask | None = None, dropout_p: float = 0.
         attn_mask = allowed(q_len, k.shape[2], causal=spec.causal, sliding_window=spec.sliding_window,
                             mask=mask, device=q.device)
         # A query that may see no key (left padding) would give NaN; let it see itself. Its
-        # output is discarded by the caller, but NaN would poison gradients.
-        if attn_mask is not None and q_len == k.shape[2]:
-            attn_mask = attn_mask | torch.eye(q_len, dtype=torch.bool, device=q.device)
+        # output is discarded by the caller, but NaN would poison gradients, and the keys and
+        # values computed from it, which a cache keeps (masked later, yet 0 * NaN is NaN).
+        if attn_mask is not None:
+            attn_mask = attn_mask | itself(q_len, k.shape[2], mask, q.device)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=spec.causal and simple and q_len > 1,
         scale=spec.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])

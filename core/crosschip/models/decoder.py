@@ -263,14 +263,15 @@ class DecoderForCausalLM(CausalLM):
         ``[batch, seq]``, the document of each position of a packed row (attention stays within
         a document; give ``position_ids`` restarting at each document too, and labels of -100 at
         each document's first token, so that no document predicts the next one's start);
-        ``cache``: a :class:`crosschip.modeling.generation.KVCache` holding the past keys and values;
+        ``cache``: from :meth:`new_cache`, holding the past keys and values (the caller moves it on
+        with ``cache.advance(seq)`` after the forward, as ``generate`` does);
         ``last_logits_only``: logits of the last position only (``[batch, 1, vocab]``: a
         generation's prompt step needs no others, and they are the largest tensor of a forward)."""
         if last_logits_only and labels is not None:
             raise ValueError("last_logits_only=True keeps one position's logits; the loss needs them all")
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            position_ids = (past + torch.arange(input_ids.shape[1], device=input_ids.device)).unsqueeze(0)
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids (packed sequences) apply to training forwards, not to cached generation")
         mask = AttentionMask(padding=attention_mask, q_offset=past, documents=document_ids)
@@ -295,10 +296,10 @@ class DecoderForCausalLM(CausalLM):
         logits = tuple(layer.router_logits for layer in self.model.layers if layer.router_logits is not None)
         return auxiliary_loss(self, logits, attention_mask) if logits else None
 
-    def new_cache(self):
-        from crosschip.modeling.generation import KVCache
+    def new_cache(self, max_length: int | None = None, device=None):
+        from crosschip.modeling.generation import kv_cache
 
-        return KVCache(self.opts.num_layers)
+        return kv_cache(self.opts.num_layers, max_length, device)
 
     @property
     def max_positions(self) -> int:

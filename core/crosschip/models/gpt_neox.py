@@ -11,7 +11,7 @@ from torch import nn
 from transformers import GPTNeoXConfig
 
 from crosschip.modeling import CausalLM, CausalLMOutput
-from crosschip.modeling.generation import KVCache
+from crosschip.modeling.generation import kv_cache
 from crosschip.modeling.masks import AttentionMask
 from crosschip.models import register_model
 from crosschip.models.decoder import DecoderOptions, SelfAttention
@@ -78,7 +78,7 @@ class GPTNeoXForCausalLM(CausalLM):
                 last_logits_only: bool = False) -> CausalLMOutput:
         past = cache.seq_len if cache is not None else 0  # the generation cache protocol
         if position_ids is None:
-            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+            position_ids = (past + torch.arange(input_ids.shape[1], device=input_ids.device))[None]
         mask = AttentionMask(padding=attention_mask, q_offset=past)
         with self.runtime.autocast():
             hidden = nn.functional.dropout(self.embed_in(input_ids), self.dropout, self.training)
@@ -90,8 +90,8 @@ class GPTNeoXForCausalLM(CausalLM):
             loss = self.loss_fn(hidden, labels, self.embed_out, logits) if labels is not None else None
         return CausalLMOutput(logits=whole(logits), loss=loss)
 
-    def new_cache(self):
-        return KVCache(self.opts.num_layers)
+    def new_cache(self, max_length: int | None = None, device=None):
+        return kv_cache(self.opts.num_layers, max_length, device)
 
     @property
     def max_positions(self) -> int:

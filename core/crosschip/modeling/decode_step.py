@@ -1,0 +1,99 @@
+"""One decode step (one new token per row through the model's static cache) and its compiled
+form: ``generate(..., compile=True)``.
+
+What is compiled is the forward of one token per row over a
+:class:`crosschip.modeling.static_cache.StaticKVCache`: every input has the same shape at every
+step (the ids and positions ``[batch, 1]``, the padding mask over the whole buffer, the write
+position a device tensor), so ``torch.compile`` traces it once, and on CUDA its default mode
+here, ``reduce-overhead``, replays it as a CUDA graph: one launch per token instead of one per
+kernel, with no host round trip. The prompt (prefill) runs eagerly; its length differs per call
+and it runs once. Sampling runs eagerly after the step (a few kernels; a generator-driven
+``multinomial`` stays outside the graph).
+
+The cache's buffers are static addresses for the graph: a compiled step keeps its cache and
+reuses it (zeroed) for the next call of the same batch and length, as re-allocating would make
+the graph re-record.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosschip.errors import ConfigurationError
+from crosschip.modeling.compilation import OPTIONS
+
+
+def decode(model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    """The next-token logits ``[batch, vocab]`` of one forward through ``cache``."""
+    return model(step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                 last_logits_only=True).logits[:, -1]
+
+
+def compile_options(option, device: torch.device) -> dict | None:
+    """``torch.compile`` keyword arguments for ``generate(compile=option)``: None for False or
+    None; for True ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and inductor's defaults
+    elsewhere (CUDA graphs need CUDA); a dict is taken as given (keys among
+    :data:`crosschip.modeling.compilation.OPTIONS`)."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+    if isinstance(option, dict):
+        unknown = sorted(set(option) - set(OPTIONS))
+        if unknown:
+            raise ConfigurationError(f"generate compile={option!r}: unknown torch.compile option(s) {unknown}; "
+                                     f"expected some of {', '.join(OPTIONS)}")
+        return dict(option)
+    raise ConfigurationError(f"generate compile={option!r}: expected True, False or a dict of torch.compile "
+                             f"options ({', '.join(OPTIONS)})")
+
+
+class CompiledDecode:
+    """A model's compiled decode step for one set of compile options, and the static cache it
+    reuses (one batch size and length at a time)."""
+
+    def __init__(self, options: dict):
+        self.options = options
+        self.function = torch.compile(decode, **options)
+        self.cudagraphs = options.get("mode") in ("reduce-overhead", "max-autotune")
+        self._cache = None
+        self._cache_key = None
+        self._marked: set[int] = set()
+
+    def cache(self, model, batch: int, max_length: int, device: torch.device):
+        """A static cache of ``max_length`` slots for ``batch`` rows: the last one (zeroed, its
+        write position back at 0) when it fits, else a new one."""
+        key = (batch, max_length, device)
+        if self._cache is not None and self._cache_key == key:
+            for buffer in self._cache.buffers():
+                buffer.zero_()
+            self._cache.position = torch.zeros((), dtype=torch.long, device=device)
+            return self._cache
+        self._cache = model.new_cache(max_length=max_length, device=device)
+        self._cache_key, self._marked = key, set()
+        return self._cache
+
+    def __call__(self, model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        self._mark_static(cache)
+        if self.cudagraphs and step_ids.device.type == "cuda":
+            # A new iteration: the previous step's outputs (already consumed) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.function(model, step_ids, attention_mask, position_ids, cache)
+
+    def _mark_static(self, cache) -> None:
+        """The cache's buffers (allocated by the eager prefill) keep their addresses for the
+        graph, so writing them in place is allowed inside it."""
+        for buffer in cache.buffers():
+            if id(buffer) not in self._marked:
+                torch._dynamo.mark_static_address(buffer)
+                self._marked.add(id(buffer))
+
+
+def compiled_decode(model, options: dict) -> CompiledDecode:
+    """The model's compiled step for ``options``, made once and kept on the model, so later
+    ``generate`` calls reuse its compiled code and graphs."""
+    steps = model.__dict__.setdefault("_crosschip_decode_steps", {})
+    key = repr(sorted(options.items()))
+    if key not in steps:
+        steps[key] = CompiledDecode(options)
+    return steps[key]
