@@ -8,6 +8,7 @@ without expert parallelism) computes over its own part of the batch only."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,33 @@ def test_ep_must_equal_dp():
     with pytest.raises(ConfigurationError, match="ep=2 shards the experts over the data-parallel ranks, so it needs "
                                                  "dp=2 \\(found dp=1\\)"):
         ParallelSpec(tp=2, ep=2)
+
+
+def _train_rank(rank: int, world: int, root: Path) -> None:
+    from crosschip.training.train import TrainArgs, train
+
+    result = train(TrainArgs(model=str(root / "moe"), out=str(root / "ep"), dp=2, ep=2, **_TRAIN), progress=False)
+    losses, experts = result.losses, result.model.model.layers[0].mlp
+    assert experts.gate_up_proj.to_local().shape[0] == 3  # this rank's half of the 6 experts
+    if rank == 0:
+        (root / "losses.json").write_text(json.dumps(losses))
+
+
+_TRAIN = dict(steps=4, batch_size=4, seq_len=16, lr=3e-3, seed=5)
+
+
+def test_crosschip_train_with_ep2_matches_one_process(tmp_path):
+    """``crosschip train --dp 2 --ep 2``: the same losses as one process training on the whole batch."""
+    from crosschip.training.train import TrainArgs, train
+
+    save_hf(tmp_path / "moe", _config(vocab_size=320))  # room for the byte-level tokens
+    spawn(2, tmp_path, _train_rank)
+    expected = train(TrainArgs(model=str(tmp_path / "moe"), out=str(tmp_path / "one"), **_TRAIN), progress=False).losses
+    got = json.loads((tmp_path / "losses.json").read_text())
+    assert len(got) == len(expected) == _TRAIN["steps"]
+    for a, b in zip(got, expected):
+        assert abs(a - b) <= TOL * abs(b), (got, expected)
+    import crosschip.cli
+
+    args = crosschip.cli.build_parser().parse_args(["train", "--dp", "2", "--ep", "2"])
+    assert (args.dp, args.ep) == (2, 2)

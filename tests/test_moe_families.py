@@ -122,14 +122,15 @@ def test_a_checkpoint_missing_an_expert_names_it(tmp_path):
         crosschip.from_pretrained(tmp_path, backend="torch")
 
 
-def test_crosschip_train_fine_tunes_a_moe_checkpoint(tmp_path):
-    """``crosschip train`` on a Qwen3-MoE checkpoint: the loss (with the routers' auxiliary loss)
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "olmoe"])
+def test_crosschip_train_fine_tunes_a_moe_checkpoint(tmp_path, name):
+    """``crosschip train`` on each family's checkpoint: the loss (with the routers' auxiliary loss)
     falls, and the saved checkpoint loads in transformers with the same logits."""
     from transformers import AutoModelForCausalLM
 
     from crosschip.training.train import TrainArgs, train
 
-    tiny = CONFIGS["qwen3_moe"][0]
+    tiny = CONFIGS[name][0]
     config = type(tiny)(**{**tiny.to_dict(), "vocab_size": 320})  # room for the byte-level tokens
     save_hf(tmp_path / "base", config)
     result = train(TrainArgs(model=str(tmp_path / "base"), steps=30, batch_size=4, seq_len=32, lr=3e-3,

@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dp", type=int, default=1,
                        help="data parallel degree (FSDP2: parameters, gradients and optimizer state "
                             "sharded; each rank takes batch-size/DP sequences)")
+    train.add_argument("--ep", type=int, default=1,
+                       help="expert parallel degree, equal to --dp: each data-parallel rank holds 1/EP of every "
+                            "mixture-of-experts layer's experts, tokens travel to them by all-to-all")
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and residuals along the sequence")
     train.add_argument("--compile", action="store_true",

@@ -130,13 +130,13 @@ def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
         model = from_pretrained(source, backend=args.backend, device=args.device, dtype=args.dtype,
                                 precision=args.precision, fp8_recipe=args.fp8_recipe,
                                 activation_checkpointing=args.activation_checkpointing, tp=args.tp,
-                                dp=args.dp, sequence_parallel=args.sequence_parallel)
+                                dp=args.dp, sequence_parallel=args.sequence_parallel, ep=args.ep)
         tokenizer = load_tokenizer(source)
     else:
         config = preset_config(args.model)
         runtime = Runtime(args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
                           fp8_recipe=args.fp8_recipe, activation_checkpointing=args.activation_checkpointing,
-                          parallel=ParallelSpec(tp=args.tp, dp=args.dp,
+                          parallel=ParallelSpec(tp=args.tp, dp=args.dp, ep=args.ep,
                                                 sequence_parallel=args.sequence_parallel))
         model = build_model(model_class(config.architectures[0]), config, runtime)
         init_weights(model, seed=args.seed, std=config.initializer_range)

@@ -49,6 +49,7 @@ class TrainArgs:
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
+    ep: int = 1  # expert parallel degree (equal to dp): each dp rank holds num_experts / ep of every MoE layer
     compile: bool = False  # torch.compile the model's forward (and so its backward): faster steps
     # Losses are read back from the device (a host sync on accelerators) every this many steps:
     # for the progress bar and the divergence check.
@@ -80,8 +81,9 @@ class TrainArgs:
             raise ConfigurationError("--keep-last applies only with --save-every")
         if not self.lr > 0:
             raise ConfigurationError(f"--lr must be positive, found {self.lr}")
-        if self.tp <= 0 or self.dp <= 0:
-            raise ConfigurationError(f"--tp and --dp must be positive, found --tp {self.tp} --dp {self.dp}")
+        if self.tp <= 0 or self.dp <= 0 or self.ep <= 0:
+            raise ConfigurationError(f"--tp, --dp and --ep must be positive, found --tp {self.tp} --dp {self.dp} "
+                                     f"--ep {self.ep}")
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ConfigurationError(f"--out {out}: exists and is not a directory (expected a directory "
