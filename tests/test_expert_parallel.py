@@ -62,12 +62,12 @@ def _reads():
         SafetensorsCheckpoint.get, SafetensorsCheckpoint.get_slice = get, get_slice
 
 
-def _rank(rank: int, world: int, root: Path, tp: int = 1) -> None:
+def _rank(rank: int, world: int, root: Path, tp: int = 1, device: str = "cpu") -> None:
     from torch.distributed.tensor import DTensor
 
-    single = crosschip.from_pretrained(root / "moe", backend="torch").train()
+    single = crosschip.from_pretrained(root / "moe", backend="torch", device=device).train()
     with _reads() as read:
-        model = crosschip.from_pretrained(root / "moe", backend="torch", dp=2, ep=2, tp=tp).train()
+        model = crosschip.from_pretrained(root / "moe", backend="torch", dp=2, ep=2, tp=tp, device=device).train()
     experts = model.model.layers[0].mlp
     assert isinstance(experts.gate_up_proj, DTensor) and experts.gate_up_proj.to_local().shape[0] == 3
     assert_saves_alike(model, single, root / f"saved-tp{tp}", rank, f"ep=2 tp={tp}")
@@ -75,7 +75,7 @@ def _rank(rank: int, world: int, root: Path, tp: int = 1) -> None:
     group, dp_rank = (mesh.get_group("dp"), mesh.get_local_rank("dp")) if tp > 1 else (mesh.get_group(), rank)
     experts_read = {int(key.split(".experts.")[1].split(".")[0]) for key in read if ".experts." in key}
     assert experts_read == set(range(3 * dp_rank, 3 * dp_rank + 3)), (rank, sorted(experts_read))
-    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1)).to(device)
     part = ids.chunk(2)[dp_rank]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
     for step in range(3):
@@ -92,7 +92,7 @@ def _rank(rank: int, world: int, root: Path, tp: int = 1) -> None:
             optimizer.zero_grad()
     if tp == 1:
         with pytest.raises(ConfigurationError, match=r"ep=2 does not divide the number of experts \(5\)"):
-            crosschip.from_pretrained(root / "moe5", backend="torch", dp=2, ep=2)
+            crosschip.from_pretrained(root / "moe5", backend="torch", dp=2, ep=2, device=device)
 
 
 def test_ep2_matches_one_process(tmp_path):

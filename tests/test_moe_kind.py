@@ -155,3 +155,20 @@ def test_grouped_experts_on_cuda_bf16_match_the_reference():
     grouped = crosschip.Runtime("torch", device="cuda", dtype=torch.bfloat16).moe(spec).cuda().bfloat16()
     x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     assert grouped_mm_runs(x, grouped.down_proj.transpose(1, 2)) == (torch.cuda.get_device_capability() >= (8, 0))
+
+
+@pytest.mark.cuda
+def test_grouped_experts_make_no_host_sync_on_cuda():
+    """Token routing, permutation and the grouped GEMMs stay on the device, forward and backward:
+    torch's sync debug mode turns any synchronising call into an error."""
+    spec = MoESpec(256, 128, 16, 4, norm_topk_prob=True)
+    grouped = crosschip.Runtime("torch", device="cuda", dtype=torch.bfloat16).moe(spec).cuda().bfloat16()
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grouped(x)[0].sum().backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = grouped(x)
+        (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
