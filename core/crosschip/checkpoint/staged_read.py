@@ -6,15 +6,15 @@ the process), by a few threads at once (the read releases the GIL, so reads over
 the copies). Where a piece lands comes from :mod:`crosschip.checkpoint.placement`:
 
 - a checkpoint tensor that is one run of rows of one physical tensor, in the same dtype (an
-  embedding, a norm, ``o_proj``, ``down_proj``, Transformer Engine's concatenated QKV) is read
+  embedding, a norm, ``o_proj``, ``down_proj``, Transformer Engine's gate and up halves) is read
   straight into the parameter on the CPU, or into a pinned staging buffer and copied
   asynchronously to the GPU, straight into the parameter;
-- anything else (the torch backend's QKV group interleave and gate/up row interleave, a dtype
-  cast) is copied to the model's device as it is stored and put in place there by one indexed
+- anything else (the grouped QKV, the torch backend's gate/up row interleave, a dtype cast) is
+  copied to the model's device as it is stored and put in place there by one indexed
   copy, so the layout transform costs device bandwidth, not host passes.
 
-Host memory is bounded by ``BUFFERS`` staging buffers of ``CHUNK_BYTES`` each, whatever the model
-size: there is never a host copy of a whole tensor, let alone of the model. A staging buffer is
+Host memory is bounded by ``BUFFERS`` staging buffers of ``CHUNK_BYTES`` each (or of one row,
+where a row is larger), whatever the model size: there is never a host copy of a whole tensor, let alone of the model. A staging buffer is
 refilled only after the copy that reads it has completed (a CUDA event).
 """
 
@@ -203,7 +203,7 @@ class StagedReader:
 def load_placed(bindings, source) -> list:
     """Load every binding whose weights can be placed row by row (see module docstring) from a
     source that can ``locate`` its tensors' bytes; returns the others, for the transforms."""
-    if not hasattr(source, "locate"):
+    if not hasattr(source, "locate") or not hasattr(os, "preadv"):  # preadv: POSIX, not Windows
         return list(bindings)
     pieces, rest = plan(bindings, source, CHUNK_BYTES)
     if pieces:
