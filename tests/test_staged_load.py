@@ -88,6 +88,29 @@ def test_dtypes_and_piece_sizes(tmp_path, monkeypatch, stored, loaded, chunk_byt
     assert staged.checkpoint_bytes_read == sum(t.numel() * stored.itemsize for t in tensors.values())
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_the_staging_path_of_cuda_run_on_the_cpu_is_bitwise(tmp_path, stored):
+    """Every piece through a staging buffer, as on CUDA (direct pieces copied out of it into the
+    parameter), with two buffers reused many times."""
+    save_hf_llama(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(stored) for k, v in tensors.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cls, config = load_config(tmp_path)
+    model = build_model(cls, config, Runtime("torch", device="cpu", dtype=torch.bfloat16))
+    source = SafetensorsCheckpoint(tmp_path)
+    pieces, rest = staged_read.plan(weights.check_source(model, source), source, chunk_bytes=300)
+    assert rest == [] and any(p.direct is None for p in pieces)
+    # same dtype: the embedding, norms, o_proj and down_proj go straight in; a cast never does
+    assert any(p.direct is not None for p in pieces) is (stored == torch.bfloat16)
+    reader = staged_read.StagedReader("cpu", source, buffers=2, stage_everything=True)
+    reader.run(pieces)
+    for key, tensor in model.hf_state_dict().items():
+        assert torch.equal(tensor, tensors[key].to(stored).to(torch.bfloat16)), key
+    assert source.bytes_read == sum(t.numel() * stored.itemsize for t in tensors.values())
+
+
 def test_sharded_checkpoint_loads_bitwise(tmp_path, monkeypatch):
     save_hf_llama(tmp_path / "in")
     model = crosschip.from_pretrained(tmp_path / "in", backend="torch")

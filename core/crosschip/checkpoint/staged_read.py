@@ -94,9 +94,12 @@ class StagedReader:
     """Reads pieces with a few threads into staging buffers (pinned when the model is on CUDA)
     and puts them in place on the model's device, in order."""
 
-    def __init__(self, device: torch.device, source, buffers: int = BUFFERS, threads: int | None = None):
+    def __init__(self, device: torch.device, source, buffers: int = BUFFERS, threads: int | None = None,
+                 stage_everything: bool | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        #: Every piece through a staging buffer (always on CUDA; on the CPU, for tests of that path).
+        self.stage_everything = self.cuda if stage_everything is None else stage_everything
         self.source = source
         self.buffer_count = buffers
         self.threads = max(1, min(buffers, threads or os.cpu_count() or 1))
@@ -137,7 +140,9 @@ class StagedReader:
             lo, hi = p.rows_within(piece.first, piece.stop)
             if lo == hi:
                 continue
-            part = data if data.dtype == p.target.dtype else cast.setdefault(p.target.dtype, data.to(p.target.dtype))
+            if data.dtype != p.target.dtype and p.target.dtype not in cast:
+                cast[p.target.dtype] = data.to(p.target.dtype)  # once per piece, on the device
+            part = cast.get(p.target.dtype, data)
             if p.straight:
                 s0, d0, n = int(p.src_rows[lo]) - piece.first, int(p.dest_rows[lo]), hi - lo
                 p.target[d0:d0 + n].copy_(part[s0:s0 + n], non_blocking=True)
@@ -154,7 +159,7 @@ class StagedReader:
         tensor, _ = buffer
         staged = tensor[:piece.nbytes]
         shape = (piece.stop - piece.first, *piece.location.shape[1:])
-        if piece.direct is not None:  # CUDA: straight into the parameter
+        if piece.direct is not None:  # staged, then straight into the parameter
             self._direct_view(piece).copy_(staged, non_blocking=True)
         else:
             data = staged.view(piece.location.dtype).reshape(shape)
@@ -166,7 +171,7 @@ class StagedReader:
         free.append((tensor, event))
 
     def _needs_buffer(self, piece: Piece) -> bool:
-        return self.cuda or piece.direct is None
+        return self.stage_everything or piece.direct is None
 
     def run(self, pieces: list[Piece]) -> None:
         # A piece is at most chunk_bytes, or one row where a row is larger.
@@ -174,6 +179,9 @@ class StagedReader:
         free = deque((torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda), None)
                      for _ in range(min(self.buffer_count, len(pieces))))
         pending: deque = deque()
+        if self.cuda:  # index tensors on the GPU before the pipeline starts: a copy later would stall it
+            for p in {id(p): p for piece in pieces for p in piece.placements if not p.straight}.values():
+                p.indices_on(self.device)
         try:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="crosschip-load") as pool:
                 for piece in pieces:
