@@ -106,16 +106,10 @@ class StagedReader:
         self._files: dict[object, int] = {}
 
     # -- reading ------------------------------------------------------------------------------
-    def _fd(self, path) -> int:
-        fd = self._files.get(path)
-        if fd is None:
-            fd = self._files[path] = os.open(path, os.O_RDONLY)
-        return fd
-
     def _read(self, piece: Piece, into: memoryview, wait=None) -> None:
         if wait is not None:
             wait.synchronize()  # the previous copy out of this staging buffer has finished
-        fd, got = self._fd(piece.location.path), 0
+        fd, got = self._files[piece.location.path], 0
         while got < piece.nbytes:
             n = os.preadv(fd, [into[got:]], piece.offset + got)
             if n <= 0:
@@ -183,6 +177,8 @@ class StagedReader:
             for p in {id(p): p for piece in pieces for p in piece.placements if not p.straight}.values():
                 p.indices_on(self.device)
         try:
+            for path in {piece.location.path for piece in pieces}:  # here, not racing in the threads
+                self._files[path] = os.open(path, os.O_RDONLY)
             with ThreadPoolExecutor(self.threads, thread_name_prefix="crosschip-load") as pool:
                 for piece in pieces:
                     needs = self._needs_buffer(piece)
