@@ -98,6 +98,8 @@ class StagedReader:
                  stage_everything: bool | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # one name for it: index tensors are cached by device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         #: Every piece through a staging buffer (always on CUDA; on the CPU, for tests of that path).
         self.stage_everything = self.cuda if stage_everything is None else stage_everything
         self.source = source
