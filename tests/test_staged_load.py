@@ -41,7 +41,7 @@ def _assert_same_state(model, oracle):
         if name.endswith("_extra_state"):
             continue
         assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name], tensor), name
+        assert torch.equal(got[name].cpu(), tensor.cpu()), name  # a GPU load against a CPU one too
 
 
 @pytest.mark.parametrize("family", sorted(zoo_configs()))
@@ -146,16 +146,22 @@ def test_cuda_load_is_bitwise_the_cpu_load(tmp_path, monkeypatch, request, backe
     layout), and the GPU load through the transforms agrees too."""
     if backend == "te":
         request.getfixturevalue("te_installed")
-    save_hf_llama(tmp_path, num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=8,
-                  num_key_value_heads=2)
+    save_hf_llama(tmp_path, vocab_size=256, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                  num_key_value_heads=2)  # test_cuda.py's te sizes
     from safetensors.torch import save_file
 
     tensors = {k: v.to(stored) for k, v in load_file(tmp_path / "model.safetensors").items()}
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     monkeypatch.setattr(staged_read, "CHUNK_BYTES", 4096)  # many pieces, staging buffers reused
-    options = dict(backend=backend, dtype=loaded, strict=True)
+    options = dict(backend=backend, dtype=loaded)
     on_gpu, oracle = _load_both(tmp_path, monkeypatch, device="cuda", **options)
     assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    for component in ("qkv_projection", "gated_mlp"):  # the layouts under test are the backend's own
+        assert on_gpu.runtime.report.backends_for(component) == {backend}, component
+    source = SafetensorsCheckpoint(tmp_path)
+    pieces, rest = staged_read.plan(weights.check_source(on_gpu, source), source)
+    assert not rest, f"components left to the transforms on {backend}: {[b.path for b in rest]}"
+    assert any(p.direct is None for p in pieces)  # the grouped QKV: an indexed copy on the GPU
     _assert_same_state(on_gpu, oracle)
     if backend == "torch":
         _assert_same_state(on_gpu, crosschip.from_pretrained(tmp_path, device="cpu", **options))
