@@ -135,9 +135,29 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     result["peak_reset"] = _reset_peak_rss()
     before = _status_gib()
+    if args.variant != "transformers" and (args.piece_mib or args.buffers):  # tuning runs only
+        from crosschip.checkpoint import staged_read
+
+        staged_read.CHUNK_BYTES = int((args.piece_mib or staged_read.CHUNK_BYTES / 2**20) * 2**20)
+        staged_read.BUFFERS = args.buffers or staged_read.BUFFERS
+        result.update(piece_bytes=staged_read.CHUNK_BYTES, buffers=staged_read.BUFFERS)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     model = _load(args.variant, args.dir, args.device)
     seconds = time.perf_counter() - start
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+        result["profile"] = text.getvalue()[-12000:]
     after = _status_gib()
     size = checkpoint_bytes(args.dir)
     result.update(
@@ -166,6 +186,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--profile", action="store_true", help="cProfile each timed load (slower; the "
+                        "top functions go into the JSON)")
+    parser.add_argument("--piece-mib", type=float, default=None, help="crosschip's staged-read piece size "
+                        "(tuning; default that of crosschip.checkpoint.staged_read)")
+    parser.add_argument("--buffers", type=int, default=None, help="crosschip's staging buffers in flight (tuning)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,6 +227,9 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats):
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--dir", str(directory),
                    "--device", args.device, "--shape", args.shape]
+            cmd += (["--profile"] if args.profile else []) + (
+                ["--piece-mib", str(args.piece_mib)] if args.piece_mib else []) + (
+                ["--buffers", str(args.buffers)] if args.buffers else [])
             run = _run(cmd, dict(variant=variant))
             run["repeat"] = repeat
             runs.append(run)
