@@ -7,6 +7,9 @@ symlink) anywhere else is refused, with one exception, the Hugging Face cache's 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +22,24 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes lie in its file (little-endian, row-major, as safetensors stores)."""
+
+    path: Path
+    offset: int  # from the start of the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class SafetensorsCheckpoint:
     """``keys()``, ``shape(key)``, ``get(key)`` over one file or an indexed set of shards."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         #: Tensor bytes returned so far (what a rank actually read, for load benchmarks).
         self.bytes_read = 0
         index = self.directory / INDEX
@@ -120,6 +135,45 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{path}: cannot read {key!r}{list(index)} (truncated or corrupt?): {exc}") from exc
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def locate(self, key: str) -> TensorLocation:
+        """The file, byte range, dtype and shape of ``key``, from the file's header alone, for
+        readers that copy the bytes themselves (:mod:`crosschip.checkpoint.staged_read`)."""
+        path = self.key_to_file[key]
+        start, header = self._header(path)
+        entry = header.get(key)
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape, name = tuple(int(d) for d in entry["shape"]), entry["dtype"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: header entry of {key!r} is malformed "
+                                  f"(expected dtype, shape and data_offsets): {entry!r}") from exc
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {name}, which torch cannot hold")
+        dtype = _SAFETENSORS_DTYPES[name]
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = path.stat().st_size
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {key!r} ({name} {list(shape)}) needs {expected} bytes, "
+                                  f"its header gives it {end - begin} (corrupt header?)")
+        if start + end > size:
+            raise CheckpointError(f"{path}: tensor {key!r} ({name} {list(shape)}) needs bytes {start + begin}.."
+                                  f"{start + end}, found a file of {size} bytes (truncated?)")
+        return TensorLocation(path, start + begin, expected, dtype, shape)
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(offset of the data, parsed JSON header) of one safetensors file, read once."""
+        cached = self._headers.get(path)
+        if cached is None:
+            try:
+                with open(path, "rb") as fh:
+                    (length,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(length))
+            except (OSError, struct.error, ValueError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                                      f"{exc}") from exc
+            cached = self._headers[path] = (8 + length, header)
+        return cached
 
     def release(self) -> None:
         """Drop the open files (and their memory maps); they reopen on the next read."""

@@ -212,12 +212,19 @@ def check_source(model: nn.Module, source: TensorSource, ignored: set[str] = fro
 
 @torch.no_grad()
 def load_canonical(model: nn.Module, source: TensorSource, ignored: set[str] = frozenset()) -> None:
-    """Fill ``model`` from canonical tensors, streaming one component at a time. A sharded
-    (DTensor) component reads only its rank's rows and columns."""
+    """Fill ``model`` from canonical tensors. A whole component whose layout moves whole rows has
+    its checkpoint bytes read once and copied straight into place on the model's device
+    (:mod:`crosschip.checkpoint.staged_read`); a sharded (DTensor) component reads only its
+    rank's rows and columns; anything else streams one component at a time through its
+    transforms."""
     from crosschip.checkpoint.sharded_load import load_local
+    from crosschip.checkpoint.staged_read import load_placed
 
     release = getattr(source, "release", None)
-    for b in check_source(model, source, ignored):
+    found = check_source(model, source, ignored)
+    whole = [b for b in found if not _is_sharded(b.module)]
+    rest = set(map(id, load_placed(whole, source))) | {id(b) for b in found if _is_sharded(b.module)}
+    for b in (b for b in found if id(b) in rest):
         if not (_is_sharded(b.module) and load_local(b, source)):
             _load_physical(b, b.from_hf({key: source.get(key) for key in b.hf_shapes}))
         if release is not None:
