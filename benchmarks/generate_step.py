@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from train_step import SHAPES, in_own_process, llama_config, versions
+from train_step import SHAPES, in_own_process, llama_config, versions, write_report
 
 VARIANTS = ["transformers-dynamic", "transformers-static", "torch-dynamic", "torch-static",
             "torch-static-compile", "te-dynamic", "te-static-compile"]
@@ -182,10 +182,7 @@ def main(argv=None) -> int:
             else:
                 print(f"{args.shape} batch {batch:3d} {variant:22s} {run['status']}: {run.get('error', '')[:300]}",
                       flush=True)
-            if args.out:  # after every run, so a cut-off session keeps what finished
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as fh:
-                    json.dump(report, fh, indent=2)
+            write_report(args.out, report)
     return 0
 
 

@@ -24,7 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (  # noqa: E402
-    PEAK_TFLOPS, SHAPES, flops_per_token, in_own_process, llama_config, matmul_tflops, timed_steps, versions)
+    PEAK_TFLOPS, SHAPES, flops_per_token, in_own_process, llama_config, matmul_tflops, timed_steps, versions,
+    write_report)
 
 VARIANTS = ["peft", "torch", "torch-compile", "te"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -141,10 +142,7 @@ def main(argv=None) -> int:
                       f"  MFU {run['mfu_vs_peak']:.1%}  peak {run['peak_memory_gib']:.1f} GiB", flush=True)
             else:
                 print(f"{shape} {variant:14s} {run['status']}: {run.get('error', '')[:600]}", flush=True)
-            if args.out:
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as fh:
-                    json.dump(report, fh, indent=2)
+            write_report(args.out, report)
     return 0
 
 

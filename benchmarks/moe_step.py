@@ -22,7 +22,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import in_own_process, matmul_tflops, timed_steps, versions  # noqa: E402
+from train_step import in_own_process, matmul_tflops, timed_steps, versions, write_report  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
              moe_intermediate_size=1024, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
@@ -134,10 +134,7 @@ def main(argv=None) -> int:
         for r in runs:
             if best and r.get("status") == "ok":
                 r["speedup_vs_best_transformers"] = r["tokens_per_s"] / best
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as fh:
-                json.dump(report, fh, indent=2)
+        write_report(args.out, report)
     return 0
 
 

@@ -69,7 +69,7 @@ def write_checkpoint(directory: str | Path, config, dtype: torch.dtype = torch.b
     shapes = checkpoint_shapes(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _plan(shapes, itemsize)
-    names = ([f"model.safetensors"] if len(shards) == 1 else
+    names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total, start = sum(itemsize * math.prod(s) for s in shapes.values()), time.perf_counter()
     written = 0

@@ -223,6 +223,14 @@ def versions() -> dict:
     return out
 
 
+def write_report(path: str | None, report: dict) -> None:
+    """Write the results JSON (after every run, so a cut-off session keeps what finished)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
 def _relative_to_transformers(runs: list[dict]) -> None:
     for seq in {r["seq"] for r in runs}:
         base = next((r for r in runs if r["seq"] == seq and r["variant"] == "transformers" and r["status"] == "ok"), None)
@@ -290,10 +298,7 @@ def main(argv=None) -> int:
                 print(f"{args.shape} seq {seq:5d} {variant:14s} {run['status']}: {run.get('error', '')[:300]}",
                       flush=True)
             _relative_to_transformers(runs)
-            if args.out:  # after every run, so a cut-off session keeps what finished
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as fh:
-                    json.dump(report, fh, indent=2)
+            write_report(args.out, report)
     return 0
 
 
