@@ -252,17 +252,16 @@ def _relative_to_transformers(runs: list[dict]) -> None:
                     r["memory_vs_transformers"] = r["peak_memory_gib"] / base["peak_memory_gib"]
 
 
-def checkpointing_per_variant(parser, given: list[str], settings, variants=VARIANTS) -> dict[str, str]:
+def checkpointing_per_variant(parser, given: list[str], settings) -> dict[str, str]:
     """``--activation-checkpointing`` as ``{variant: setting}``: a bare setting applies to every
-    variant, ``VARIANT=SETTING`` to one (later entries win). ``variants``: the names a
-    ``VARIANT`` may take (the multi-GPU benchmark passes its own keys)."""
-    chosen = dict.fromkeys(variants, "none")
+    variant, ``VARIANT=SETTING`` to one (later entries win)."""
+    chosen = dict.fromkeys(VARIANTS, "none")
     for entry in given:
         variant, _, setting = entry.rpartition("=")
-        if setting not in settings or (variant and variant not in variants):
+        if setting not in settings or (variant and variant not in VARIANTS):
             parser.error(f"--activation-checkpointing {entry!r}: expected SETTING or VARIANT=SETTING with SETTING "
-                         f"one of {', '.join(settings)} and VARIANT one of {', '.join(variants)}")
-        for name in [variant] if variant else variants:
+                         f"one of {', '.join(settings)} and VARIANT one of {', '.join(VARIANTS)}")
+        for name in [variant] if variant else VARIANTS:
             chosen[name] = setting
     return chosen
 

@@ -40,8 +40,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
-from train_step import (PEAK_TFLOPS, SHAPES, TOKENS_PER_STEP, build, checkpointing_per_variant,  # noqa: E402
-                        flops_per_token, llama_config, matmul_tflops, timed_steps, versions)
+from train_step import (PEAK_TFLOPS, SHAPES, TOKENS_PER_STEP, build, flops_per_token, llama_config,  # noqa: E402
+                        matmul_tflops, timed_steps, versions)
 
 #: The train_step.py variants that can be split over a mesh (same names, so baselines match).
 VARIANTS = ["torch", "torch-compile", "te-bf16", "te-fp8"]
@@ -61,6 +61,36 @@ def parse_layout(text: str) -> tuple[int, int]:
 
 def layout_name(dp: int, tp: int) -> str:
     return "x".join([f"dp{dp}"] * (dp > 1 or tp == 1) + [f"tp{tp}"] * (tp > 1))
+
+
+def checkpointing_table(parser, given: list[str], settings) -> dict:
+    """``--activation-checkpointing`` as train_step.py takes it (``SETTING`` for every run,
+    ``VARIANT=SETTING`` for one variant), and ``VARIANT@LAYOUT=SETTING`` for one layout of a
+    variant, since the best setting that fits one GPU is rarely the best on eight. Returns
+    ``{(variant or None, layout or None): setting}``; later entries replace equal keys."""
+    table = {}
+    for entry in given:
+        key, _, setting = entry.rpartition("=")
+        variant, _, layout = key.partition("@")
+        try:
+            parsed = parse_layout(layout) if layout else None
+        except argparse.ArgumentTypeError:
+            parsed = False
+        if (setting not in settings or (variant and variant not in VARIANTS) or parsed is False
+                or (layout and not variant)):
+            parser.error(f"--activation-checkpointing {entry!r}: expected SETTING, VARIANT=SETTING or "
+                         f"VARIANT@LAYOUT=SETTING with SETTING one of {', '.join(settings)}, VARIANT one of "
+                         f"{', '.join(VARIANTS)} and LAYOUT as --layouts takes it")
+        table[(variant or None, parsed)] = setting
+    return table
+
+
+def checkpointing_for(table: dict, variant: str, layout: tuple[int, int]) -> str:
+    """The most specific entry: variant and layout, then variant, then every run ("none")."""
+    for key in ((variant, layout), (variant, None), (None, None)):
+        if key in table:
+            return table[key]
+    return "none"
 
 
 def skip_reason(variant: str, device: str) -> str | None:
@@ -94,7 +124,7 @@ def launched(args) -> int:
         if run["global_batch"] % dp:
             raise ValueError(f"--global-batch {run['global_batch']} is not divisible by dp={dp}")
         parallel = ParallelSpec(tp=tp, dp=dp, sequence_parallel=run["sequence_parallel"])
-        model = build(args.variant, config, args.seed, args.activation_checkpointing, device=args.device,
+        model = build(args.variant, config, args.seed, run["activation_checkpointing"], device=args.device,
                       dtype=args.dtype, parallel=parallel)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
         # Every rank draws the same global batch, then keeps its data-parallel replica's rows.
@@ -142,12 +172,7 @@ def identity(args, variant: str, layout: tuple[int, int], seq: int) -> dict:
     return dict(variant=variant, layout=layout_name(dp, tp), dp=dp, tp=tp, world_size=dp * tp, seq=seq,
                 sequence_parallel=tp > 1 and not args.no_sequence_parallel,
                 global_batch=args.global_batch or dp * local, device=args.device, dtype=args.dtype,
-                activation_checkpointing=checkpointing_of(args, variant))
-
-
-def checkpointing_of(args, variant: str) -> str:
-    setting = args.activation_checkpointing
-    return setting if isinstance(setting, str) else setting[variant]
+                activation_checkpointing=checkpointing_for(args.activation_checkpointing, variant, layout))
 
 
 def peak_memory_gib(args) -> float:
@@ -234,7 +259,9 @@ def add_scaling(runs: list[dict], bases: list[dict]) -> None:
 def drive(args) -> int:
     runs, files = [], baselines(args.baseline)
     merged = report(args, runs)
-    merged["activation_checkpointing"] = {v: args.activation_checkpointing[v] for v in args.variants}
+    merged["activation_checkpointing"] = {
+        f"{v}@{layout_name(*layout)}": checkpointing_for(args.activation_checkpointing, v, layout)
+        for v in args.variants for layout in args.layouts}
     for seq in args.seq:
         for variant in args.variants:
             for layout in args.layouts:
@@ -257,7 +284,8 @@ def launch(args, variant: str, layout: tuple[int, int], seq: int) -> dict:
                __file__, "--variant", variant, "--layout", layout_name(dp, tp), "--shape", args.shape,
                "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
                "--device", args.device, "--dtype", args.dtype, "--cpu-threads", str(args.cpu_threads),
-               "--activation-checkpointing", args.activation_checkpointing[variant], "--out", out]
+               "--activation-checkpointing", checkpointing_for(args.activation_checkpointing, variant, layout),
+               "--out", out]
         cmd += ["--global-batch", str(args.global_batch)] if args.global_batch else []
         cmd += ["--no-sequence-parallel"] if args.no_sequence_parallel else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -301,19 +329,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "float32"], default="bf16",
                         help="parameter dtype (float32 for CPU smoke tests, where bf16 is slow)")
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads per rank on the CPU")
-    parser.add_argument("--activation-checkpointing", nargs="+", default=["none"], metavar="[VARIANT=]SETTING",
-                        help=f"{', '.join(CHECKPOINTING)}: one for every variant, and/or VARIANT=SETTING for one")
+    parser.add_argument("--activation-checkpointing", nargs="+", default=["none"],
+                        metavar="[VARIANT[@LAYOUT]=]SETTING",
+                        help=f"{', '.join(CHECKPOINTING)}: one for every run, and/or VARIANT=SETTING for one variant, "
+                             "VARIANT@LAYOUT=SETTING for one variant at one layout (the most specific wins)")
     parser.add_argument("--baseline", nargs="*", default=[], metavar="JSON",
                         help="train_step.py or train_step_multigpu.py results to compute scaling against")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
-    args.activation_checkpointing = checkpointing_per_variant(parser, args.activation_checkpointing, CHECKPOINTING,
-                                                              VARIANTS)
+    args.activation_checkpointing = checkpointing_table(parser, args.activation_checkpointing, CHECKPOINTING)
     if under_torchrun:
         if args.variant is None or args.layout is None or len(args.seq) != 1:
             parser.error("under torchrun give one --variant, one --layout and one --seq")
         args.seq = args.seq[0]
-        args.activation_checkpointing = args.activation_checkpointing[args.variant]
         return launched(args)
     if args.variant or args.layout:
         parser.error("--variant/--layout are for a launch under torchrun; the driver takes --variants/--layouts")

@@ -6,6 +6,7 @@ must equal one process's on the whole batch; the JSON must hold what the eight-G
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -39,16 +40,22 @@ def _drive(tmp_path: Path, name: str, *options: str) -> dict:
     return json.loads(out.read_text())
 
 
+def _benchmark(name: str):
+    """A module of benchmarks/ (not a package: its scripts import each other by file name)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 @pytest.fixture(scope="module")
 def one_process_loss() -> float:
     """The first timed step's loss of one process on the whole global batch, after the one
     warm-up step (forward, backward, AdamW) the benchmark takes: the same canonical weights,
     optimizer and batch generator."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from train_step import build, llama_config, timed_steps
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    train_step = _benchmark("train_step")
+    build, llama_config, timed_steps = train_step.build, train_step.llama_config, train_step.timed_steps
     config = llama_config("tiny", SEQ)
     model = build("torch", config, 0, "none", device="cpu", dtype="float32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -88,19 +95,29 @@ def test_world_size_four(tmp_path, one_process_loss):
         {"variant": "torch", "seq": 2 * SEQ, "status": "ok", "tokens_per_s": 1.0},  # another seq: not used
         {"variant": "te-fp8", "seq": SEQ, "status": "ok", "tokens_per_s": 1.0}]}))  # another variant
     report = _drive(tmp_path, "world4", "--variants", "torch", "te-fp8", "--layouts", "dp2xtp2", "dp4",
-                    "--activation-checkpointing", "selective", "torch=full", "--baseline", str(baseline))
+                    "--activation-checkpointing", "torch@dp4=none", "selective", "torch=full",
+                    "--baseline", str(baseline))
     assert "train_step_multigpu.py" in report["command"] and report["versions"]["torch"] == torch.__version__
-    assert report["activation_checkpointing"] == {"torch": "full", "te-fp8": "selective"}
+    assert report["activation_checkpointing"] == {"torch@dp2xtp2": "full", "torch@dp4": "none",
+                                                  "te-fp8@dp2xtp2": "selective", "te-fp8@dp4": "selective"}
     torch_runs = [r for r in report["runs"] if r["variant"] == "torch"]
-    for run, (layout, dp, tp) in zip(torch_runs, [("dp2xtp2", 2, 2), ("dp4", 4, 1)], strict=True):
-        _check_run(run, layout, dp, tp, "full", one_process_loss)
-        assert run["scaling"] == [dict(file=str(baseline), layout="1 GPU", world_size=1, activation_checkpointing="none",
-                                       tokens_per_s_per_gpu=1000.0, efficiency=run["tokens_per_s_per_gpu"] / 1000.0)]
+    for run, (layout, dp, tp, checkpointing) in zip(torch_runs, [("dp2xtp2", 2, 2, "full"), ("dp4", 4, 1, "none")],
+                                                    strict=True):
+        _check_run(run, layout, dp, tp, checkpointing, one_process_loss)
+        assert run["scaling"] == [dict(file=str(baseline), layout="1 GPU", world_size=1,
+                                       activation_checkpointing="none", tokens_per_s_per_gpu=1000.0,
+                                       efficiency=run["tokens_per_s_per_gpu"] / 1000.0)]
     # Same weights, same global batch: the layouts' first losses agree with each other too.
     assert torch_runs[0]["losses"][0] == pytest.approx(torch_runs[1]["losses"][0], rel=LOSS_RTOL)
     skipped = [r for r in report["runs"] if r["variant"] == "te-fp8"]
     assert [(r["layout"], r["status"]) for r in skipped] == [("dp2xtp2", "skipped"), ("dp4", "skipped")]
     assert all("CUDA" in r["reason"] for r in skipped)
+    # The docs' table, from this JSON: one row per run, skips with their reason.
+    text = _benchmark("report_multigpu").table([report])
+    dp4 = torch_runs[1]
+    assert (f"| torch | dp4 | {SEQ} | none | {dp4['tokens_per_s_per_gpu']:,.0f} | {dp4['mfu_vs_peak']:.1%} | "
+            f"{dp4['peak_memory_gib']:.1f} | {dp4['scaling'][0]['efficiency']:.2f}x (1 GPU) | — |") in text
+    assert text.count("skipped: Transformer Engine runs on CUDA only") == 2 and len(text.splitlines()) == 2 + 4
 
 
 @pytest.mark.slow  # eight ranks on two cores: about 40 s
@@ -109,3 +126,29 @@ def test_world_size_eight(tmp_path, one_process_loss):
     (run,) = report["runs"]
     _check_run(run, "dp4xtp2", 4, 2, "none", one_process_loss)
     assert run["scaling"] == []  # no baseline given, none on fewer GPUs in this driver run
+
+
+def test_layouts_and_checkpointing_entries():
+    bench = _benchmark("train_step_multigpu")
+    checkpointing_for, checkpointing_table = bench.checkpointing_for, bench.checkpointing_table
+    layout_name, parse_layout = bench.layout_name, bench.parse_layout
+    assert [parse_layout(t) for t in ("dp8", "tp2", "dp4xtp2", "dp1")] == [(8, 1), (1, 2), (4, 2), (1, 1)]
+    assert [layout_name(*parse_layout(t)) for t in ("dp8", "tp2", "dp4xtp2", "dp1")] == ["dp8", "tp2", "dp4xtp2", "dp1"]
+    for bad in ("", "x", "8", "dp0", "tp2xdp4", "dp4xtp"):
+        with pytest.raises(Exception):
+            parse_layout(bad)
+
+    class Parser:
+        def error(self, message):
+            raise ValueError(message)
+
+    settings = ("none", "full", "selective")
+    # The most specific entry wins, whatever the order; "none" where nothing is given.
+    table = checkpointing_table(Parser(), ["te-fp8@dp8=none", "full", "te-fp8=selective"], settings)
+    assert checkpointing_for(table, "te-fp8", (8, 1)) == "none"
+    assert checkpointing_for(table, "te-fp8", (4, 2)) == "selective"
+    assert checkpointing_for(table, "torch", (8, 1)) == "full"
+    assert checkpointing_for(checkpointing_table(Parser(), [], settings), "torch", (8, 1)) == "none"
+    for bad in ("some", "liger=full", "@dp8=full", "torch@dp=full", "torch@x=none"):
+        with pytest.raises(ValueError, match="--activation-checkpointing"):
+            checkpointing_table(Parser(), [bad], settings)
