@@ -67,13 +67,20 @@ def flops_per_token(config, seq: int) -> tuple[float, int]:
     return 6 * matmul_params + 12 * l * config.hidden_size * seq, matmul_params
 
 
-def build(variant: str, config, seed: int, ac: str):
+def build(variant: str, config, seed: int, ac: str, device: str = "cuda", dtype: str = "bf16", parallel=None):
+    """The model of ``variant`` with the canonical weights of ``seed``, in training mode.
+    ``parallel``: a :class:`crosschip.specs.ParallelSpec` (tp, dp, sequence parallelism) for a
+    launched process group; the crosschip variants then build through the same public path,
+    each rank allocating only its shards (``benchmarks/train_step_multigpu.py``)."""
     import torch
 
     from crosschip.weights.init import canonical_tensor
 
     if variant == "transformers":
         from transformers import LlamaForCausalLM
+
+        if parallel is not None or device != "cuda" or dtype != "bf16":
+            raise ValueError("the transformers variant runs in bf16 on one GPU only")
 
         config._attn_implementation = "sdpa"
         torch.set_default_dtype(torch.bfloat16)
@@ -89,7 +96,7 @@ def build(variant: str, config, seed: int, ac: str):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
     from crosschip.weights.init import init_weights
-    from crosschip.checkpoint.loading import build_model
+    from crosschip.checkpoint.loading import build_model, finalize
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
@@ -97,11 +104,12 @@ def build(variant: str, config, seed: int, ac: str):
                "liger": "torch", "liger-compile": "torch"}.get(variant, "te")
     # strict: a liger component declined or unavailable is an error, not a silent reference fallback.
     components = {c: "liger" for c in LIGER_COMPONENTS} if variant.startswith("liger") else None
-    runtime = Runtime(backend, components=components, device="cuda", dtype="bf16", strict=backend != "reference",
+    runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=backend != "reference",
                       precision="fp8" if variant == "te-fp8" else "auto", fp8_recipe="delayed",
-                      activation_checkpointing=ac)
+                      activation_checkpointing=ac, parallel=parallel)
     model = build_model(model_class("LlamaForCausalLM"), config, runtime)
-    init_weights(model, seed=seed, device="cuda")
+    init_weights(model, seed=seed, device=device)
+    finalize(model)  # as from_pretrained and `crosschip train` do: the parallel plans' gradient hooks
     from crosschip.modeling.compilation import compile_model
 
     compile_model(model, variant.endswith("-compile"))  # what from_pretrained(compile=True) and --compile do
@@ -134,11 +142,15 @@ def in_own_process(cmd: list[str], identity: dict) -> dict:
     return json.loads(lines[-1][7:]) if lines else dict(identity, status="crashed", error=proc.stderr[-2000:])
 
 
-def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dict, **forward):
+def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dict, device: str = "cuda",
+                **forward):
     """``warmup`` untimed training steps (their time in ``result["warmup_s"]``), then ``steps``
     timed ones from a reset memory peak: ``(seconds per step, losses)``. ``forward``: extra
-    arguments of the model's forward."""
+    arguments of the model's forward. On CUDA each step is timed by events around it; on the
+    CPU (smoke tests) by the host clock, the step being synchronous there."""
     import torch
+
+    cuda = device == "cuda"
 
     def step():
         loss = step_model(input_ids=ids, labels=ids, **forward).loss
@@ -150,11 +162,18 @@ def timed_steps(step_model, optimizer, ids, warmup: int, steps: int, result: dic
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     result["warmup_s"] = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(steps):
+        if not cuda:
+            t0 = time.perf_counter()
+            losses.append(step().item())
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         loss = step()
