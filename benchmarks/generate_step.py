@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from train_step import SHAPES, in_own_process, llama_config, versions, write_report
+from train_step import SHAPES, backends_used, in_own_process, llama_config, versions, write_report
 
 VARIANTS = ["transformers-dynamic", "transformers-static", "torch-dynamic", "torch-static",
             "torch-static-compile", "te-dynamic", "te-static-compile"]
@@ -116,8 +116,7 @@ def worker(args) -> dict:
         if device == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if hasattr(model, "runtime"):
-            result["backends"] = {k: sorted(v["backend"] for v in entries)
-                                  for k, entries in model.runtime.report.summary().items()}
+            result["backends"] = backends_used(model)
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=str(exc).splitlines()[0])
     except Exception as exc:  # recorded, so one failing variant does not hide the others

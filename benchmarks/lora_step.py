@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (  # noqa: E402
     PEAK_TFLOPS, SHAPES, flops_per_token, in_own_process, llama_config, matmul_tflops, timed_steps, versions,
-    write_report)
+    write_report, backends_used)
 
 VARIANTS = ["peft", "torch", "torch-compile", "te"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,8 +99,7 @@ def worker(args) -> dict:
                       tflops=achieved, mfu_vs_peak=achieved / PEAK_TFLOPS, matmul_tflops=matmul_tflops(),
                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses)
         if args.variant != "peft":
-            result["backends"] = {k: sorted(v["backend"] for v in entries)
-                                  for k, entries in model.runtime.report.summary().items()}
+            result["backends"] = backends_used(model)
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=str(exc).splitlines()[0])
     except Exception as exc:  # recorded, so one failing variant does not hide the others

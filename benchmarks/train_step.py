@@ -214,8 +214,7 @@ def worker(args) -> dict:
             mfu_basis="bf16 dense peak" + (" (an FP8 run, stated against bf16)" if args.variant == "te-fp8" else ""),
             matmul_params=matmul_params, losses=losses)
         if args.variant != "transformers":
-            result["backends"] = {k: sorted(v["backend"] for v in entries)
-                                  for k, entries in model.runtime.report.summary().items()}
+            result["backends"] = backends_used(model)
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=str(exc).splitlines()[0])
     except Exception as exc:  # recorded, so one failing variant does not hide the others
@@ -240,6 +239,11 @@ def versions() -> dict:
     except Exception:  # noqa: BLE001 - informational only
         pass
     return out
+
+
+def backends_used(model) -> dict[str, list[str]]:
+    """Which backend built each component kind (from the runtime's decision report)."""
+    return {k: sorted(v["backend"] for v in entries) for k, entries in model.runtime.report.summary().items()}
 
 
 def write_report(path: str | None, report: dict) -> None:

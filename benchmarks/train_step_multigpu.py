@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
-from train_step import (PEAK_TFLOPS, SHAPES, TOKENS_PER_STEP, build, flops_per_token, llama_config,  # noqa: E402
+from train_step import (PEAK_TFLOPS, SHAPES, TOKENS_PER_STEP, backends_used, build, flops_per_token, llama_config,  # noqa: E402
                         matmul_tflops, timed_steps, versions)
 
 #: The train_step.py variants that can be split over a mesh (same names, so baselines match).
@@ -209,7 +209,7 @@ def summarise(run: dict, ranks: list[dict], config, args, model) -> None:
         peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks,
         memory_basis="torch.cuda.max_memory_allocated" if args.device == "cuda" else "host peak RSS (ru_maxrss)",
         matmul_params=matmul_params, losses=losses, losses_per_rank=[r["losses"] for r in ranks],
-        backends={k: sorted(v["backend"] for v in entries) for k, entries in model.runtime.report.summary().items()})
+        backends=backends_used(model))
 
 
 # -- results --------------------------------------------------------------------------------------
