@@ -62,35 +62,36 @@ def _reads():
         SafetensorsCheckpoint.get, SafetensorsCheckpoint.get_slice = get, get_slice
 
 
-def _rank(rank: int, world: int, root: Path, tp: int = 1, device: str = "cpu") -> None:
+def _rank(rank: int, world: int, root: Path, tp: int = 1, device: str = "cpu", dp: int = 2) -> None:
     from torch.distributed.tensor import DTensor
 
     single = crosschip.from_pretrained(root / "moe", backend="torch", device=device).train()
     with _reads() as read:
-        model = crosschip.from_pretrained(root / "moe", backend="torch", dp=2, ep=2, tp=tp, device=device).train()
+        model = crosschip.from_pretrained(root / "moe", backend="torch", dp=dp, ep=2, tp=tp, device=device).train()
     experts = model.model.layers[0].mlp
     assert isinstance(experts.gate_up_proj, DTensor) and experts.gate_up_proj.to_local().shape[0] == 3
-    assert_saves_alike(model, single, root / f"saved-tp{tp}", rank, f"ep=2 tp={tp}")
+    assert_saves_alike(model, single, root / f"saved-tp{tp}-dp{dp}", rank, f"ep=2 tp={tp} dp={dp}")
     mesh = model.runtime.device_mesh
     group, dp_rank = (mesh.get_group("dp"), mesh.get_local_rank("dp")) if tp > 1 else (mesh.get_group(), rank)
     experts_read = {int(key.split(".experts.")[1].split(".")[0]) for key in read if ".experts." in key}
-    assert experts_read == set(range(3 * dp_rank, 3 * dp_rank + 3)), (rank, sorted(experts_read))
+    ep_rank = dp_rank % 2  # dp ranks form dp/ep groups of ep consecutive ranks
+    assert experts_read == set(range(3 * ep_rank, 3 * ep_rank + 3)), (rank, sorted(experts_read))
     ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1)).to(device)
-    part = ids.chunk(2)[dp_rank]
+    part = ids.chunk(dp)[dp_rank]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
     for step in range(3):
         expected = single(ids, labels=ids)
         expected.loss.backward()
         got = model(part, labels=part)
         got.loss.backward()
-        at = f"ep=2 step {step}"
-        assert_rel_close(got.logits, expected.logits.chunk(2)[dp_rank], TOL, f"{at} logits")
+        at = f"ep=2 dp={dp} step {step}"
+        assert_rel_close(got.logits, expected.logits.chunk(dp)[dp_rank], TOL, f"{at} logits")
         assert_rel_close(_mean(got.loss, group), expected.loss, TOL, f"{at} loss")
         assert_parallel_grads_match(model, single, TOL, at)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
-    if tp == 1:
+    if tp == 1 and dp == 2:
         with pytest.raises(ConfigurationError, match=r"ep=2 does not divide the number of experts \(5\)"):
             crosschip.from_pretrained(root / "moe5", backend="torch", dp=2, ep=2, device=device)
 
@@ -107,12 +108,21 @@ def test_ep2_with_tp2_attention_matches_one_process(tmp_path):
     spawn(4, tmp_path, _rank, 2)
 
 
-def test_ep_must_equal_dp():
+def test_ep2_within_dp4_matches_one_process(tmp_path):
+    """ep=2 inside dp=4: two groups of two ranks, each group holding every expert once; an
+    expert's gradient is summed over the group that does not hold its copy."""
+    save_hf(tmp_path / "moe", _config())
+    spawn(4, tmp_path, _rank, 1, "cpu", 4)
+
+
+def test_ep_must_divide_dp():
     from crosschip.specs import ParallelSpec
 
-    with pytest.raises(ConfigurationError, match="ep=2 shards the experts over the data-parallel ranks, so it needs "
-                                                 "dp=2 \\(found dp=1\\)"):
-        ParallelSpec(tp=2, ep=2)
+    for dp in (1, 3):
+        with pytest.raises(ConfigurationError, match=f"ep=2 shards the experts over groups of data-parallel ranks, "
+                                                     f"so it must divide dp \\(found dp={dp}\\)"):
+            ParallelSpec(dp=dp, ep=2)
+    assert ParallelSpec(dp=4, ep=2).ep == 2
 
 
 def _train_rank(rank: int, world: int, root: Path) -> None:

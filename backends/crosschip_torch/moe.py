@@ -35,6 +35,7 @@ class GroupedExperts(nn.Module):
             self.shared_gate = nn.Linear(h, 1, bias=False) if spec.shared_gate else None
         #: Set by the parallel plan under expert parallelism: the group the experts are sharded over.
         self.ep_group = None
+        self.ep_replicate_group = None  # expert parallelism with ep < dp: the ranks holding the same experts
 
     def forward(self, hidden: torch.Tensor):
         shape = hidden.shape
@@ -139,18 +140,25 @@ def moe_layout(spec: MoESpec, ctx=None):
     return Chain.of(*steps)
 
 
-def shard_experts(model, runtime, ep_mesh) -> set:
-    """Expert parallelism: each torch-built mixture's stacked experts sharded on dim 0 over
-    ``ep_mesh`` (the data-parallel ranks), so a rank holds and computes ``num_experts / ep`` of
-    them. Returns the expert parameters, which data parallelism must leave alone: they are not
-    replicated across its ranks. Each receives, through the all-to-all's backward, every rank's
-    contribution, where FSDP averages the other gradients over the ranks; a hook divides by
-    ``ep`` so both are the gradient of the mean loss over the whole batch."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+def expert_mesh(dp_mesh, ep: int):
+    """The data-parallel mesh as ``("ep_replicate", "ep")``: ``dp / ep`` groups of ``ep``
+    consecutive data-parallel ranks, each group holding every expert once."""
+    return dp_mesh._unflatten(0, (dp_mesh.size() // ep, ep), ("ep_replicate", "ep"))
+
+
+def shard_experts(model, runtime, mesh) -> set:
+    """Expert parallelism: each torch-built mixture's stacked experts sharded on dim 0 over the
+    ``"ep"`` dim of ``mesh`` (:func:`expert_mesh`) and replicated over its ``"ep_replicate"`` dim,
+    so a rank holds and computes ``num_experts / ep`` of them. Returns the expert parameters,
+    which data parallelism must leave alone. Each receives, through the all-to-all's backward, the
+    contributions of its ep group's ranks; :func:`average_expert_gradients` sums them over the
+    replicas and divides by ``dp``, as FSDP averages the other gradients, so both are the gradient
+    of the mean loss over the whole batch."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from crosschip.errors import ConfigurationError
 
-    ep = ep_mesh.size()
+    ep = mesh.size(1)
     experts = set()
     for path, module in model.named_modules():
         info = getattr(module, "crosschip_component", None)
@@ -164,17 +172,29 @@ def shard_experts(model, runtime, ep_mesh) -> set:
                                      f"of the moe at {path}")
         for name in ("gate_up_proj", "down_proj"):
             param = getattr(module, name)
-            sharded = nn.Parameter(distribute_tensor(param.data, ep_mesh, [Shard(0)]),
+            sharded = nn.Parameter(distribute_tensor(param.data, mesh, [Replicate(), Shard(0)]),
                                    requires_grad=param.requires_grad)
             setattr(module, name, sharded)
             experts.add(sharded)
-        module.ep_group = ep_mesh.get_group()
+        module.ep_group = mesh.get_group("ep")
+        module.ep_replicate_group = mesh.get_group("ep_replicate") if mesh.size(0) > 1 else None
     return experts
 
 
-def average_expert_gradients(model, ep: int) -> None:
-    """The hook of :func:`shard_experts`, on the final parameter objects."""
+def average_expert_gradients(model, dp: int) -> None:
+    """The hook of :func:`shard_experts`, on the final parameter objects: an expert's gradient
+    summed over its replicas (the other ep groups, whose tokens it did not see) and divided by
+    ``dp``."""
+    import torch.distributed as dist
+
+    def hook(group):
+        def average(grad):
+            if group is not None:  # in place on this rank's shard, the same on every replica
+                dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=group)
+            return grad / dp
+        return average
+
     for module in model.modules():
         if isinstance(module, GroupedExperts) and module.ep_group is not None:
             for param in (module.gate_up_proj, module.down_proj):
-                param.register_hook(lambda grad: grad / ep)
+                param.register_hook(hook(module.ep_replicate_group))

@@ -153,10 +153,10 @@ def parallelize(model, runtime):
     if parallel.tp > 1:
         _tensor_parallel(model, runtime, mesh)
     experts = set()
-    if parallel.ep > 1:  # experts over the data-parallel ranks (ParallelSpec: ep == dp)
-        from crosschip_torch.moe import shard_experts
+    if parallel.ep > 1:  # experts over groups of ep data-parallel ranks (ParallelSpec: ep divides dp)
+        from crosschip_torch.moe import expert_mesh, shard_experts
 
-        experts = shard_experts(model, runtime, _dim(mesh, DP_DIM))
+        experts = shard_experts(model, runtime, expert_mesh(_dim(mesh, DP_DIM), parallel.ep))
     if parallel.dp > 1:
         data_parallel.shard(model, parallel, _dim(mesh, DP_DIM), ignored=experts)
     runtime.device_mesh = mesh
@@ -294,7 +294,7 @@ def attach_training_hooks(model) -> None:
     if model.runtime.parallel.ep > 1:
         from crosschip_torch.moe import average_expert_gradients
 
-        average_expert_gradients(model, model.runtime.parallel.ep)
+        average_expert_gradients(model, model.runtime.parallel.dp)
     if model.runtime.parallel.dp > 1:
         return
     for param in model.parameters():

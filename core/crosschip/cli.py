@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data parallel degree (FSDP2: parameters, gradients and optimizer state "
                             "sharded; each rank takes batch-size/DP sequences)")
     train.add_argument("--ep", type=int, default=1,
-                       help="expert parallel degree, equal to --dp: each data-parallel rank holds 1/EP of every "
+                       help="expert parallel degree, dividing --dp: each data-parallel rank holds 1/EP of every "
                             "mixture-of-experts layer's experts, tokens travel to them by all-to-all")
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and residuals along the sequence")

@@ -78,7 +78,8 @@ class ParallelSpec:
 
     Expert parallelism ``ep``: a mixture of experts' experts sharded over the data-parallel
     ranks (each holds ``num_experts / ep`` of every layer's), tokens sent to their experts'
-    ranks and back (all-to-all); ``ep`` must equal ``dp`` (or be 1)."""
+    ranks and back (all-to-all); ``ep`` must divide ``dp``: with ``ep < dp`` the data-parallel
+    ranks form ``dp / ep`` groups of ``ep``, each group holding every expert once."""
 
     tp: int = 1
     dp: int = 1
@@ -91,10 +92,10 @@ class ParallelSpec:
         positive("ParallelSpec.tp", self.tp)
         positive("ParallelSpec.dp", self.dp)
         positive("ParallelSpec.ep", self.ep)
-        if self.ep > 1 and self.ep != self.dp:
+        if self.ep > 1 and self.dp % self.ep:
             raise ConfigurationError(
-                f"{self}: ep={self.ep} shards the experts over the data-parallel ranks, so it needs dp={self.ep} "
-                f"(found dp={self.dp})")
+                f"{self}: ep={self.ep} shards the experts over groups of data-parallel ranks, so it must divide "
+                f"dp (found dp={self.dp})")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigurationError(
                 f"{self}: sequence_parallel=True shards the sequence over the tensor-parallel ranks, "

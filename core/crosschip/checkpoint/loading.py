@@ -93,8 +93,8 @@ def from_pretrained(
     part of each weight it holds. ``tp`` shards each layer's projections (tensor parallel,
     optionally ``sequence_parallel``); ``dp`` shards parameters, gradients and optimizer state
     over the data-parallel ranks (FSDP2), which gather them to ``param_dtype`` for compute and
-    average gradients in ``reduce_dtype``. ``ep`` (equal to ``dp``): a mixture of experts'
-    experts sharded over the data-parallel ranks, tokens exchanged all-to-all.
+    average gradients in ``reduce_dtype``. ``ep`` (dividing ``dp``): a mixture of experts'
+    experts sharded over groups of ``ep`` data-parallel ranks, tokens exchanged all-to-all.
 
     ``lora``: a :class:`crosschip.LoraConfig`, a new adapter (base weights frozen);
     ``adapter``: a PEFT adapter directory to attach (from crosschip or from PEFT).

@@ -144,7 +144,8 @@ def load_local(binding, source) -> bool:
     for target, lead, runs, columns in plan:
         dest = target.to_local() if hasattr(target, "device_mesh") else target
         rows = dest.shape[:lead].numel()
-        rows_view = dest.reshape(rows, -1) if dest.dim() > lead else dest.reshape(rows)  # a view: contiguous
+        # A view (contiguous); the width spelled out, since a rank's shard may hold no rows.
+        rows_view = dest.reshape(rows, dest.shape[lead:].numel()) if dest.dim() > lead else dest.reshape(rows)
         step = max(1, CHUNK_BYTES // max(1, rows_view[:1].numel() * dest.element_size()))
         offset = 0
         for key_id, start, stop in runs:

@@ -49,7 +49,7 @@ class TrainArgs:
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
-    ep: int = 1  # expert parallel degree (equal to dp): each dp rank holds num_experts / ep of every MoE layer
+    ep: int = 1  # expert parallel degree (divides dp): each dp rank holds num_experts / ep of every MoE layer
     compile: bool = False  # torch.compile the model's forward (and so its backward): faster steps
     # Losses are read back from the device (a host sync on accelerators) every this many steps:
     # for the progress bar and the divergence check.
