@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from train_step import SHAPES, backends_used, in_own_process, llama_config, versions, write_report
+from train_step import SHAPES, backends_used, failure, in_own_process, llama_config, versions, write_report
 
 VARIANTS = ["transformers-dynamic", "transformers-static", "torch-dynamic", "torch-static",
             "torch-static-compile", "te-dynamic", "te-static-compile"]
@@ -117,10 +117,8 @@ def worker(args) -> dict:
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if hasattr(model, "runtime"):
             result["backends"] = backends_used(model)
-    except torch.OutOfMemoryError as exc:
-        result.update(status="oom", error=str(exc).splitlines()[0])
-    except Exception as exc:  # recorded, so one failing variant does not hide the others
-        result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception as exc:  # noqa: BLE001 - recorded (failure), the other variants still run
+        result.update(failure(exc))
     return result
 
 

@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (  # noqa: E402
     PEAK_TFLOPS, SHAPES, flops_per_token, in_own_process, llama_config, matmul_tflops, timed_steps, versions,
-    write_report, backends_used)
+    write_report, backends_used, failure)
 
 VARIANTS = ["peft", "torch", "torch-compile", "te"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,10 +100,8 @@ def worker(args) -> dict:
                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses)
         if args.variant != "peft":
             result["backends"] = backends_used(model)
-    except torch.OutOfMemoryError as exc:
-        result.update(status="oom", error=str(exc).splitlines()[0])
-    except Exception as exc:  # recorded, so one failing variant does not hide the others
-        result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception as exc:  # noqa: BLE001 - recorded (failure), the other variants still run
+        result.update(failure(exc))
     return result
 
 

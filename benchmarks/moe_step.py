@@ -22,7 +22,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import in_own_process, matmul_tflops, timed_steps, versions, write_report  # noqa: E402
+from train_step import failure, in_own_process, matmul_tflops, timed_steps, versions, write_report  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
              moe_intermediate_size=1024, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
@@ -96,10 +96,8 @@ def worker(args) -> dict:
                       tflops=achieved, mfu_active_vs_peak=achieved / PEAK_TFLOPS, matmul_tflops=matmul_tflops(),
                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, active_params=active,
                       losses=losses)
-    except torch.OutOfMemoryError as exc:
-        result.update(status="oom", error=str(exc).splitlines()[0])
-    except Exception as exc:  # noqa: BLE001 - recorded, so one failing variant does not hide the others
-        result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception as exc:  # noqa: BLE001 - recorded (failure), the other variants still run
+        result.update(failure(exc))
     return result
 
 

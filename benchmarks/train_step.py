@@ -215,10 +215,8 @@ def worker(args) -> dict:
             matmul_params=matmul_params, losses=losses)
         if args.variant != "transformers":
             result["backends"] = backends_used(model)
-    except torch.OutOfMemoryError as exc:
-        result.update(status="oom", error=str(exc).splitlines()[0])
-    except Exception as exc:  # recorded, so one failing variant does not hide the others
-        result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception as exc:  # noqa: BLE001 - recorded (failure), the other variants still run
+        result.update(failure(exc))
     return result
 
 
@@ -239,6 +237,16 @@ def versions() -> dict:
     except Exception:  # noqa: BLE001 - informational only
         pass
     return out
+
+
+def failure(exc: BaseException) -> dict:
+    """How a variant that raised is recorded (status and the error's first words), so one failing
+    variant does not hide the others."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return dict(status="oom", error=str(exc).splitlines()[0])
+    return dict(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def backends_used(model) -> dict[str, list[str]]:

@@ -40,8 +40,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
-from train_step import (PEAK_TFLOPS, SHAPES, TOKENS_PER_STEP, backends_used, build, flops_per_token, llama_config,  # noqa: E402
-                        matmul_tflops, timed_steps, versions)
+from train_step import (PEAK_TFLOPS, SHAPES, TOKENS_PER_STEP, backends_used, build, failure,  # noqa: E402
+                        flops_per_token, llama_config, matmul_tflops, timed_steps, versions)
 
 #: The train_step.py variants that can be split over a mesh (same names, so baselines match).
 VARIANTS = ["torch", "torch-compile", "te-bf16", "te-fp8"]
@@ -141,10 +141,9 @@ def launched(args) -> int:
             summarise(run, ranks, config, args, model)
     except _Done:
         pass
-    except torch.OutOfMemoryError as exc:  # the other ranks wait in a collective: torchrun ends them
-        return _failed(args, run, rank, "oom", str(exc).splitlines()[0])
-    except Exception as exc:  # recorded, so one failing layout does not hide the others
-        return _failed(args, run, rank, "error", f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception as exc:  # noqa: BLE001 - recorded; on OOM the other ranks wait in a collective and torchrun ends them
+        recorded = failure(exc)
+        return _failed(args, run, rank, recorded["status"], recorded["error"])
     if rank == 0:
         add_scaling([run], baselines(args.baseline))
         write(args.out, report(args, [run]))
