@@ -1,6 +1,14 @@
 """``torch.compile`` as a runtime option (``from_pretrained(compile=...)``, ``crosschip train
---compile``): the model's forward, and with it the backward autograd derives, compiled in place
-(``nn.Module.compile``), so the model stays the same object with the same methods and state dict.
+--compile``): compiled in place (``nn.Module.compile``), so the model stays the same object with the
+same methods and state dict, and the backward is compiled with the forward it derives from.
+
+What is compiled is each repeated block (decoder layer) and, without tensor parallelism, the loss
+(which holds the LM head when no logits are asked for), not the model as one graph, as torchtitan
+does, for three reasons: the blocks are identical, so one compilation serves all of them (an 8B
+model compiles one layer, not 32 unrolled); data parallelism's FSDP2 hooks sit at block
+boundaries, outside the compiled code; and the vocabulary-parallel embedding and loss of tensor
+parallelism (``_MaskPartial``, ``loss_parallel``) do not trace, while the blocks' DTensor
+projections do. A model without blocks is compiled whole.
 
 Adapters are attached before compiling (their hooks are part of the traced forward). Training
 steps of a fixed shape compile once. Generation has its own option, ``generate(compile=True)``
@@ -32,5 +40,12 @@ def compile_model(model, option) -> None:
         kwargs = dict(option)
     else:
         raise ConfigurationError(f"compile={option!r}: expected True, False or a dict of torch.compile options")
-    model.compile(**kwargs)
+    blocks = model.blocks() if hasattr(model, "blocks") else []
+    if not blocks:
+        model.compile(**kwargs)
+    for block in blocks:
+        block.compile(**kwargs)
+    loss = getattr(model, "loss_fn", None)
+    if blocks and loss is not None and model.runtime.parallel.tp == 1:
+        loss.compile(**kwargs)
     model.compiled = kwargs
