@@ -121,6 +121,10 @@ def grouped_mm_runs(x: torch.Tensor, weights: torch.Tensor) -> bool:
     capability 8.0 or later, float32 or bfloat16 on the CPU, and rows of 16-byte multiples."""
     if _GROUPED_MM is None or x.dtype != weights.dtype:
         return False
+    # The CPU kernel takes float32, but the shape function torch.compile traces with (the fake
+    # tensor kernel) accepts bfloat16 only: compiled float32 takes the loop.
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
     if x.is_cuda:
         ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     else:
