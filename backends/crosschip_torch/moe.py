@@ -69,6 +69,10 @@ class GroupedExperts(nn.Module):
         gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
         return _grouped(self.act_fn(gate) * up, down_proj.transpose(1, 2), offsets)
 
+    # Left out of torch.compile: the exchange needs its split sizes on the host (a graph break
+    # anyway), and the experts' local shards, taken from DTensor parameters inside a graph, come
+    # out as views that compiled code cannot rebuild ("as_strided not supported with DTensor").
+    @torch.compiler.disable
     def _dispatched(self, rows, counts):
         """Expert parallelism: ``rows`` (sorted by expert, so grouped by the rank holding it) go
         to their experts' ranks, this rank's experts run on what arrives, and the results come
