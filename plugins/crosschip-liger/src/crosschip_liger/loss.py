@@ -42,6 +42,12 @@ class FusedLinearCrossEntropyLoss(ReferenceCausalLMLoss):
     def forward(self, hidden, labels, lm_head, logits=None) -> torch.Tensor:
         if logits is not None or not self.fusable(hidden, lm_head):
             return super().forward(hidden, labels, lm_head, logits)
+        return self._fused_loss(hidden, labels, lm_head)
+
+    # Run eagerly under torch.compile (compile=True compiles the loss): Liger's kernel computes the
+    # gradients inside its forward, chunk by chunk, which does not trace.
+    @torch.compiler.disable
+    def _fused_loss(self, hidden, labels, lm_head) -> torch.Tensor:
         targets = self.shift(labels).to(hidden.device).reshape(-1)
         fused = self._loss(lm_head.spec.softcap)
         return fused(lm_head.output_weight(), hidden.reshape(-1, hidden.shape[-1]), targets, lm_head.bias)

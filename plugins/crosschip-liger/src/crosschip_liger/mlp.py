@@ -21,4 +21,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in_place=False: the backward must not overwrite the saved gate_up activation (a
         # retained graph or activation recomputation would read gradients instead).
-        return self.down_proj(LigerFusedGateUpSiLUMulFunction.apply(self.gate_up_proj(x), False))
+        # Rows flattened to 2-D: Liger 0.8.5's backward returns its gradient as [rows, 2 x width]
+        # whatever the input's leading shape, which autograd refuses for a [batch, seq, ...] input.
+        gate_up = self.gate_up_proj(x)
+        hidden = LigerFusedGateUpSiLUMulFunction.apply(gate_up.reshape(-1, gate_up.shape[-1]), False)
+        return self.down_proj(hidden.reshape(*gate_up.shape[:-1], -1))
