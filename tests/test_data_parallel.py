@@ -61,6 +61,8 @@ def _check_parity(root: Path, name: str, tp: int, dp: int, sp: bool, rank: int) 
         got = model(part, labels=part)
         got.loss.backward()
         at = f"{where} step {step}"
+        # Not a view: an in-place op on a returned view would drop FSDP2's pre-backward hook.
+        assert got.logits._base is None, at
         assert_rel_close(got.logits, expected.logits.chunk(dp)[dp_rank], TOL, f"{at} logits")
         assert_rel_close(_mean_over(got.loss, dp_group), expected.loss, TOL, f"{at} loss")
         assert_parallel_grads_match(model, single, TOL, at)

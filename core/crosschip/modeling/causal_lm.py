@@ -32,7 +32,14 @@ class CausalLMOutput:
     aux_loss: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.logits = weights.whole(self.logits)
+        logits = weights.whole(self.logits)
+        # Logits gathered from a parallel head come back as an alias of the DTensor's local
+        # tensor. Under FSDP2 an in-place op on a view the model returned (``logits /= t``) drops
+        # FSDP's pre-backward hook, so the backward would skip the all-gather: the caller gets
+        # a tensor of its own. (A plain head's logits are fresh; nothing is copied.)
+        if torch.is_tensor(logits) and logits._is_view():
+            logits = logits.clone()
+        self.logits = logits
 
 
 class CausalLM(nn.Module):
