@@ -7,14 +7,12 @@ bfloat16."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import crosschip
 from gloo_spawn import spawn
-from helpers import assert_parallel_grads_match, assert_rel_close, save_hf_llama
+from helpers import assert_rel_close, save_hf_llama
 
 pytestmark = pytest.mark.slow  # inductor compiles in every rank: ~30 s on 2 cores
 
@@ -56,36 +54,13 @@ def test_blocks_share_one_graph(tmp_path, fresh_dynamo):
         assert_rel_close(param.grad, dict(eager.named_parameters())[name].grad, TOL, f"grad of {name}")
 
 
-def _parallel_compiled(rank: int, world: int, root: Path) -> None:
-    single = crosschip.from_pretrained(root / "llama", backend="torch").train()
-    model = crosschip.from_pretrained(root / "llama", backend="torch", tp=2, dp=2, sequence_parallel=True,
-                                      compile=True).train()
-    mesh = model.runtime.device_mesh
-    dp_rank = mesh.get_local_rank("dp")
-    torch.manual_seed(1)
-    ids = torch.randint(0, 128, (4, 16))
-    part = ids.chunk(2)[dp_rank]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-3) for m in (single, model)]
-    for step in range(3):
-        expected = single(ids, labels=ids)
-        expected.loss.backward()
-        got = model(part, labels=part)
-        got.loss.backward()
-        at = f"compiled tp=2 dp=2 sp step {step}"
-        assert_rel_close(got.logits, expected.logits.chunk(2)[dp_rank], TOL, f"{at} logits")
-        loss = got.loss.detach().clone()
-        torch.distributed.all_reduce(loss, group=mesh.get_group("dp"))
-        assert_rel_close(loss / 2, expected.loss, TOL, f"{at} loss")
-        assert_parallel_grads_match(model, single, TOL, at)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-    assert model.compiled == {}
-
-
 def test_compiled_tp2_dp2_sequence_parallel_matches_single_process(tmp_path):
+    """test_data_parallel's parity check (logits, loss, every gradient, 3 AdamW steps, the saved
+    checkpoint) on a compiled model."""
+    from test_data_parallel import _run
+
     save_hf_llama(tmp_path / "llama")
-    spawn(4, tmp_path, _parallel_compiled)
+    spawn(4, tmp_path, _run, [("llama", 2, 2, True, True)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

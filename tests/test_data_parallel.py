@@ -27,13 +27,14 @@ def _mean_over(value: torch.Tensor, group) -> torch.Tensor:
     return value / dist.get_world_size(group)
 
 
-def _check_parity(root: Path, name: str, tp: int, dp: int, sp: bool, rank: int) -> None:
+def _check_parity(root: Path, name: str, tp: int, dp: int, sp: bool, compile: bool = False, *, rank: int) -> None:
     from torch.distributed.tensor import DTensor
 
     path = root / name
-    where = f"{name} tp={tp} dp={dp} sp={sp}"
+    where = f"{name} tp={tp} dp={dp} sp={sp}" + (" compiled" if compile else "")
     single = crosschip.from_pretrained(path, backend="torch").train()
-    model = crosschip.from_pretrained(path, backend="torch", tp=tp, dp=dp, sequence_parallel=sp).train()
+    model = crosschip.from_pretrained(path, backend="torch", tp=tp, dp=dp, sequence_parallel=sp,
+                                      compile=compile).train()
     mesh = model.runtime.device_mesh
     assert mesh.mesh_dim_names == tuple(n for n, d in (("dp", dp), ("tp", tp)) if d > 1)
     norm = model.model.norm.weight
@@ -41,14 +42,14 @@ def _check_parity(root: Path, name: str, tp: int, dp: int, sp: bool, rank: int) 
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in model.parameters())
     assert model.checkpoint_bytes_read == held, (where, model.checkpoint_bytes_read, held)
 
-    assert_saves_alike(model, single, root / f"{name}-tp{tp}-dp{dp}-sp{int(sp)}", rank, where)
+    assert_saves_alike(model, single, root / f"{name}-tp{tp}-dp{dp}-sp{int(sp)}-c{int(compile)}", rank, where)
 
     dp_group = mesh.get_group("dp")
     dp_rank = mesh.get_local_rank("dp")
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (2 * dp, 16))
     part = ids.chunk(dp)[dp_rank]
-    if not sp:  # greedy decoding with a KV cache through the sharded blocks (no SP: one position per step)
+    if not sp and not compile:  # greedy decoding with a KV cache through the sharded blocks (no SP: one position per step)
         prompt = ids[:2, :5]
         assert torch.equal(model.generate(prompt, max_new_tokens=4), single.generate(prompt, max_new_tokens=4))
         # No gathered copy outlives a forward without gradients: the optimizer built below must
