@@ -36,8 +36,9 @@ class CausalLMOutput:
         # Logits gathered from a parallel head come back as an alias of the DTensor's local
         # tensor. Under FSDP2 an in-place op on a view the model returned (``logits /= t``) drops
         # FSDP's pre-backward hook, so the backward would skip the all-gather: the caller gets
-        # a tensor of its own. (A plain head's logits are fresh; nothing is copied.)
-        if torch.is_tensor(logits) and logits._is_view():
+        # a tensor of its own. (A plain head's logits are fresh; nothing is copied. Not asked under
+        # torch.compile: ``_is_view`` does not trace, and compiled code returns no alias.)
+        if torch.is_tensor(logits) and not torch.compiler.is_compiling() and logits._is_view():
             logits = logits.clone()
         self.logits = logits
 
