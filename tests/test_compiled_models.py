@@ -93,3 +93,20 @@ def test_compiled_mixture_of_experts(tmp_path, fresh_dynamo, dtype):
         assert_rel_close(param.grad, dict(eager.named_parameters())[name].grad, tol, f"grad of {name}")
     assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
     assert bool(counters["graph_break"]) == (dtype == torch.float32), dict(counters["graph_break"])
+
+
+def test_a_model_compiled_for_training_generates_without_compiling(tmp_path, fresh_dynamo):
+    """generate() on a from_pretrained(compile=True) model runs its uncompiled steps eagerly (their
+    shapes change every token: the compiled blocks would recompile per length and per layer);
+    generate(cache="static", compile=True) still compiles its own step, once. Tokens equal eager's."""
+    from torch._dynamo.utils import counters
+
+    save_hf_llama(tmp_path, num_hidden_layers=2)
+    eager = crosschip.from_pretrained(tmp_path, backend="torch")
+    model = crosschip.from_pretrained(tmp_path, backend="torch", compile=True)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = eager.generate(ids, max_new_tokens=6)
+    for options, graphs in ((dict(), 0), (dict(cache="static"), 0), (dict(cache="static", compile=True), 1)):
+        counters.clear()
+        assert torch.equal(model.generate(ids, max_new_tokens=6, **options), expected), options
+        assert counters["stats"].get("unique_graphs", 0) == graphs, (options, dict(counters["stats"]))

@@ -10,6 +10,7 @@ produce, and attention components receive the full keys with a mask."""
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,14 @@ def _takes_max_length(model) -> bool:
     return "max_length" in inspect.signature(model.new_cache).parameters
 
 
+def _eager(model):
+    """Where a model compiled for training (``from_pretrained(compile=True)``) runs an uncompiled
+    generation step: eagerly. The step's shapes change every token, so its compiled blocks would
+    compile again for each length (and for each layer's cache index) up to torch's recompile
+    limit, seconds of compilation per call for no gain."""
+    return torch.compiler.set_stance("force_eager") if getattr(model, "compiled", None) is not None else nullcontext()
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
              sampling: SamplingConfig = SamplingConfig(), eos_token_id: int | list[int] | None = None,
@@ -184,11 +193,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     for index in range(max_new_tokens):
         written = prompt + index
         if past is None:  # no cache: the whole sequence again, any causal LM's forward(input_ids)
-            logits = model(tokens[:, :written]).logits[:, -1]
+            with _eager(model):
+                logits = model(tokens[:, :written]).logits[:, -1]
         else:
             step_mask = mask if kind == "static" else mask[:, :written]
             forward = decode_step.decode if index == 0 else step  # the prompt runs eagerly
-            logits = forward(model, step_ids, step_mask, positions, past)
+            with _eager(model) if forward is decode_step.decode else nullcontext():
+                logits = forward(model, step_ids, step_mask, positions, past)
             past.advance(step_ids.shape[1])
             positions = positions[:, -1:] + 1
         chosen = torch.where(finished, pad_row, next_token(logits, sampling, generator))
