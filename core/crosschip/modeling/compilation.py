@@ -11,7 +11,8 @@ parallelism (``_MaskPartial``, ``loss_parallel``) do not trace, while the blocks
 projections do. A model without blocks is compiled whole.
 
 Adapters are attached before compiling (their hooks are part of the traced forward). Training
-steps of a fixed shape compile once. Generation has its own option, ``generate(compile=True)``
+steps of a fixed shape compile once; ``generate`` runs such a model's steps eagerly, since their
+shapes change every token. Generation has its own option, ``generate(compile=True)``
 (:mod:`crosschip.modeling.decode_step`): the decode step over the static cache, whose shapes do
 not change from token to token.
 """
