@@ -87,6 +87,17 @@ def te_installed():
     pytest.skip("transformer_engine is not installed")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after: a test counting graphs sees only its own,
+    and no compiled code or guard keeps this test's model alive."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry():
     """Each test sees plugins as its own environment variables say."""

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.slow  # inductor compiles in every rank: ~30 s on 2 cor
 TOL = 1e-5
 
 
-@pytest.fixture
-def fresh_dynamo():
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_blocks_share_one_graph(tmp_path, fresh_dynamo):
     """Six layers compile as one block graph (its four projections) plus the loss's (the LM
     head): one compilation serves every layer, where compiling the model whole would trace all
@@ -70,14 +61,11 @@ def test_compiled_mixture_of_experts(tmp_path, fresh_dynamo, dtype):
     without a graph break; float32 takes the loop over experts (torch's traced grouped GEMM
     accepts bfloat16 only), which reads the group sizes on the host and so breaks the graph."""
     from torch._dynamo.utils import counters
-    from transformers import Qwen3MoeConfig
 
+    from test_expert_parallel import _config
     from zoo import save_hf
 
-    save_hf(tmp_path, Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=128, output_router_logits=True, tie_word_embeddings=False))
+    save_hf(tmp_path, _config(output_router_logits=True))
     eager = crosschip.from_pretrained(tmp_path, backend="torch", dtype=dtype).train()
     model = crosschip.from_pretrained(tmp_path, backend="torch", dtype=dtype, compile=True).train()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

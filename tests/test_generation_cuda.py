@@ -14,12 +14,6 @@ pytestmark = pytest.mark.cuda
 CONFIGS = zoo_configs()
 
 
-@pytest.fixture
-def fresh_dynamo():
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("backend", ["torch", "te"])
 def test_compiled_static_generation_gives_eager_tokens_in_bf16(tmp_path, backend, fresh_dynamo):
     from torch._dynamo.utils import counters

@@ -131,12 +131,6 @@ def test_cache_and_compile_options_are_checked(tmp_path):
     assert model.generate(ids, max_new_tokens=2).shape == (1, 6)  # the dynamic cache still serves it
 
 
-@pytest.fixture
-def fresh_dynamo():
-    yield
-    torch._dynamo.reset()  # drop compiled code and guards holding on to this test's model
-
-
 @pytest.mark.slow  # one inductor compile of the decode step: ~15-70 s on 2 CPU cores
 def test_compiled_static_step_gives_eager_tokens_and_compiles_once(tmp_path, fresh_dynamo):
     """compile=True (on CPU: inductor, no CUDA graphs) traces the decode step as one graph

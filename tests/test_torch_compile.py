@@ -22,15 +22,6 @@ def _run(call, model, ids, labels):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-@pytest.fixture
-def fresh_dynamo():
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()  # drop compiled code and guards holding on to this test's model
-
-
 def test_torch_backend_compiles_with_inductor(tmp_path, fresh_dynamo):
     from torch._dynamo.utils import counters
 
