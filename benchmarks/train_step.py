@@ -17,6 +17,8 @@ peak (``mfu_basis`` in the JSON says so), not against FP8's.
 
 ``--activation-checkpointing`` takes one setting for every variant and/or ``VARIANT=SETTING``
 overrides, so each side runs at its own best setting that fits (recorded per run).
+``--optimizer-in-backward`` steps each parameter as its gradient is ready (no model-sized gradient
+memory, which may let a variant keep more activations), as ``crosschip train`` does with that flag.
 """
 
 from __future__ import annotations
@@ -190,11 +192,16 @@ def worker(args) -> dict:
     config = llama_config(args.shape, args.seq)
     batch = max(1, TOKENS_PER_STEP // args.seq)
     result = dict(variant=args.variant, shape=args.shape, seq=args.seq, batch=batch,
-                  activation_checkpointing=args.activation_checkpointing)
+                  activation_checkpointing=args.activation_checkpointing,
+                  optimizer_in_backward=args.optimizer_in_backward)
     try:
         model = build(args.variant, config, args.seed, args.activation_checkpointing)
         step_model = model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        if args.optimizer_in_backward:  # what `crosschip train --optimizer-in-backward` does
+            from crosschip.training.in_backward import step_in_backward
+
+            step_in_backward(optimizer)
         gen = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda", generator=gen)
 
@@ -298,12 +305,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--activation-checkpointing", nargs="+", default=["none"], metavar="[VARIANT=]SETTING",
                         help=f"{', '.join(CHECKPOINTING)}: one for every variant, and/or VARIANT=SETTING for one")
+    parser.add_argument("--optimizer-in-backward", nargs="*", choices=VARIANTS, default=None, metavar="VARIANT",
+                        help="step each parameter in the backward pass, freeing its gradient (crosschip.training."
+                             "in_backward), for these variants; bare: for every crosschip variant")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     checkpointing = checkpointing_per_variant(parser, args.activation_checkpointing, CHECKPOINTING)
+    in_backward = set(VARIANTS[1:] if args.optimizer_in_backward == [] else args.optimizer_in_backward or ())
     if args.worker:
+        args.optimizer_in_backward = args.variant in in_backward
         args.seq = args.seq[0]
         args.activation_checkpointing = checkpointing[args.variant]
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -313,12 +325,15 @@ def main(argv=None) -> int:
     report = {"command": "python " + " ".join(sys.argv),
               "versions": versions(), "shape": args.shape, "config": SHAPES[args.shape],
               "tokens_per_step": TOKENS_PER_STEP, "peak_tflops": PEAK_TFLOPS,
-              "activation_checkpointing": {v: checkpointing[v] for v in args.variants}, "runs": runs}
+              "activation_checkpointing": {v: checkpointing[v] for v in args.variants},
+              "optimizer_in_backward": sorted(in_backward & set(args.variants)), "runs": runs}
     for seq in args.seq:
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", args.shape,
                    "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--seed", str(args.seed), "--activation-checkpointing", checkpointing[variant]]
+            if variant in in_backward:
+                cmd += ["--optimizer-in-backward", variant]
             run = in_own_process(cmd, dict(variant=variant, seq=seq))
             runs.append(run)
             if run.get("status") == "ok":

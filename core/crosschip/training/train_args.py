@@ -51,6 +51,9 @@ class TrainArgs:
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
     ep: int = 1  # expert parallel degree (divides dp): each dp rank holds num_experts / ep of every MoE layer
     compile: bool = False  # torch.compile the model's forward (and so its backward): faster steps
+    # Each parameter stepped as soon as its gradient is ready, its gradient freed (less memory);
+    # needs --max-grad-norm 0, --grad-accumulation 1 and --dp 1 (crosschip.training.in_backward).
+    optimizer_in_backward: bool = False
     # Losses are read back from the device (a host sync on accelerators) every this many steps:
     # for the progress bar and the divergence check.
     log_every: int = 10
@@ -97,6 +100,18 @@ class TrainArgs:
             parse_device(self.device, where="--device")
         parse_log(self.log)
         self.lora_config()
+        self._check_optimizer_in_backward()
+
+    def _check_optimizer_in_backward(self) -> None:
+        if not self.optimizer_in_backward:
+            return
+        conflicts = [f"{option} (found {found})" for option, found, ok in (
+            ("--max-grad-norm 0: no global gradient norm exists to clip by", self.max_grad_norm,
+             self.max_grad_norm == 0),
+            ("--grad-accumulation 1: every backward steps", self.grad_accumulation, self.grad_accumulation == 1),
+            ("--dp 1: FSDP2 reduces gradients outside autograd's hooks", self.dp, self.dp == 1)) if not ok]
+        if conflicts:
+            raise ConfigurationError("--optimizer-in-backward needs " + "; ".join(conflicts))
 
     def lora_config(self):
         """``--lora`` as a :class:`crosschip.LoraConfig` (None without it); bad text is a

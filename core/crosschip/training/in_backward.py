@@ -1,0 +1,70 @@
+"""The optimizer step fused into the backward pass: each parameter is updated by its own optimizer
+as soon as its gradient is complete (``register_post_accumulate_grad_hook``), and its gradient is
+freed right away. The model's gradients then never all exist at once: an 8B model in bf16 drops
+16 GB of peak memory, which buys activations that would otherwise be recomputed.
+
+What it gives up, by construction: a global gradient norm (no clipping, no norm in the metrics)
+and gradient accumulation over micro-batches (each backward steps). Data parallelism (FSDP2)
+reduces gradients outside autograd, where these hooks do not see them, so it is refused there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from crosschip.errors import ConfigurationError
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
+    """Step each of ``optimizer``'s parameters in the backward pass, as soon as its gradient is
+    accumulated, and free that gradient. The optimizer stays what the training loop holds: its
+    ``param_groups`` (a schedule's ``lr``), state and ``state_dict`` are the ones it always had,
+    so a training state saved either way resumes either way; its ``step()`` and ``zero_grad()``
+    after the backward find no gradients and do nothing. Returns the hooks' handles (``remove()``
+    each to step after the backward again).
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        step_in_backward(optimizer)
+        model(ids, labels=ids).loss.backward()  # every parameter updated, no gradient kept
+    """
+    handles = []
+    for index, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            if param.requires_grad:
+                handles.append(param.register_post_accumulate_grad_hook(_stepping(optimizer, index)))
+    if not handles:
+        raise ConfigurationError("optimizer in backward: the optimizer holds no trainable parameters")
+    return handles
+
+
+def _stepping(optimizer: torch.optim.Optimizer, index: int):
+    def hook(param: torch.nn.Parameter) -> None:
+        # The optimizer's own step over this one parameter, with its group's current settings:
+        # the group is looked up now, as load_state_dict and schedules replace or change it.
+        groups = optimizer.param_groups
+        optimizer.param_groups = [{**groups[index], "params": [param]}]
+        try:
+            optimizer.step()
+        finally:
+            optimizer.param_groups = groups
+        param.grad = None
+
+    return hook
+
+
+def check_model(model) -> None:
+    """Refuse a model whose gradients do not pass through autograd's accumulation (FSDP2), or
+    whose backend saves the optimizer in its own format (neuron: NxD's, of one optimizer)."""
+    from crosschip.training.training_state import native_format
+
+    native = native_format(model)
+    if native is not None:
+        raise ConfigurationError(f"optimizer in backward: the {native.name!r} training-state format of this "
+                                 "model's backend saves one optimizer; train without --optimizer-in-backward")
+    if model.runtime.parallel.dp > 1:
+        raise ConfigurationError(
+            f"optimizer in backward with dp={model.runtime.parallel.dp}: FSDP2 reduces the gradients after "
+            "autograd has accumulated them, so a per-parameter step in backward would see unreduced ones; "
+            "use it with dp=1 (tensor parallelism is fine)")

@@ -1,0 +1,83 @@
+"""--optimizer-in-backward: each parameter stepped when its gradient is ready is the same run as
+one optimizer step after the backward (bitwise), holds no gradients after the backward, saves a
+training state that resumes in either mode, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosschip.errors import ConfigurationError
+from crosschip.training.in_backward import step_in_backward
+from crosschip.training.train import TrainArgs, train
+from helpers import save_hf_llama
+
+
+def _args(tmp_path, name, **kw):
+    base = dict(steps=4, batch_size=4, seq_len=32, lr=3e-3, max_grad_norm=0.0, weight_decay=0.1, seed=3,
+                lr_schedule="linear", warmup=2, out=str(tmp_path / name))
+    return TrainArgs(**{**base, **kw})
+
+
+def _weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_same_run_as_the_step_after_backward(tmp_path):
+    after = train(_args(tmp_path, "after"), progress=False)
+    during = train(_args(tmp_path, "during", optimizer_in_backward=True), progress=False)
+    assert during.losses == after.losses  # the schedule's lr reaches every per-parameter optimizer
+    ours, theirs = _weights(tmp_path / "during"), _weights(tmp_path / "after")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("first, then", [(True, False), (False, True)])
+def test_training_state_resumes_in_either_mode(tmp_path, first, then):
+    full = train(_args(tmp_path, "full", steps=6), progress=False)
+    train(_args(tmp_path, "half", steps=6, stop_after=3, optimizer_in_backward=first), progress=False)
+    resumed = train(_args(tmp_path, "resumed", steps=6, resume=str(tmp_path / "half"), optimizer_in_backward=then),
+                    progress=False)
+    assert resumed.losses == full.losses
+
+
+def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path):
+    import crosschip
+
+    save_hf_llama(tmp_path / "m", vocab_size=64, tie_word_embeddings=True)
+    model = crosschip.from_pretrained(tmp_path / "m", backend="torch").train()
+    reference = crosschip.from_pretrained(tmp_path / "m", backend="torch").train()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    handles = step_in_backward(optimizer)
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for lr in (1e-2, 3e-3):  # a schedule's lr reaches the steps in backward
+        for o in (optimizer, plain):
+            o.param_groups[0]["lr"] = lr
+        model(ids, labels=ids).loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        optimizer.step()  # nothing left to do
+        reference(ids, labels=ids).loss.backward()
+        plain.step()
+        plain.zero_grad()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(ours, theirs), name
+    assert optimizer.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
+    for handle in handles:
+        handle.remove()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(), "--max-grad-norm 0: no global gradient norm exists to clip by (found 1.0)"),
+    (dict(max_grad_norm=0.0, grad_accumulation=2), "--grad-accumulation 1: every backward steps (found 2)"),
+    (dict(max_grad_norm=0.0, dp=2, batch_size=4), "--dp 1: FSDP2 reduces gradients"),
+])
+def test_what_it_cannot_do_is_refused_naming_the_option(tmp_path, option, message):
+    with pytest.raises(ConfigurationError, match="--optimizer-in-backward needs") as caught:
+        TrainArgs(optimizer_in_backward=True, out=str(tmp_path / "o"), **option).check()
+    assert message in str(caught.value)
