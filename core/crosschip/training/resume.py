@@ -9,7 +9,8 @@ back to a default value). Every other argument may change
 freely: how long (``--steps`` extends the run, stretching its cosine schedule over the new
 total, ``--stop-after``), where it is saved (``--out``, ``--resume``), how it is laid out and run
 (``--backend``, which must still build the same backends per component, ``--device``, ``--tp``,
-``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``), shown (``--log-every``,
+``--dp``, ``--sequence-parallel``, ``--activation-checkpointing``, ``--compile``,
+``--optimizer-in-backward``), shown (``--log-every``,
 ``--log``), measured (``--eval-data``, ``--eval-every``) and saved along the way
 (``--save-every``, ``--keep-last``).
 The arguments recorded in the next save are the ones this run actually used.
