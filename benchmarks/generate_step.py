@@ -1,6 +1,7 @@
 """Generation benchmark on one GPU: new tokens/s of ``generate`` for transformers'
 LlamaForCausalLM (its dynamic cache, and its static cache with the forward it compiles) and for
-crosschip's torch and te backends through the public options ``generate(cache=, compile=)``,
+crosschip's torch and te backends through the public options ``generate(cache=, compile=)``
+(``compile=True``: torch.compile; ``compile="cuda-graph"``: the eager step as a CUDA graph),
 all given identical weights (``crosschip.weights.init.canonical_tensor``).
 
     python benchmarks/generate_step.py --out benchmarks/results/generate_1b.json
@@ -26,7 +27,8 @@ import time
 from train_step import SHAPES, backends_used, failure, in_own_process, llama_config, versions, write_report
 
 VARIANTS = ["transformers-dynamic", "transformers-static", "torch-dynamic", "torch-static",
-            "torch-static-compile", "te-dynamic", "te-static-compile"]
+            "torch-static-compile", "torch-static-cudagraph", "te-dynamic", "te-static-compile",
+            "te-static-cudagraph"]
 
 
 def build(variant: str, config, seed: int, device: str):
@@ -74,7 +76,9 @@ def generate_call(variant: str, model, new_tokens: int):
                                                 min_new_tokens=new_tokens, do_sample=False,
                                                 cache_implementation="static", compile_config=CompileConfig())
     cache = "dynamic" if variant.endswith("dynamic") else "static"
-    compile = variant.endswith("compile")
+    # -compile: generate(compile=True), torch.compile's CUDA graphs; -cudagraph: compile="cuda-graph",
+    # the eager step recorded as a CUDA graph without torch.compile.
+    compile = {"compile": True, "cudagraph": "cuda-graph"}.get(variant.rsplit("-", 1)[-1], False)
     return lambda ids, mask: model.generate(ids, max_new_tokens=new_tokens, attention_mask=mask,
                                             cache=cache, compile=compile)
 

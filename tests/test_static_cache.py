@@ -114,8 +114,11 @@ def test_cache_and_compile_options_are_checked(tmp_path):
         model.generate(ids, cache="paged")
     with pytest.raises(ConfigurationError, match=r"compile=True needs cache='static' \(found cache='dynamic'\)"):
         model.generate(ids, cache="dynamic", compile=True)
-    with pytest.raises(ConfigurationError, match=r"generate compile='yes': expected True, False or a dict"):
+    with pytest.raises(ConfigurationError, match=r"generate compile='yes': expected True, False, 'cuda-graph' or a dict"):
         model.generate(ids, compile="yes")
+    with pytest.raises(ConfigurationError, match=r"compile='cuda-graph' captures the step as a CUDA graph, which needs "
+                                                 r"a CUDA device \(the input is on cpu\)"):
+        model.generate(ids, compile="cuda-graph")
     with pytest.raises(ConfigurationError, match=r"unknown torch.compile option\(s\) \['modes'\]"):
         model.generate(ids, compile={"modes": "max-autotune"})
 

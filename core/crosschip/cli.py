@@ -329,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", choices=("dynamic", "static"), default=None,
                      help="the KV cache: dynamic (grown each token) or static (preallocated, written in place); "
                      "default static with --compile, else dynamic")
-    gen.add_argument("--compile", action="store_true",
+    gen.add_argument("--compile", nargs="?", const=True, default=False, choices=("cuda-graph",),
+                     metavar="cuda-graph",
                      help="compile the per-token decode step over the static cache (torch.compile; CUDA graphs on "
-                     "CUDA): the first generation pays the compilation")
+                     "CUDA): the first generation pays the compilation; --compile cuda-graph records the eager "
+                     "step as a CUDA graph instead, without torch.compile (for te, whose modules it cannot trace)")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="Hugging Face checkpoint <-> neuronx-distributed (Trainium) shards, or "

@@ -1,5 +1,5 @@
 """One decode step (one new token per row through the model's static cache) and its compiled
-form: ``generate(..., compile=True)``.
+form: ``generate(..., compile=True)``, or its CUDA graph: ``generate(..., compile="cuda-graph")``.
 
 What is compiled is the forward of one token per row over a
 :class:`crosschip.modeling.static_cache.StaticKVCache`: every input has the same shape at every
@@ -29,13 +29,23 @@ def decode(model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor
                  last_logits_only=True).logits[:, -1]
 
 
+#: ``generate(compile=CUDA_GRAPH)``: the eager step captured as a CUDA graph, without torch.compile.
+CUDA_GRAPH = "cuda-graph"
+
+
 def compile_options(option, device: torch.device) -> dict | None:
     """``torch.compile`` keyword arguments for ``generate(compile=option)``: None for False or
     None; for True ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and inductor's defaults
     elsewhere (CUDA graphs need CUDA); a dict is taken as given (keys among
-    :data:`crosschip.modeling.compilation.OPTIONS`)."""
+    :data:`crosschip.modeling.compilation.OPTIONS`); :data:`CUDA_GRAPH` (CUDA only) as
+    ``{"mode": CUDA_GRAPH}``, which :func:`compiled_decode` serves with :class:`GraphedDecode`."""
     if option is None or option is False:
         return None
+    if option == CUDA_GRAPH:
+        if device.type != "cuda":
+            raise ConfigurationError(f"generate compile={CUDA_GRAPH!r} captures the step as a CUDA graph, which needs "
+                                     f"a CUDA device (the input is on {device}); use compile=True")
+        return {"mode": CUDA_GRAPH}
     if option is True:
         return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
     if isinstance(option, dict):
@@ -44,21 +54,17 @@ def compile_options(option, device: torch.device) -> dict | None:
             raise ConfigurationError(f"generate compile={option!r}: unknown torch.compile option(s) {unknown}; "
                                      f"expected some of {', '.join(OPTIONS)}")
         return dict(option)
-    raise ConfigurationError(f"generate compile={option!r}: expected True, False or a dict of torch.compile "
-                             f"options ({', '.join(OPTIONS)})")
+    raise ConfigurationError(f"generate compile={option!r}: expected True, False, {CUDA_GRAPH!r} or a dict of "
+                             f"torch.compile options ({', '.join(OPTIONS)})")
 
 
-class CompiledDecode:
-    """A model's compiled decode step for one set of compile options, and the static cache it
-    reuses (one batch size and length at a time)."""
+class _ReusedCache:
+    """The static cache a step keeps (one batch size and length at a time): its buffers are the
+    addresses its graph was recorded with."""
 
-    def __init__(self, options: dict):
-        self.options = options
-        self.function = torch.compile(decode, **options)
-        self.cudagraphs = options.get("mode") in ("reduce-overhead", "max-autotune")
+    def __init__(self):
         self._cache = None
         self._cache_key = None
-        self._marked: set[int] = set()
 
     def cache(self, model, batch: int, max_length: int, device: torch.device):
         """A static cache of ``max_length`` slots for ``batch`` rows: the last one (zeroed, its
@@ -70,8 +76,27 @@ class CompiledDecode:
             self._cache.position = torch.zeros((), dtype=torch.long, device=device)
             return self._cache
         self._cache = model.new_cache(max_length=max_length, device=device)
-        self._cache_key, self._marked = key, set()
+        self._cache_key = key
+        self._new_cache()
         return self._cache
+
+    def _new_cache(self) -> None:
+        """What a new cache invalidates."""
+
+
+class CompiledDecode(_ReusedCache):
+    """A model's compiled decode step for one set of compile options, and the static cache it
+    reuses."""
+
+    def __init__(self, options: dict):
+        super().__init__()
+        self.options = options
+        self.function = torch.compile(decode, **options)
+        self.cudagraphs = options.get("mode") in ("reduce-overhead", "max-autotune")
+        self._marked: set[int] = set()
+
+    def _new_cache(self) -> None:
+        self._marked = set()
 
     def __call__(self, model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         self._mark_static(cache)
@@ -89,11 +114,57 @@ class CompiledDecode:
                 self._marked.add(id(buffer))
 
 
-def compiled_decode(model, options: dict) -> CompiledDecode:
+class GraphedDecode(_ReusedCache):
+    """The eager decode step recorded as one CUDA graph (``torch.cuda.CUDAGraph``) and replayed
+    per token: one launch instead of one per kernel, for models whose modules torch.compile
+    cannot trace (Transformer Engine's are opaque to it; compiled, the te step broke into pieces
+    and ran slower than eager). The step's inputs are copied into the buffers the graph was
+    recorded with, the cache's write position too (``advance`` rebinds it outside the step), and
+    the logits come back in the graph's output buffer, valid until the next step. The graph is
+    recorded on the first step of a new cache: a step writes the keys and values of its inputs
+    at the write position, so the warm-up runs before recording write what the step writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.options = {"mode": CUDA_GRAPH}
+        self._graph = None
+
+    def _new_cache(self) -> None:
+        self._graph = None
+
+    def __call__(self, model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        if self._graph is None:
+            self._record(model, step_ids, attention_mask, position_ids, cache)
+        else:
+            for static, given in zip(self._inputs, (step_ids, attention_mask, position_ids, cache.position)):
+                static.copy_(given)
+        self._graph.replay()
+        return self._logits
+
+    def _record(self, model, step_ids, attention_mask, position_ids, cache) -> None:
+        self._inputs = [t.clone() for t in (step_ids, attention_mask, position_ids, cache.position)]
+        cache.position = self._inputs[3]  # the step reads the position the graph reads
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, workspaces) outside the graph
+            for _ in range(2):
+                decode(model, *self._inputs[:3], cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._logits = decode(model, *self._inputs[:3], cache)
+        except RuntimeError as exc:
+            raise ConfigurationError(f"generate compile={CUDA_GRAPH!r}: the decode step of this model could not be "
+                                     f"recorded as a CUDA graph ({exc}); use compile=True or compile=False") from exc
+        self._graph = graph
+
+
+def compiled_decode(model, options: dict) -> CompiledDecode | GraphedDecode:
     """The model's compiled step for ``options``, made once and kept on the model, so later
     ``generate`` calls reuse its compiled code and graphs."""
     steps = model.__dict__.setdefault("_crosschip_decode_steps", {})
     key = repr(sorted(options.items()))
     if key not in steps:
-        steps[key] = CompiledDecode(options)
+        steps[key] = GraphedDecode() if options.get("mode") == CUDA_GRAPH else CompiledDecode(options)
     return steps[key]
