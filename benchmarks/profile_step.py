@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["transformers", "torch", "te-bf16"])
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="step each parameter in the backward pass (crosschip.training.in_backward)")
     parser.add_argument("--trace-dir", default=None, help="also write a Chrome trace per variant here")
     args = parser.parse_args()
     config = llama_config(args.shape, args.seq)
@@ -46,9 +48,15 @@ def main() -> int:
     for variant in args.variants:
         model = build(variant, config, 0, "none")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        if args.optimizer_in_backward:
+            from crosschip.training.in_backward import step_in_backward
 
-        def step(model=model, optimizer=optimizer):
-            model(input_ids=ids, labels=ids).loss.backward()
+            step_in_backward(optimizer)
+        # As train_step.py: the crosschip variants ask for no logits (a loss may fuse the LM head in).
+        forward = {} if variant == "transformers" else dict(return_logits=False)
+
+        def step(model=model, optimizer=optimizer, forward=forward):
+            model(input_ids=ids, labels=ids, **forward).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
