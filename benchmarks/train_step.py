@@ -43,7 +43,10 @@ SHAPES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                  intermediate_size=512, vocab_size=1024, tie_word_embeddings=True, head_dim=32),
 }
-VARIANTS = ["transformers", "reference", "torch", "torch-compile", "te-bf16", "te-fp8", "liger", "liger-compile"]
+VARIANTS = ["transformers", "reference", "torch", "torch-compile", "torch-compile-cudagraphs", "te-bf16", "te-fp8",
+            "liger", "liger-compile"]
+#: What each compiled variant passes as from_pretrained(compile=...).
+COMPILE = {"torch-compile": True, "liger-compile": True, "torch-compile-cudagraphs": {"mode": "reduce-overhead"}}
 #: What the liger variants build with the crosschip-liger plugin (plugins/crosschip-liger); torch the rest.
 LIGER_COMPONENTS = ("rms_norm", "gated_mlp", "rotary", "loss")
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -102,7 +105,7 @@ def build(variant: str, config, seed: int, ac: str, device: str = "cuda", dtype:
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
-    backend = {"reference": "reference", "torch": "torch", "torch-compile": "torch",
+    backend = {"reference": "reference", "torch": "torch", "torch-compile": "torch", "torch-compile-cudagraphs": "torch",
                "liger": "torch", "liger-compile": "torch"}.get(variant, "te")
     # strict: a liger component declined or unavailable is an error, not a silent reference fallback.
     components = {c: "liger" for c in LIGER_COMPONENTS} if variant.startswith("liger") else None
@@ -114,7 +117,7 @@ def build(variant: str, config, seed: int, ac: str, device: str = "cuda", dtype:
     finalize(model)  # as from_pretrained and `crosschip train` do: the parallel plans' gradient hooks
     from crosschip.modeling.compilation import compile_model
 
-    compile_model(model, variant.endswith("-compile"))  # what from_pretrained(compile=True) and --compile do
+    compile_model(model, COMPILE.get(variant, False))  # what from_pretrained(compile=...) and --compile do
     return model.train()
 
 
