@@ -3,27 +3,29 @@ as soon as its gradient is complete (``register_post_accumulate_grad_hook``), an
 freed right away. The model's gradients then never all exist at once: an 8B model in bf16 drops
 16 GB of peak memory, which buys activations that would otherwise be recomputed.
 
-What it gives up, by construction: a global gradient norm (no clipping, no norm in the metrics)
-and gradient accumulation over micro-batches (each backward steps). Data parallelism (FSDP2)
+What it gives up, by construction: clipping by the global gradient norm (the norm is known only
+once every parameter has stepped; it is still measured) and gradient accumulation over
+micro-batches (each backward steps). Data parallelism (FSDP2)
 reduces gradients outside autograd, where these hooks do not see them, so it is refused there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
 from crosschip.errors import ConfigurationError
 
 
-def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
+def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None) -> list:
     """Step each of ``optimizer``'s parameters in the backward pass, as soon as its gradient is
     accumulated, and free that gradient. The optimizer stays what the training loop holds: its
     ``param_groups`` (a schedule's ``lr``), state and ``state_dict`` are the ones it always had,
     so a training state saved either way resumes either way; its ``step()`` and ``zero_grad()``
-    after the backward find no gradients and do nothing. Returns the hooks' handles (``remove()``
-    each to step after the backward again).
+    after the backward find no gradients and do nothing. ``observe(param)``, if given, sees each
+    gradient before its step (``crosschip train`` sums the squares for the gradient norm).
+    Returns the hooks' handles (``remove()`` each to step after the backward again).
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         step_in_backward(optimizer)
@@ -33,14 +35,16 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             if param.requires_grad:
-                handles.append(param.register_post_accumulate_grad_hook(_stepping(optimizer, index)))
+                handles.append(param.register_post_accumulate_grad_hook(_stepping(optimizer, index, observe)))
     if not handles:
         raise ConfigurationError("optimizer in backward: the optimizer holds no trainable parameters")
     return handles
 
 
-def _stepping(optimizer: torch.optim.Optimizer, index: int):
+def _stepping(optimizer: torch.optim.Optimizer, index: int, observe: Callable | None):
     def hook(param: torch.nn.Parameter) -> None:
+        if observe is not None:
+            observe(param)
         # The optimizer's own step over this one parameter, with its group's current settings:
         # the group is looked up now, as load_state_dict and schedules replace or change it.
         groups = optimizer.param_groups

@@ -21,7 +21,7 @@ from crosschip.training import periodic_saves
 from crosschip.checkpoint.lock import output_lock
 from crosschip.checkpoint.transaction import atomic_save, committed_directory, holds_checkpoint, manifest
 from crosschip.training import in_backward
-from crosschip.training.clipping import clip_gradients
+from crosschip.training.clipping import GradientSquares, clip_gradients
 from crosschip.training.data import Batch, collate, collate_packed, pack_groups, pad_id, step_indices, training_splits
 from crosschip.parallel.distributed import DP_DIM, barrier
 from crosschip.parallel.distributed import rank as _rank
@@ -240,9 +240,13 @@ def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    if args.optimizer_in_backward:
+    if args.optimizer_in_backward:  # its step() after the backward then has nothing left to do
         in_backward.check_model(model)
-        in_backward.step_in_backward(optimizer)  # its step() after the backward then has nothing left to do
+        squares = GradientSquares()  # the gradient norm, summed as each gradient is stepped and freed
+        in_backward.step_in_backward(optimizer, observe=lambda param: squares.add([param]))
+        gradient_norm = squares.norm
+    else:  # inf: measured, not clipped
+        gradient_norm = lambda: clip_gradients(params, args.max_grad_norm or float("inf"))  # noqa: E731
     start, losses = 0, []
     # One id for the whole run, kept across resumes: --keep-last removes only this run's saves.
     run_id = (state or {}).get("run_id") or uuid.uuid4().hex
@@ -256,7 +260,8 @@ def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: 
     if args.save_every and _rank() == 0:
         periodic_saves.check_targets(args.out, _save_steps(args, start, end), run_id, args.overwrite)
     with _locked_output(args):
-        return _steps_and_save(args, model, tokenizer, optimizer, data, start, end, losses, run_id, progress)
+        return _steps_and_save(args, model, tokenizer, optimizer, gradient_norm, data, start, end, losses, run_id,
+                               progress)
 
 
 def _save_steps(args: TrainArgs, start: int, end: int) -> list[int]:
@@ -264,12 +269,13 @@ def _save_steps(args: TrainArgs, start: int, end: int) -> list[int]:
     return [s for s in range(start + 1, end) if s % args.save_every == 0] if args.save_every else []
 
 
-def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: int, end: int, losses: list,
-                    run_id: str, progress: bool):
+def _steps_and_save(args, model, tokenizer, optimizer, gradient_norm, data: StepData, start: int, end: int,
+                    losses: list, run_id: str, progress: bool):
+    """The run's steps, its periodic saves and the final one. ``gradient_norm()``: the step's
+    gradient norm (clipping by it when the run clips), after its backward."""
     from tqdm.auto import tqdm
 
     device = model.runtime.device
-    params = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(losses=losses, out=Path(args.out), model=model,
                          lora_base=normalised("model", args.model) if args.lora is not None else None)
     saves_at = set(_save_steps(args, start, end))
@@ -286,12 +292,11 @@ def _steps_and_save(args, model, tokenizer, optimizer, data: StepData, start: in
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         loss, tokens = _accumulated_step(model, data(step), args, device)
-        # inf: measured, not clipped. Stepped in backward, no gradient is left to measure (logged as null).
-        grad_norm = None if args.optimizer_in_backward else clip_gradients(params, args.max_grad_norm or float("inf"))
+        grad_norm = gradient_norm()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.runtime.step_boundary()  # a lazily executing device (XLA) runs the step's graph here
-        pending.append((_mean_over_data_parallel(loss, model), None if grad_norm is None else grad_norm.detach()))
+        pending.append((_mean_over_data_parallel(loss, model), grad_norm.detach()))
         seen += tokens
         if len(pending) == args.log_every or step + 1 == end or step + 1 in saves_at:
             values, norms = _read_back(pending, step + 2 - len(pending), args)  # raises on divergence
@@ -396,12 +401,10 @@ def _read_back(pending: list[tuple[torch.Tensor, torch.Tensor]], first_step: int
     from the device in one host sync. A NaN or infinite loss or gradient norm stops the run before anything is
     saved, so ``--out`` keeps its last good checkpoint: the next optimizer step after a
     non-finite gradient writes NaN into every weight."""
-    measured = pending[0][1] is not None  # no norm when the optimizer stepped in backward
-    table = torch.stack([torch.stack([loss.float(), norm.float().to(loss.device)]) if measured else loss.float()[None]
-                         for loss, norm in pending], dim=1).tolist()
-    values, norms = table[0], table[1] if measured else [None] * len(pending)
+    values, norms = torch.stack([torch.stack([loss.float(), norm.float().to(loss.device)])
+                                 for loss, norm in pending], dim=1).tolist()
     for step, (loss, norm) in enumerate(zip(values, norms), start=first_step):
-        if not (math.isfinite(loss) and (norm is None or math.isfinite(norm))):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
             raise TrainingDivergedError(
                 f"training diverged at step {step} of {args.steps}: loss {loss}, gradient norm {norm}; stopped "
                 f"without saving, so {args.out} keeps its previous checkpoint, if any (resume from a good save "

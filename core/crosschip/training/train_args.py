@@ -106,7 +106,7 @@ class TrainArgs:
         if not self.optimizer_in_backward:
             return
         conflicts = [f"{option} (found {found})" for option, found, ok in (
-            ("--max-grad-norm 0: no global gradient norm exists to clip by", self.max_grad_norm,
+            ("--max-grad-norm 0: the gradient norm is known only after every parameter stepped", self.max_grad_norm,
              self.max_grad_norm == 0),
             ("--grad-accumulation 1: every backward steps", self.grad_accumulation, self.grad_accumulation == 1),
             ("--dp 1: FSDP2 reduces gradients outside autograd's hooks", self.dp, self.dp == 1)) if not ok]
