@@ -1,6 +1,9 @@
 """Compiled generation on CUDA (marked ``cuda``): the decode step over the static cache,
 compiled with ``mode="reduce-overhead"`` and replayed as CUDA graphs (none skipped), gives the
-greedy tokens of the eager static and dynamic caches in bf16."""
+greedy tokens of the eager static and dynamic caches in bf16, up to a near-tie (inductor's fused
+bf16 kernels round differently from eager's: on one H100 a row flipped at its fifth new token,
+between two logits within bf16 rounding, in every compile mode alike). The eager step recorded
+as a CUDA graph runs eager's kernels and gives its tokens exactly."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 import crosschip
+from crosschip.modeling.generation import positions_from_mask
 from zoo import save_hf, zoo_configs
 
 pytestmark = pytest.mark.cuda
@@ -35,7 +39,7 @@ def test_compiled_static_generation_gives_eager_tokens_in_bf16(tmp_path, backend
     compiled = [model.generate(ids, max_new_tokens=20, attention_mask=mask, compile=True) for _ in range(3)]
     assert torch.equal(static, dynamic)
     for tokens in compiled:  # the first call records, the later ones replay
-        assert torch.equal(tokens, static), (tokens, static)
+        assert_same_or_near_tie(model, tokens, static, mask)
     # A graph was really recorded (its per-step inputs counted), and none was skipped (a cache
     # buffer mutated without a static address would be).
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0
@@ -68,6 +72,25 @@ def test_cuda_graph_generation_gives_eager_tokens_and_replays_one_graph(tmp_path
     other = model.generate(ids[:2], max_new_tokens=5, attention_mask=mask[:2], compile="cuda-graph")
     assert torch.equal(other, model.generate(ids[:2], max_new_tokens=5, attention_mask=mask[:2], cache="static"))
     assert len(recorded) == 2  # another batch: another cache, recorded anew
+
+
+def assert_same_or_near_tie(model, got, expected, mask, tolerance=0.02):
+    """``got`` equals ``expected`` (eager greedy tokens) or first differs, in each row, where
+    eager's two best next-token logits are within ``tolerance`` of its largest logit's magnitude
+    and ``got`` picked the other of the two: a rounding flip, not a wrong step."""
+    prompt = mask.shape[1]
+    for row in range(got.shape[0]):
+        differ = (got[row] != expected[row]).nonzero()
+        if len(differ) == 0:
+            continue
+        at = int(differ[0])
+        assert at >= prompt, (row, at)
+        full = torch.cat([mask[row:row + 1], torch.ones(1, at - prompt, dtype=mask.dtype, device=mask.device)], dim=1)
+        logits = model(expected[row:row + 1, :at], attention_mask=full, position_ids=positions_from_mask(full)).logits
+        best = logits[0, -1].float().topk(2)
+        margin = float(best.values[0] - best.values[1])
+        assert margin <= tolerance * float(best.values.abs().max()), (row, at, margin, best)
+        assert int(got[row, at]) in best.indices.tolist(), (row, at, best)
 
 
 def _counting(method, calls):
