@@ -119,3 +119,11 @@ def test_rms_norm_eps_must_be_positive_and_finite(eps):
     config.rms_norm_eps = eps
     with pytest.raises(ConfigurationError, match="rms_norm_eps must be a positive finite number"):
         check_config_sizes(config)
+
+
+def test_unknown_compile_mode_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--compile", "fastest", *SMALL])
+    assert caught.value.code == 2
+    assert "argument --compile: invalid choice: 'fastest' (choose from 'default', 'reduce-overhead'" in \
+        capsys.readouterr().err

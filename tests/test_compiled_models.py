@@ -98,3 +98,17 @@ def test_a_model_compiled_for_training_generates_without_compiling(tmp_path, fre
         counters.clear()
         assert torch.equal(model.generate(ids, max_new_tokens=6, **options), expected), options
         assert counters["stats"].get("unique_graphs", 0) == graphs, (options, dict(counters["stats"]))
+
+
+@pytest.mark.parametrize("argv, option", [([], False), (["--compile"], True),
+                                          (["--compile", "reduce-overhead"], {"mode": "reduce-overhead"})])
+def test_train_compile_flag_reaches_compile_model(tmp_path, monkeypatch, argv, option):
+    """`crosschip train --compile [MODE]` is what from_pretrained(compile=...) takes."""
+    from crosschip.cli import main
+    from crosschip.training import train as training
+
+    seen = []
+    monkeypatch.setattr(training, "compile_model", lambda model, given: seen.append(given))
+    assert main(["train", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet", "--device", "cpu",
+                 "--out", str(tmp_path / "o"), *argv]) == 0
+    assert seen == [option]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from crosschip.errors import ConfigurationError, CrosschipError
 from crosschip.specs import CHECKPOINTING, FP8_RECIPES, PRECISIONS
+from crosschip.training.train_args import COMPILE_MODES
 
 
 def _backends_data(registry, backend=None) -> dict:
@@ -281,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "mixture-of-experts layer's experts, tokens travel to them by all-to-all")
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: shard norms and residuals along the sequence")
-    train.add_argument("--compile", action="store_true",
-                       help="torch.compile the model's forward (and so its backward): faster steps after a "
-                            "first, compiling one; not run-defining (a resume may add or drop it)")
+    train.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, metavar="MODE",
+                       help="torch.compile each decoder block and the loss (forward and backward): faster steps "
+                            "after a first, compiling one; MODE is torch.compile's (reduce-overhead also replays "
+                            "CUDA graphs); not run-defining (a resume may add or drop it)")
     train.add_argument("--optimizer-in-backward", action="store_true",
                        help="step each parameter as soon as its gradient is ready and free the gradient: "
                             "no model-sized gradient memory; needs --max-grad-norm 0, --grad-accumulation 1 "

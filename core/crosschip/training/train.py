@@ -153,7 +153,7 @@ def _build(args: TrainArgs, state: dict | None, resumed: Path | None):
     if lora is not None:
         torch.manual_seed(args.seed)  # the adapter's initialisation follows the run's seed
         model.add_adapter(lora)
-    compile_model(model, args.compile)  # after the adapter, whose hooks are part of the forward
+    compile_model(model, args.compile_option())  # after the adapter, whose hooks are part of the forward
     return model.train(), tokenizer
 
 

@@ -10,6 +10,9 @@ from crosschip.errors import ConfigurationError
 from crosschip.training.metrics import parse_log
 from crosschip.training.schedule import SCHEDULES
 
+#: ``crosschip train --compile MODE``: torch.compile's modes ("reduce-overhead" replays CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class TrainArgs:
@@ -50,7 +53,9 @@ class TrainArgs:
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
     ep: int = 1  # expert parallel degree (divides dp): each dp rank holds num_experts / ep of every MoE layer
-    compile: bool = False  # torch.compile the model's forward (and so its backward): faster steps
+    # torch.compile the model's forward (and so its backward): faster steps. True, or a torch.compile
+    # mode ("reduce-overhead": also CUDA graphs), see compile_option().
+    compile: bool | str = False
     # Each parameter stepped as soon as its gradient is ready, its gradient freed (less memory);
     # needs --max-grad-norm 0, --grad-accumulation 1 and --dp 1 (crosschip.training.in_backward).
     optimizer_in_backward: bool = False
@@ -100,6 +105,7 @@ class TrainArgs:
             parse_device(self.device, where="--device")
         parse_log(self.log)
         self.lora_config()
+        self.compile_option()
         self._check_optimizer_in_backward()
 
     def _check_optimizer_in_backward(self) -> None:
@@ -112,6 +118,15 @@ class TrainArgs:
             ("--dp 1: FSDP2 reduces gradients outside autograd's hooks", self.dp, self.dp == 1)) if not ok]
         if conflicts:
             raise ConfigurationError("--optimizer-in-backward needs " + "; ".join(conflicts))
+
+    def compile_option(self):
+        """What ``from_pretrained(compile=...)`` takes for ``--compile [MODE]``."""
+        if self.compile in (True, False, None):
+            return bool(self.compile)
+        if self.compile not in COMPILE_MODES:
+            raise ConfigurationError(f"--compile {self.compile!r}: expected no value or one of torch.compile's "
+                                     f"modes {', '.join(COMPILE_MODES)}")
+        return {"mode": self.compile}
 
     def lora_config(self):
         """``--lora`` as a :class:`crosschip.LoraConfig` (None without it); bad text is a
