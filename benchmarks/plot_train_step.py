@@ -1,8 +1,8 @@
 """Plot train_step.py results: tokens/s per variant and sequence length, speed-up over
 transformers on each bar.
 
-    python benchmarks/plot_train_step.py benchmarks/results/train_step_1b_h100.json \\
-        benchmarks/results/train_step_8b_h100.json --out docs/img/train_step_h100.png
+    python benchmarks/plot_train_step.py benchmarks/results/train_step_1b_oib_h100_20261207b.json \\
+        benchmarks/results/train_step_8b_oib_none_h100_20261207b.json --out docs/img/train_step_h100.png
 """
 
 from __future__ import annotations
@@ -10,6 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+
+def label(run: dict) -> str:
+    """The variant, with the settings it ran at when they are not the defaults (each side runs at
+    its own best activation checkpointing; the optimizer may step in backward)."""
+    parts = [run["variant"]]
+    if run.get("activation_checkpointing", "none") != "none":
+        parts.append(f"AC {run['activation_checkpointing']}")
+    if run.get("optimizer_in_backward"):
+        parts.append("opt. in bwd")
+    return "\n".join(parts)
 
 
 def main() -> int:
@@ -27,15 +38,14 @@ def main() -> int:
         report = json.load(open(path))
         for seq in sorted({r["seq"] for r in report["runs"]}):
             runs = [r for r in report["runs"] if r["seq"] == seq and r.get("status") == "ok"]
-            ac = runs[0].get("activation_checkpointing", "none") if runs else "none"
-            title = f"{report['shape'].upper()}, seq {seq}" + ("" if ac == "none" else f", AC {ac}")
+            title = f"{report['shape'].upper()}, seq {seq}"
             panels.append((title, runs, report["versions"].get("gpu", "GPU")))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, runs, gpu) in zip(axes[0], panels):
-        names = [r["variant"] for r in runs]
+        names = [label(r) for r in runs]
         values = [r["tokens_per_s"] / 1e3 for r in runs]
-        colors = ["#888888" if n == "transformers" else "#4060c0" if n.startswith("te") else "#2e7d32"
-                  for n in names]
+        colors = ["#888888" if r["variant"] == "transformers" else "#4060c0" if r["variant"].startswith("te")
+                  else "#2e7d32" for r in runs]
         bars = ax.bar(range(len(runs)), values, color=colors)
         for bar, r in zip(bars, runs):
             speedup = r.get("speedup_vs_transformers")
