@@ -1,7 +1,7 @@
 """--optimizer-in-backward: each parameter stepped when its gradient is ready is the same run as
 one optimizer step after the backward (bitwise, with the same gradient norm), holds no gradients
-after the backward, saves a training state that resumes in either mode, works under tensor
-parallelism, and refuses what it cannot do."""
+after the backward, saves a training state that resumes in either mode, works under tensor and
+data parallelism, and refuses what it cannot do."""
 
 from __future__ import annotations
 
@@ -84,7 +84,6 @@ def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path):
 @pytest.mark.parametrize("option, message", [
     (dict(), "--max-grad-norm 0: the gradient norm is known only after every parameter stepped (found 1.0)"),
     (dict(max_grad_norm=0.0, grad_accumulation=2), "--grad-accumulation 1: every backward steps (found 2)"),
-    (dict(max_grad_norm=0.0, dp=2, batch_size=4), "--dp 1: FSDP2 reduces gradients"),
 ])
 def test_what_it_cannot_do_is_refused_naming_the_option(tmp_path, option, message):
     with pytest.raises(ConfigurationError, match="--optimizer-in-backward needs") as caught:
@@ -92,22 +91,26 @@ def test_what_it_cannot_do_is_refused_naming_the_option(tmp_path, option, messag
     assert message in str(caught.value)
 
 
-def _tp_run(rank: int, world: int, root) -> None:
-    train(_args(root, "tp", steps=6, log_every=1, tp=world, sequence_parallel=True, optimizer_in_backward=True),
-          progress=False)
+def _parallel_run(rank: int, world: int, root, tp: int, dp: int) -> None:
+    train(_args(root, f"tp{tp}-dp{dp}", steps=6, log_every=1, tp=tp, dp=dp, sequence_parallel=tp > 1,
+                optimizer_in_backward=True), progress=False)
 
 
-def test_tensor_parallel_run_equals_one_process(tmp_path):
+@pytest.mark.parametrize("tp, dp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_run_equals_one_process(tmp_path, tp, dp):
     """tp=2 with sequence parallelism (DTensor parameters, gradients summed over both ranks
-    before the step): the losses and gradient norms of the single-process run."""
+    before the step), dp=2 (FSDP2 runs the sharded parameters' hooks after its reduce-scatter)
+    and both: the losses and gradient norms of the single-process run, which steps after the
+    backward."""
     from gloo_spawn import spawn
 
     single = train(_args(tmp_path, "single", steps=6, log_every=1), progress=False)
-    spawn(2, tmp_path, _tp_run)
+    spawn(tp * dp, tmp_path, _parallel_run, tp, dp)
     rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("single", "tp")}
-    assert [r["step"] for r in rows["tp"]] == [r["step"] for r in rows["single"]] == list(range(1, 7))
-    for ours, theirs in zip(rows["tp"], rows["single"]):
-        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
-        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+            for run in ("single", f"tp{tp}-dp{dp}")}
+    ours, theirs = rows[f"tp{tp}-dp{dp}"], rows["single"]
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 7))
+    for got, expected in zip(ours, theirs):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
     assert single.losses[-1] < single.losses[0]

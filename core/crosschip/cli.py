@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "CUDA graphs); not run-defining (a resume may add or drop it)")
     train.add_argument("--optimizer-in-backward", action="store_true",
                        help="step each parameter as soon as its gradient is ready and free the gradient: "
-                            "no model-sized gradient memory; needs --max-grad-norm 0, --grad-accumulation 1 "
-                            "and --dp 1; not run-defining")
+                            "no model-sized gradient memory; needs --max-grad-norm 0 and --grad-accumulation 1; "
+                            "not run-defining")
     train.add_argument("--text", default=None, help="a UTF-8 text file to train on instead of the built-in corpus")
     _add_data_arguments(train)
     _add_schedule_arguments(train)

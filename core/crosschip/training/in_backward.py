@@ -5,8 +5,9 @@ freed right away. The model's gradients then never all exist at once: an 8B mode
 
 What it gives up, by construction: clipping by the global gradient norm (the norm is known only
 once every parameter has stepped; it is still measured) and gradient accumulation over
-micro-batches (each backward steps). Data parallelism (FSDP2)
-reduces gradients outside autograd, where these hooks do not see them, so it is refused there.
+micro-batches (each backward steps). Under data parallelism FSDP2 reduce-scatters each gradient
+outside autograd and then runs the sharded parameter's post-accumulate-grad hooks itself, so the
+step sees the reduced shard (on FSDP2's reduce stream, which the next forward waits for).
 """
 
 from __future__ import annotations
@@ -59,16 +60,11 @@ def _stepping(optimizer: torch.optim.Optimizer, index: int, observe: Callable | 
 
 
 def check_model(model) -> None:
-    """Refuse a model whose gradients do not pass through autograd's accumulation (FSDP2), or
-    whose backend saves the optimizer in its own format (neuron: NxD's, of one optimizer)."""
+    """Refuse a model whose backend saves the optimizer in its own format (neuron: NxD's, of
+    one optimizer)."""
     from crosschip.training.training_state import native_format
 
     native = native_format(model)
     if native is not None:
         raise ConfigurationError(f"optimizer in backward: the {native.name!r} training-state format of this "
                                  "model's backend saves one optimizer; train without --optimizer-in-backward")
-    if model.runtime.parallel.dp > 1:
-        raise ConfigurationError(
-            f"optimizer in backward with dp={model.runtime.parallel.dp}: FSDP2 reduces the gradients after "
-            "autograd has accumulated them, so a per-parameter step in backward would see unreduced ones; "
-            "use it with dp=1 (tensor parallelism is fine)")

@@ -57,7 +57,7 @@ class TrainArgs:
     # mode ("reduce-overhead": also CUDA graphs), see compile_option().
     compile: bool | str = False
     # Each parameter stepped as soon as its gradient is ready, its gradient freed (less memory);
-    # needs --max-grad-norm 0, --grad-accumulation 1 and --dp 1 (crosschip.training.in_backward).
+    # needs --max-grad-norm 0 and --grad-accumulation 1 (crosschip.training.in_backward).
     optimizer_in_backward: bool = False
     # Losses are read back from the device (a host sync on accelerators) every this many steps:
     # for the progress bar and the divergence check.
@@ -114,8 +114,8 @@ class TrainArgs:
         conflicts = [f"{option} (found {found})" for option, found, ok in (
             ("--max-grad-norm 0: the gradient norm is known only after every parameter stepped", self.max_grad_norm,
              self.max_grad_norm == 0),
-            ("--grad-accumulation 1: every backward steps", self.grad_accumulation, self.grad_accumulation == 1),
-            ("--dp 1: FSDP2 reduces gradients outside autograd's hooks", self.dp, self.dp == 1)) if not ok]
+            ("--grad-accumulation 1: every backward steps", self.grad_accumulation, self.grad_accumulation == 1))
+            if not ok]
         if conflicts:
             raise ConfigurationError("--optimizer-in-backward needs " + "; ".join(conflicts))
 
