@@ -127,6 +127,10 @@ def launched(args) -> int:
         model = build(args.variant, config, args.seed, run["activation_checkpointing"], device=args.device,
                       dtype=args.dtype, parallel=parallel)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
+        if run["optimizer_in_backward"]:  # as `crosschip train --optimizer-in-backward` does
+            from crosschip.training.in_backward import step_in_backward
+
+            step_in_backward(optimizer)
         # Every rank draws the same global batch, then keeps its data-parallel replica's rows.
         gen = torch.Generator(device=args.device).manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (run["global_batch"], args.seq), device=args.device,
@@ -171,6 +175,7 @@ def identity(args, variant: str, layout: tuple[int, int], seq: int) -> dict:
     return dict(variant=variant, layout=layout_name(dp, tp), dp=dp, tp=tp, world_size=dp * tp, seq=seq,
                 sequence_parallel=tp > 1 and not args.no_sequence_parallel,
                 global_batch=args.global_batch or dp * local, device=args.device, dtype=args.dtype,
+                optimizer_in_backward=args.optimizer_in_backward,
                 activation_checkpointing=checkpointing_for(args.activation_checkpointing, variant, layout))
 
 
@@ -287,6 +292,7 @@ def launch(args, variant: str, layout: tuple[int, int], seq: int) -> dict:
                "--out", out]
         cmd += ["--global-batch", str(args.global_batch)] if args.global_batch else []
         cmd += ["--no-sequence-parallel"] if args.no_sequence_parallel else []
+        cmd += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         records = sorted(Path(scratch).glob("run.json*"))  # run.json, or run.json.rankN of failed ranks
         if records:
@@ -321,6 +327,8 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch", type=int, default=None,
                         help="sequences per step over all replicas (default: dp x max(1, 4096 // seq))")
     parser.add_argument("--no-sequence-parallel", action="store_true", help="tp without sequence parallelism")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="step each parameter in the backward pass, freeing its gradient (every variant)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

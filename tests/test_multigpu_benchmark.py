@@ -152,3 +152,12 @@ def test_layouts_and_checkpointing_entries():
     for bad in ("some", "liger=full", "@dp8=full", "torch@dp=full", "torch@x=none"):
         with pytest.raises(ValueError, match="--activation-checkpointing"):
             checkpointing_table(Parser(), [bad], settings)
+
+
+def test_optimizer_in_backward_takes_the_same_step(tmp_path, one_process_loss):
+    """--optimizer-in-backward (FSDP2 stepping each shard after its reduce-scatter) gives the loss
+    one process gets after the same warm-up step taken after the backward, and is recorded."""
+    report = _drive(tmp_path, "in-backward", "--variants", "torch", "--layouts", "dp2", "--optimizer-in-backward")
+    (run,) = report["runs"]
+    _check_run(run, "dp2", 2, 1, "none", one_process_loss)
+    assert run["optimizer_in_backward"] is True
