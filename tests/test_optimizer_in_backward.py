@@ -114,3 +114,27 @@ def test_parallel_run_equals_one_process(tmp_path, tp, dp):
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
     assert single.losses[-1] < single.losses[0]
+
+
+def _neuron_run(rank: int, world: int, root) -> None:
+    import os
+
+    os.environ.update(NXD_CPU_MODE="1", NEURON_PLATFORM_TARGET_OVERRIDE="trn1")
+    train(_args(root, "neuron", steps=6, log_every=1, backend="neuron", tp=world, optimizer_in_backward=True),
+          progress=False)
+
+
+@pytest.mark.neuron_cpu
+def test_neuron_tp2_run_equals_one_reference_process(tmp_path):
+    """The neuron backend (neuronx-distributed's CPU mode, tp=2, its own checkpoint format, which
+    saves the same one optimizer): the reference run's losses and gradient norms."""
+    from gloo_spawn import spawn
+
+    train(_args(tmp_path, "single", steps=6, log_every=1, backend="reference"), progress=False)
+    spawn(2, tmp_path, _neuron_run)
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("single", "neuron")}
+    assert len(rows["neuron"]) == len(rows["single"]) == 6
+    for got, expected in zip(rows["neuron"], rows["single"]):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)

@@ -57,14 +57,3 @@ def _stepping(optimizer: torch.optim.Optimizer, index: int, observe: Callable | 
         param.grad = None
 
     return hook
-
-
-def check_model(model) -> None:
-    """Refuse a model whose backend saves the optimizer in its own format (neuron: NxD's, of
-    one optimizer)."""
-    from crosschip.training.training_state import native_format
-
-    native = native_format(model)
-    if native is not None:
-        raise ConfigurationError(f"optimizer in backward: the {native.name!r} training-state format of this "
-                                 "model's backend saves one optimizer; train without --optimizer-in-backward")

@@ -241,7 +241,6 @@ def _train(args: TrainArgs, state: dict | None, resumed: Path | None, progress: 
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     if args.optimizer_in_backward:  # its step() after the backward then has nothing left to do
-        in_backward.check_model(model)
         squares = GradientSquares()  # the gradient norm, summed as each gradient is stepped and freed
         in_backward.step_in_backward(optimizer, observe=lambda param: squares.add([param]))
         gradient_norm = squares.norm
