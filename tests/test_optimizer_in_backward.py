@@ -61,7 +61,9 @@ def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path):
     reference = crosschip.from_pretrained(tmp_path / "m", backend="torch", device="cpu").train()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    handles = step_in_backward(optimizer)
+    handle = step_in_backward(optimizer)
+    with pytest.raises(ConfigurationError, match="already steps in the backward pass"):
+        step_in_backward(optimizer)  # twice would step every parameter twice
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
     for lr in (1e-2, 3e-3):  # a schedule's lr reaches the steps in backward
         for o in (optimizer, plain):
@@ -75,10 +77,10 @@ def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path):
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(ours, theirs), name
     assert optimizer.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
-    for handle in handles:
-        handle.remove()
+    handle.remove()
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    step_in_backward(optimizer).remove()  # after remove(), it may be turned on again
 
 
 @pytest.mark.parametrize("option, message", [

@@ -19,19 +19,23 @@ import torch
 from crosschip.errors import ConfigurationError
 
 
-def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None) -> list:
+def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None) -> "InBackward":
     """Step each of ``optimizer``'s parameters in the backward pass, as soon as its gradient is
     accumulated, and free that gradient. The optimizer stays what the training loop holds: its
     ``param_groups`` (a schedule's ``lr``), state and ``state_dict`` are the ones it always had,
     so a training state saved either way resumes either way; its ``step()`` and ``zero_grad()``
     after the backward find no gradients and do nothing. ``observe(param)``, if given, sees each
     gradient before its step (``crosschip train`` sums the squares for the gradient norm).
-    Returns the hooks' handles (``remove()`` each to step after the backward again).
+    Returns a handle whose ``remove()`` makes the optimizer step after the backward again; a
+    second call while one is active is refused (every parameter would step twice).
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         step_in_backward(optimizer)
         model(ids, labels=ids).loss.backward()  # every parameter updated, no gradient kept
     """
+    if getattr(optimizer, _ACTIVE, False):
+        raise ConfigurationError("optimizer in backward: this optimizer already steps in the backward pass "
+                                 "(remove() the handle step_in_backward returned first)")
     handles = []
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
@@ -39,7 +43,25 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
                 handles.append(param.register_post_accumulate_grad_hook(_stepping(optimizer, index, observe)))
     if not handles:
         raise ConfigurationError("optimizer in backward: the optimizer holds no trainable parameters")
-    return handles
+    setattr(optimizer, _ACTIVE, True)
+    return InBackward(optimizer, handles)
+
+
+#: Set on an optimizer while it steps in backward.
+_ACTIVE = "_crosschip_steps_in_backward"
+
+
+class InBackward:
+    """What :func:`step_in_backward` returns: ``remove()`` takes the hooks off."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, handles: list):
+        self.optimizer, self.handles = optimizer, handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        setattr(self.optimizer, _ACTIVE, False)
 
 
 def _stepping(optimizer: torch.optim.Optimizer, index: int, observe: Callable | None):
