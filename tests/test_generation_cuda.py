@@ -72,6 +72,15 @@ def test_cuda_graph_generation_gives_eager_tokens_and_replays_one_graph(tmp_path
     other = model.generate(ids[:2], max_new_tokens=5, attention_mask=mask[:2], compile="cuda-graph")
     assert torch.equal(other, model.generate(ids[:2], max_new_tokens=5, attention_mask=mask[:2], cache="static"))
     assert len(recorded) == 2  # another batch: another cache, recorded anew
+    if backend != "torch":  # replacing te's parameters is not what this checks
+        return
+    with torch.no_grad():  # weights replaced (not updated in place): the graph is recorded anew
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(param.detach().clone() * 2, requires_grad=False))
+    again = model.generate(ids[:2], max_new_tokens=5, attention_mask=mask[:2], compile="cuda-graph")
+    assert len(recorded) == 3
+    assert torch.equal(again, model.generate(ids[:2], max_new_tokens=5, attention_mask=mask[:2], cache="static"))
 
 
 def assert_same_or_near_tie(model, got, expected, mask, tolerance=0.02):

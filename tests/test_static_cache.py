@@ -156,3 +156,25 @@ def test_compiled_static_step_gives_eager_tokens_and_compiles_once(tmp_path, fre
     again = model.generate(other, max_new_tokens=12, compile={"fullgraph": True})
     assert torch.equal(again, model.generate(other, max_new_tokens=12, cache="static"))
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
+
+
+def test_cuda_graph_step_records_again_when_weights_are_replaced(tmp_path):
+    """generate(compile="cuda-graph") keeps its graph while the weights stay where they were
+    recorded (an optimizer step updates them in place) and drops it when a parameter is
+    replaced, since the graph would read the old one's memory."""
+    from crosschip.modeling.decode_step import GraphedDecode
+
+    config, _ = CONFIGS["llama3.2_tied"]
+    save_hf(tmp_path, config)
+    model = crosschip.from_pretrained(tmp_path, backend="torch")
+    step = GraphedDecode()
+    step.cache(model, 1, 128, torch.device("cpu"))
+    step._graph = recorded = object()  # what recording would have left (recording needs CUDA)
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)
+    step.cache(model, 1, 128, torch.device("cpu"))
+    assert step._graph is recorded
+    module = model.get_submodule("model.norm")
+    module.weight = torch.nn.Parameter(module.weight.detach().clone())
+    step.cache(model, 1, 128, torch.device("cpu"))
+    assert step._graph is None

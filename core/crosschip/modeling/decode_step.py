@@ -128,9 +128,18 @@ class GraphedDecode(_ReusedCache):
         super().__init__()
         self.options = {"mode": CUDA_GRAPH}
         self._graph = None
+        self._weights = None
 
     def _new_cache(self) -> None:
         self._graph = None
+
+    def cache(self, model, batch: int, max_length: int, device: torch.device):
+        # The graph reads the weights at the addresses it was recorded with: parameters replaced
+        # since (not updated in place: an optimizer step is fine) mean recording again.
+        weights = tuple(p.data_ptr() for p in model.parameters())
+        if weights != self._weights:
+            self._graph, self._weights = None, weights
+        return super().cache(model, batch, max_length, device)
 
     def __call__(self, model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         if self._graph is None:
