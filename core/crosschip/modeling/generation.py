@@ -198,7 +198,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         else:
             step_mask = mask if kind == "static" else mask[:, :written]
             forward = decode_step.decode if index == 0 else step  # the prompt runs eagerly
-            with _eager(model) if forward is decode_step.decode else nullcontext():
+            # The eager step, or the one a CUDA graph records: a model compiled for training runs it eagerly.
+            eager = forward is decode_step.decode or isinstance(forward, decode_step.GraphedDecode)
+            with _eager(model) if eager else nullcontext():
                 logits = forward(model, step_ids, step_mask, positions, past)
             past.advance(step_ids.shape[1])
             positions = positions[:, -1:] + 1
