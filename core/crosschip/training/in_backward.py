@@ -1,6 +1,6 @@
-"""The optimizer step fused into the backward pass: each parameter is updated by its own optimizer
-as soon as its gradient is complete (``register_post_accumulate_grad_hook``), and its gradient is
-freed right away. The model's gradients then never all exist at once: an 8B model in bf16 drops
+"""The optimizer step fused into the backward pass: each parameter is updated by the run's
+optimizer, over that parameter alone, as soon as its gradient is complete
+(``register_post_accumulate_grad_hook``), and its gradient is freed right away. The model's gradients then never all exist at once: an 8B model in bf16 drops
 16 GB of peak memory, which buys activations that would otherwise be recomputed.
 
 What it gives up, by construction: clipping by the global gradient norm (the norm is known only
@@ -17,6 +17,9 @@ from collections.abc import Callable
 import torch
 
 from crosschip.errors import ConfigurationError
+
+#: Set on an optimizer while it steps in backward.
+_ACTIVE = "_crosschip_steps_in_backward"
 
 
 def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None) -> "InBackward":
@@ -45,10 +48,6 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
         raise ConfigurationError("optimizer in backward: the optimizer holds no trainable parameters")
     setattr(optimizer, _ACTIVE, True)
     return InBackward(optimizer, handles)
-
-
-#: Set on an optimizer while it steps in backward.
-_ACTIVE = "_crosschip_steps_in_backward"
 
 
 class InBackward:
