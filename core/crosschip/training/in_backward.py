@@ -1,7 +1,8 @@
 """The optimizer step fused into the backward pass: each parameter is updated by the run's
 optimizer, over that parameter alone, as soon as its gradient is complete
-(``register_post_accumulate_grad_hook``), and its gradient is freed right away. The model's gradients then never all exist at once: an 8B model in bf16 drops
-16 GB of peak memory, which buys activations that would otherwise be recomputed.
+(``register_post_accumulate_grad_hook``), and its gradient is freed right away. The model's
+gradients then never all exist at once: an 8B model in bf16 drops 16 GB of peak memory, which
+buys activations that would otherwise be recomputed.
 
 What it gives up, by construction: clipping by the global gradient norm (the norm is known only
 once every parameter has stepped; it is still measured) and gradient accumulation over
