@@ -105,8 +105,8 @@ def build(variant: str, config, seed: int, ac: str, device: str = "cuda", dtype:
     from crosschip.models import model_class
     from crosschip.runtime import Runtime
 
-    backend = {"reference": "reference", "torch": "torch", "torch-compile": "torch", "torch-compile-cudagraphs": "torch",
-               "liger": "torch", "liger-compile": "torch"}.get(variant, "te")
+    # te-* on te; liger-* on torch with Liger's components; every other variant on its name's first word.
+    backend = "te" if variant.startswith("te-") else "torch" if variant.startswith("liger") else variant.split("-")[0]
     # strict: a liger component declined or unavailable is an error, not a silent reference fallback.
     components = {c: "liger" for c in LIGER_COMPONENTS} if variant.startswith("liger") else None
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=backend != "reference",

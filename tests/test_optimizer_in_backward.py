@@ -23,6 +23,20 @@ def _args(tmp_path, name, **kw):
     return TrainArgs(**{**base, **kw})
 
 
+def _metrics(directory) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_metrics(ours: list[dict], theirs: list[dict]) -> None:
+    """Every logged step (log_every=1, six steps): the same loss and gradient norm, to float32
+    rounding of differently ordered sums (measured: up to 3e-7 in the loss, 3e-6 in the norm)."""
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 7))
+    for got, expected in zip(ours, theirs):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-5)
+
+
 def _weights(directory):
     from safetensors.torch import load_file
 
@@ -38,8 +52,7 @@ def test_same_run_as_the_step_after_backward(tmp_path):
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
     # The gradient norm, summed as each gradient is stepped and freed, is the one clipping measures.
-    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("during", "after")]
+    norms = [[row["grad_norm"] for row in _metrics(tmp_path / run)] for run in ("during", "after")]
     assert len(norms[0]) == 1 and norms[0][0] > 0
     assert norms[0] == pytest.approx(norms[1], rel=1e-6)
 
@@ -108,13 +121,7 @@ def test_parallel_run_equals_one_process(tmp_path, tp, dp):
 
     single = train(_args(tmp_path, "single", steps=6, log_every=1), progress=False)
     spawn(tp * dp, tmp_path, _parallel_run, tp, dp)
-    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("single", f"tp{tp}-dp{dp}")}
-    ours, theirs = rows[f"tp{tp}-dp{dp}"], rows["single"]
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 7))
-    for got, expected in zip(ours, theirs):
-        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    _assert_same_metrics(_metrics(tmp_path / f"tp{tp}-dp{dp}"), _metrics(tmp_path / "single"))
     assert single.losses[-1] < single.losses[0]
 
 
@@ -134,9 +141,4 @@ def test_neuron_tp2_run_equals_one_reference_process(tmp_path):
 
     train(_args(tmp_path, "single", steps=6, log_every=1, backend="reference"), progress=False)
     spawn(2, tmp_path, _neuron_run)
-    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("single", "neuron")}
-    assert len(rows["neuron"]) == len(rows["single"]) == 6
-    for got, expected in zip(rows["neuron"], rows["single"]):
-        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    _assert_same_metrics(_metrics(tmp_path / "neuron"), _metrics(tmp_path / "single"))
