@@ -44,9 +44,10 @@ SHAPES = {
                  intermediate_size=512, vocab_size=1024, tie_word_embeddings=True, head_dim=32),
 }
 VARIANTS = ["transformers", "reference", "torch", "torch-compile", "torch-compile-cudagraphs", "te-bf16", "te-fp8",
-            "liger", "liger-compile"]
+            "te-bf16-cudagraph", "te-fp8-cudagraph", "liger", "liger-compile"]
 #: What each compiled variant passes as from_pretrained(compile=...).
-COMPILE = {"torch-compile": True, "liger-compile": True, "torch-compile-cudagraphs": {"mode": "reduce-overhead"}}
+COMPILE = {"torch-compile": True, "liger-compile": True, "torch-compile-cudagraphs": {"mode": "reduce-overhead"},
+           "te-bf16-cudagraph": "cuda-graph", "te-fp8-cudagraph": "cuda-graph"}
 #: What the liger variants build with the crosschip-liger plugin (plugins/crosschip-liger); torch the rest.
 LIGER_COMPONENTS = ("rms_norm", "gated_mlp", "rotary", "loss")
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -110,7 +111,7 @@ def build(variant: str, config, seed: int, ac: str, device: str = "cuda", dtype:
     # strict: a liger component declined or unavailable is an error, not a silent reference fallback.
     components = {c: "liger" for c in LIGER_COMPONENTS} if variant.startswith("liger") else None
     runtime = Runtime(backend, components=components, device=device, dtype=dtype, strict=backend != "reference",
-                      precision="fp8" if variant == "te-fp8" else "auto", fp8_recipe="delayed",
+                      precision="fp8" if variant.startswith("te-fp8") else "auto", fp8_recipe="delayed",
                       activation_checkpointing=ac, parallel=parallel)
     model = build_model(model_class("LlamaForCausalLM"), config, runtime)
     init_weights(model, seed=seed, device=device)
@@ -221,7 +222,7 @@ def worker(args) -> dict:
             status="ok", step_s_median=median, step_s_all=times, tokens_per_s=tokens / median,
             tflops=achieved, mfu_vs_peak=achieved / PEAK_TFLOPS, matmul_tflops=rate,
             mfu_vs_matmul=achieved / rate, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-            mfu_basis="bf16 dense peak" + (" (an FP8 run, stated against bf16)" if args.variant == "te-fp8" else ""),
+            mfu_basis="bf16 dense peak" + (" (an FP8 run, stated against bf16)" if args.variant.startswith("te-fp8") else ""),
             matmul_params=matmul_params, losses=losses)
         if args.variant != "transformers":
             result["backends"] = backends_used(model)

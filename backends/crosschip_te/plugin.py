@@ -3,6 +3,7 @@ nothing here imports transformer_engine or initialises CUDA."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from crosschip import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
@@ -166,6 +167,16 @@ def crosschip_checkpoint_function(runtime):
     import transformer_engine.pytorch as te
 
     return te.checkpoint
+
+
+@hookimpl
+def crosschip_graph_function(runtime):
+    # Transformer Engine's recorder: it records under FP8 autocast with the run's recipe and
+    # updates the FP8 scaling factors at replay, which torch's does not know about.
+    import transformer_engine.pytorch as te
+
+    fp8 = runtime.precision == "fp8"
+    return functools.partial(te.make_graphed_callables, enabled=fp8, recipe=_recipe(runtime.fp8_recipe) if fp8 else None)
 
 
 @hookimpl

@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, metavar="MODE",
                        help="torch.compile each decoder block and the loss (forward and backward): faster steps "
                             "after a first, compiling one; MODE is torch.compile's (reduce-overhead also replays "
-                            "CUDA graphs); not run-defining (a resume may add or drop it)")
+                            "CUDA graphs), or cuda-graph: each layer's forward and backward recorded as CUDA graphs "
+                            "without torch.compile (te, one GPU, --activation-checkpointing none); not run-defining "
+                            "(a resume may add or drop it)")
     train.add_argument("--optimizer-in-backward", action="store_true",
                        help="step each parameter as soon as its gradient is ready and free the gradient: "
                             "no model-sized gradient memory; needs --max-grad-norm 0 and --grad-accumulation 1; "

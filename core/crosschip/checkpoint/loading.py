@@ -101,7 +101,9 @@ def from_pretrained(
 
     ``compile``: True, or a dict of ``torch.compile`` options (``mode``, ``fullgraph``,
     ``dynamic``, ``backend``, ``options``): the model's forward compiled in place (see
-    :mod:`crosschip.modeling.compilation`), after any adapter is attached.
+    :mod:`crosschip.modeling.compilation`), after any adapter is attached; or ``"cuda-graph"``:
+    its layers' training forward and backward recorded as CUDA graphs at the first training
+    step, without torch.compile (:mod:`crosschip.modeling.layer_graphs`; te, one GPU).
     """
     if lora is not None and adapter is not None:
         raise ConfigurationError("from_pretrained: give lora= (a new adapter) or adapter= (a saved one), not both")

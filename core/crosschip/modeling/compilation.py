@@ -23,13 +23,24 @@ from crosschip.errors import ConfigurationError
 
 #: ``torch.compile`` options a caller may give (``compile={"mode": "max-autotune"}``).
 OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")
+#: ``compile=CUDA_GRAPH``: CUDA graphs without torch.compile, of the training layers
+#: (:mod:`crosschip.modeling.layer_graphs`) or of ``generate``'s decode step.
+CUDA_GRAPH = "cuda-graph"
 
 
 def compile_model(model, option) -> None:
     """Compile ``model`` in place when ``option`` is True or a dict of ``torch.compile`` options;
-    nothing for False or None. Records the options as ``model.compiled``."""
+    nothing for False or None. Records the options as ``model.compiled``. :data:`CUDA_GRAPH`
+    records the layers' training steps as CUDA graphs instead, at the first training forward."""
     if option is None or option is False:
         model.compiled = None
+        return
+    if option == CUDA_GRAPH:
+        from crosschip.modeling.layer_graphs import LayerGraphs, check_graphable
+
+        check_graphable(model)
+        model.compiled = None  # nothing is torch.compiled: generation's steps run as they do uncompiled
+        model.layer_graphs = LayerGraphs()
         return
     if option is True:
         kwargs = {}
@@ -40,7 +51,8 @@ def compile_model(model, option) -> None:
                                      f"some of {', '.join(OPTIONS)}")
         kwargs = dict(option)
     else:
-        raise ConfigurationError(f"compile={option!r}: expected True, False or a dict of torch.compile options")
+        raise ConfigurationError(f"compile={option!r}: expected True, False, {CUDA_GRAPH!r} or a dict of "
+                                 "torch.compile options")
     blocks = model.blocks() if hasattr(model, "blocks") else []
     if not blocks:
         model.compile(**kwargs)

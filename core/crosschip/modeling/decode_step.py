@@ -20,17 +20,13 @@ from __future__ import annotations
 import torch
 
 from crosschip.errors import ConfigurationError
-from crosschip.modeling.compilation import OPTIONS
+from crosschip.modeling.compilation import CUDA_GRAPH, OPTIONS
 
 
 def decode(model, step_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     """The next-token logits ``[batch, vocab]`` of one forward through ``cache``."""
     return model(step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                  last_logits_only=True).logits[:, -1]
-
-
-#: ``generate(compile=CUDA_GRAPH)``: the eager step captured as a CUDA graph, without torch.compile.
-CUDA_GRAPH = "cuda-graph"
 
 
 def compile_options(option, device: torch.device) -> dict | None:

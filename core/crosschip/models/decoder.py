@@ -211,7 +211,9 @@ class DecoderModel(nn.Module):
         self.round_multiplier = o.round_embedding_multiplier
         self.runtime = rt
 
-    def forward(self, input_ids, mask: AttentionMask, position_ids, cache=None):
+    def forward(self, input_ids, mask: AttentionMask, position_ids, cache=None, graphs=None):
+        """``graphs``: the model's recorded layer graphs (:mod:`crosschip.modeling.layer_graphs`),
+        when this forward replays them."""
         hidden = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             multiplier = self.embedding_multiplier
@@ -220,6 +222,8 @@ class DecoderModel(nn.Module):
             hidden = hidden * multiplier
         rotaries = [self.rotary_emb, *self.layer_rotary]
         tables = [rotary(position_ids, hidden.dtype) for rotary in rotaries]
+        if graphs is not None:
+            return self.norm(graphs.run(hidden, tables))
         for index, layer in enumerate(self.layers):
             which = self.rotary_of[index]
             args = (hidden, rotaries[which], tables[which], mask)
@@ -253,6 +257,9 @@ class DecoderForCausalLM(CausalLM):
     def blocks(self) -> list[nn.Module]:
         return list(self.model.layers)
 
+    #: compile="cuda-graph": the recorded layer graphs (crosschip.modeling.layer_graphs), else None.
+    layer_graphs = None
+
     #: A tied checkpoint may still carry its lm_head copy; it is not loaded.
     ignored_checkpoint_keys = frozenset({"lm_head.weight"})
 
@@ -275,8 +282,11 @@ class DecoderForCausalLM(CausalLM):
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids (packed sequences) apply to training forwards, not to cached generation")
         mask = AttentionMask(padding=attention_mask, q_offset=past, documents=document_ids)
+        # compile="cuda-graph": recorded (at the first such forward) outside the autocast below.
+        graphs = self.layer_graphs
+        replay = graphs is not None and graphs.prepare(self, input_ids, position_ids, mask, cache)
         with self.runtime.autocast():
-            hidden = self.model(input_ids, mask, position_ids, cache)
+            hidden = self.model(input_ids, mask, position_ids, cache, graphs if replay else None)
             # A sequence-parallel stream is sharded (and laid out) as its backend keeps it, and its
             # last position lives on one rank: the LM head takes it whole, and its logits are cut.
             sharded = self.runtime.parallel.sequence_parallel

@@ -75,6 +75,16 @@ def crosschip_checkpoint_function(runtime):
 
 
 @hookspec
+def crosschip_graph_function(runtime):
+    """Return what records a model's layers as CUDA graphs for training
+    (``compile="cuda-graph"``), with the call of ``torch.cuda.make_graphed_callables``: a tuple of
+    modules and a tuple of their sample argument tuples in, the modules (their forwards now
+    replaying the graphs, their backwards too) out; or None. A backend whose modules keep state
+    across steps returns the recorder that keeps it right (Transformer Engine's FP8 scales).
+    Without one from any backend that built a component, the option is declined."""
+
+
+@hookspec
 def crosschip_step_boundary(runtime):
     """Called by a training loop once per optimizer step, after ``zero_grad``: a backend whose
     device executes lazily (XLA's ``mark_step`` on Trainium) cuts and runs the step's graph

@@ -10,8 +10,9 @@ from crosschip.errors import ConfigurationError
 from crosschip.training.metrics import parse_log
 from crosschip.training.schedule import SCHEDULES
 
-#: ``crosschip train --compile MODE``: torch.compile's modes ("reduce-overhead" replays CUDA graphs).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``crosschip train --compile MODE``: torch.compile's modes ("reduce-overhead" replays CUDA graphs), and
+#: "cuda-graph": the layers recorded as CUDA graphs without torch.compile (crosschip.modeling.layer_graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graph")
 
 
 @dataclass
@@ -54,7 +55,8 @@ class TrainArgs:
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
     ep: int = 1  # expert parallel degree (divides dp): each dp rank holds num_experts / ep of every MoE layer
     # torch.compile the model's forward (and so its backward): faster steps. True, or a torch.compile
-    # mode ("reduce-overhead": also CUDA graphs), see compile_option().
+    # mode ("reduce-overhead": also CUDA graphs), or "cuda-graph" (layers as CUDA graphs, no
+    # torch.compile), see compile_option().
     compile: bool | str = False
     # Each parameter stepped as soon as its gradient is ready, its gradient freed (less memory);
     # needs --max-grad-norm 0 and --grad-accumulation 1 (crosschip.training.in_backward).
@@ -124,9 +126,9 @@ class TrainArgs:
         if self.compile in (True, False, None):
             return bool(self.compile)
         if self.compile not in COMPILE_MODES:
-            raise ConfigurationError(f"--compile {self.compile!r}: expected no value or one of torch.compile's "
-                                     f"modes {', '.join(COMPILE_MODES)}")
-        return {"mode": self.compile}
+            raise ConfigurationError(f"--compile {self.compile!r}: expected no value or one of "
+                                     f"{', '.join(COMPILE_MODES)}")
+        return self.compile if self.compile == "cuda-graph" else {"mode": self.compile}
 
     def lora_config(self):
         """``--lora`` as a :class:`crosschip.LoraConfig` (None without it); bad text is a
