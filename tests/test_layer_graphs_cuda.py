@@ -27,7 +27,7 @@ def _checkpoint(path):
 
 def _train(model, batches, in_backward=False):
     """AdamW steps over ``batches`` (each a list of micro-batches); the losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     handle = step_in_backward(optimizer) if in_backward else None
     losses = []
     for micro_batches in batches:
@@ -42,9 +42,11 @@ def _train(model, batches, in_backward=False):
 
 
 def _batches(accumulate_at=None, steps=5):
+    """The same batch every step (the loss falls fast as it is learnt), and a second micro-batch
+    at step ``accumulate_at``."""
     gen = torch.Generator().manual_seed(0)
-    return [[torch.randint(1, 256, (2, 64), generator=gen).cuda() for _ in range(2 if i == accumulate_at else 1)]
-            for i in range(steps)]
+    first, second = (torch.randint(1, 256, (2, 64), generator=gen).cuda() for _ in range(2))
+    return [[first, second] if i == accumulate_at else [first] for i in range(steps)]
 
 
 @pytest.mark.parametrize("in_backward", [False, True], ids=["after-backward", "in-backward"])
@@ -56,7 +58,7 @@ def test_graphed_layers_train_as_eager_ones(tmp_path, in_backward):
     expected, found = _train(eager, batches, in_backward), _train(graphed, batches, in_backward)
     assert graphed.layer_graphs.recordings == 1
     assert found == pytest.approx(expected, rel=1e-3), (found, expected)
-    assert expected[0] - expected[-1] > 0.1  # the steps moved the weights: stale graph weights would show
+    assert expected[0] - expected[-1] > 0.5, expected  # the steps moved the weights: stale graph weights would show
     for (key, a), (_, b) in zip(graphed.named_parameters(), eager.named_parameters()):
         assert norm_rel(a, b) < 1e-3, key
 
@@ -68,7 +70,7 @@ def test_graphed_fp8_training_tracks_eager_fp8(tmp_path):
     batches = _batches(steps=30)
     eager, graphed = (_train(model, batches) for model in runs)
     assert runs[1].layer_graphs.recordings == 1
-    assert eager[0] - eager[-1] > 0.5
+    assert eager[0] - eager[-1] > 1.0, eager
     assert sum(graphed[-5:]) == pytest.approx(sum(eager[-5:]), rel=0.02), (graphed, eager)
 
 

@@ -135,8 +135,11 @@ class LayerGraphs:
                                  device=embedding.device, requires_grad=key[2])
             samples.append((hidden, *(leaf.detach().clone() for leaf in leaves)))
         graph = model.runtime.graph_function()
+        from crosschip.training.in_backward import paused
+
         try:
-            self._calls = graph(tuple(calls), tuple(samples))
+            with paused():  # the recorder's warm-up and recorded backwards are not steps
+                self._calls = graph(tuple(calls), tuple(samples))
         except RuntimeError as exc:
             raise ConfigurationError(f"compile={CUDA_GRAPH!r}: this model's layers could not be recorded as CUDA "
                                      f"graphs ({exc}); use compile=True or compile=False") from exc

@@ -13,6 +13,7 @@ step sees the reduced shard (on FSDP2's reduce stream, which the next forward wa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,19 @@ from crosschip.errors import ConfigurationError
 
 #: Set on an optimizer while it steps in backward.
 _ACTIVE = "_crosschip_steps_in_backward"
+_paused = 0
+
+
+@contextlib.contextmanager
+def paused():
+    """Backward passes inside this context step nothing: they are not training steps (recording
+    CUDA graphs runs warm-up backwards over sample inputs, crosschip.modeling.layer_graphs)."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None) -> "InBackward":
@@ -66,6 +80,8 @@ class InBackward:
 
 def _stepping(optimizer: torch.optim.Optimizer, index: int, observe: Callable | None):
     def hook(param: torch.nn.Parameter) -> None:
+        if _paused:
+            return
         if observe is not None:
             observe(param)
         # The optimizer's own step over this one parameter, with its group's current settings:
