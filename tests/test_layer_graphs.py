@@ -56,7 +56,7 @@ def test_train_flag_takes_cuda_graph():
 
 def _as_recorded(model, recorded: list) -> LayerGraphs:
     """``model`` with layer graphs whose recorder keeps the calls eager (recording needs CUDA)."""
-    def record(calls, samples):
+    def record(calls, samples, grads_consumed):
         recorded.append([tuple(t.shape) for t in samples[0]])
         return calls
 
@@ -110,3 +110,23 @@ def _plain():
     from crosschip.modeling.masks import AttentionMask
 
     return AttentionMask()
+
+
+def test_recorded_again_when_the_optimizer_starts_or_stops_stepping_in_backward(tmp_path):
+    """The graphs may hand out their own gradient buffers only while every gradient is consumed
+    at once (the optimizer in the backward); a change either way records again."""
+    from crosschip.training.in_backward import step_in_backward
+
+    save_hf_llama(tmp_path)
+    model = crosschip.from_pretrained(tmp_path, backend="torch").train()
+    consumed = []
+    model.runtime.graph_function = lambda: lambda calls, samples, grads_consumed: consumed.append(grads_consumed) or calls
+    model.layer_graphs = LayerGraphs()
+    ids = torch.randint(0, 128, (2, 12))
+    model(ids, labels=ids)
+    handle = step_in_backward(torch.optim.AdamW(model.parameters()))
+    model(ids, labels=ids)
+    model(ids, labels=ids)
+    handle.remove()
+    model(ids, labels=ids)
+    assert consumed == [False, True, False]

@@ -3,7 +3,6 @@ nothing here imports transformer_engine or initialises CUDA."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 from crosschip import BackendDescriptor, ComponentImpl, LayoutImpl, Probe, hookimpl
@@ -176,7 +175,13 @@ def crosschip_graph_function(runtime):
     import transformer_engine.pytorch as te
 
     fp8 = runtime.precision == "fp8"
-    return functools.partial(te.make_graphed_callables, enabled=fp8, recipe=_recipe(runtime.fp8_recipe) if fp8 else None)
+    recipe = _recipe(runtime.fp8_recipe) if fp8 else None
+
+    def record(modules, sample_args, grads_consumed: bool):
+        return te.make_graphed_callables(modules, sample_args, enabled=fp8, recipe=recipe,
+                                         clone_param_grads_on_return=not grads_consumed)
+
+    return record
 
 
 @hookimpl

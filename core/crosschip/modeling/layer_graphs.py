@@ -18,7 +18,10 @@ recorded graphs do not describe, which then runs the layers as it always did:
 - padding, packed documents or a cache (the graphs hold the causal attention of whole rows).
 
 A graph reads the weights at the addresses it was recorded with: an optimizer's in-place update is
-seen, a replaced parameter is not, so replaced parameters mean recording again.
+seen, a replaced parameter is not, so replaced parameters mean recording again. Its parameter
+gradients are copied out of the graph's buffers (the next backward overwrites them), except when
+the optimizer steps in the backward (:mod:`crosschip.training.in_backward`), which uses each one
+and drops it at once.
 """
 
 from __future__ import annotations
@@ -100,9 +103,13 @@ class LayerGraphs:
                 warnings.warn(f"compile={CUDA_GRAPH!r}: a training forward runs its layers eagerly: {reason}",
                               stacklevel=4)
             return False
-        weights = tuple(p.data_ptr() for p in model.parameters())
+        from crosschip.training.in_backward import grads_consumed_at_once
+
+        # Recorded again for replaced parameters, and when the optimizer starts or stops
+        # stepping in the backward (whether the graphs' gradient buffers may be handed out).
+        weights = (tuple(p.data_ptr() for p in model.parameters()), grads_consumed_at_once(model.parameters()))
         if self._calls is None or weights != self._weights:
-            self._record(model, input_ids, position_ids, mask, key)
+            self._record(model, input_ids, position_ids, mask, key, grads_consumed=weights[1])
             self._weights = weights
         return True
 
@@ -116,7 +123,7 @@ class LayerGraphs:
             return "it has padding or packed documents"
         return None
 
-    def _record(self, model, input_ids, position_ids, mask, key) -> None:
+    def _record(self, model, input_ids, position_ids, mask, key, grads_consumed: bool) -> None:
         self.reset()
         decoder = model.model
         embedding = decoder.embed_tokens.weight
@@ -139,7 +146,7 @@ class LayerGraphs:
 
         try:
             with paused():  # the recorder's warm-up and recorded backwards are not steps
-                self._calls = graph(tuple(calls), tuple(samples))
+                self._calls = graph(tuple(calls), tuple(samples), grads_consumed=grads_consumed)
         except RuntimeError as exc:
             raise ConfigurationError(f"compile={CUDA_GRAPH!r}: this model's layers could not be recorded as CUDA "
                                      f"graphs ({exc}); use compile=True or compile=False") from exc

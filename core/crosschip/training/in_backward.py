@@ -20,7 +20,8 @@ import torch
 
 from crosschip.errors import ConfigurationError
 
-#: Set on an optimizer while it steps in backward.
+#: Set on an optimizer while it steps in backward, and on each of its parameters (whose gradient
+#: is then consumed as soon as it is accumulated: see :func:`grads_consumed_at_once`).
 _ACTIVE = "_crosschip_steps_in_backward"
 _paused = 0
 
@@ -55,26 +56,40 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
         raise ConfigurationError("optimizer in backward: this optimizer already steps in the backward pass "
                                  "(remove() the handle step_in_backward returned first)")
     handles = []
+    handles, params = [], []
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             if param.requires_grad:
                 handles.append(param.register_post_accumulate_grad_hook(_stepping(optimizer, index, observe)))
+                params.append(param)
     if not handles:
         raise ConfigurationError("optimizer in backward: the optimizer holds no trainable parameters")
     setattr(optimizer, _ACTIVE, True)
-    return InBackward(optimizer, handles)
+    for param in params:
+        setattr(param, _ACTIVE, True)
+    return InBackward(optimizer, handles, params)
+
+
+def grads_consumed_at_once(params) -> bool:
+    """Whether every one of ``params`` that trains is stepped in the backward, so its gradient is
+    used and dropped as soon as it is accumulated: a gradient may then alias a buffer that the
+    next backward overwrites (CUDA graphs' static gradients), with nothing left to read it."""
+    trainable = [p for p in params if p.requires_grad]
+    return bool(trainable) and all(getattr(p, _ACTIVE, False) for p in trainable)
 
 
 class InBackward:
     """What :func:`step_in_backward` returns: ``remove()`` takes the hooks off."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, handles: list):
-        self.optimizer, self.handles = optimizer, handles
+    def __init__(self, optimizer: torch.optim.Optimizer, handles: list, params: list):
+        self.optimizer, self.handles, self.params = optimizer, handles, params
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles = []
+        for param in self.params:
+            setattr(param, _ACTIVE, False)
+        self.handles, self.params = [], []
         setattr(self.optimizer, _ACTIVE, False)
 
 
