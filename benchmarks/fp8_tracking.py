@@ -6,8 +6,8 @@ mean loss of the last fifth of the steps against the tolerance of the FP8 unit t
     python benchmarks/fp8_tracking.py --shape 8b --dir /tmp/crosschip-load-8b --steps 200 \\
         --out benchmarks/results/fp8_tracking_8b.json
 
-The checkpoint is written once if absent (``random_checkpoint.py``, as ``load.py`` does); each
-run's saved checkpoint is deleted after its metrics are read (only the losses are kept).
+The checkpoint is written once if absent (``random_checkpoint.py``, as ``load.py`` does); the runs
+save nothing (``--no-save``: an 8B training state is 48 GB), only their metrics are read.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                "--device", "cuda", "--dtype", "bf16", "--precision", "fp8" if precision == "fp8" else "auto",
                "--steps", str(args.steps), "--batch-size", str(args.batch), "--seq-len", str(args.seq),
                "--lr", str(args.lr), "--warmup", str(max(1, args.steps // 10)), "--max-grad-norm", "0",
-               "--optimizer-in-backward", "--log-every", "1", "--out", str(out)]
+               "--optimizer-in-backward", "--log-every", "1", "--no-save", "--out", str(out)]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         seconds[precision] = time.perf_counter() - t0
@@ -80,7 +80,6 @@ def main(argv=None) -> int:
             print(done.stderr[-3000:], file=sys.stderr)
             return 1
         runs[precision] = losses_of(out)
-        shutil.rmtree(out, ignore_errors=True)
         print(f"{precision}: first loss {runs[precision][0]:.3f}, tail {tail_mean(runs[precision]):.4f}, "
               f"{seconds[precision]:.0f} s")
     result = dict(command="python benchmarks/fp8_tracking.py " + " ".join(argv if argv is not None else sys.argv[1:]),

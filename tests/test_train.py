@@ -3,6 +3,7 @@ exactly, and reports bad input without a traceback."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -68,7 +69,20 @@ def test_cli_train_then_generate(tmp_path):
     assert gen.stdout.startswith("The ") and len(gen.stdout.rstrip("\n")) == len("The ") + 20
 
 
+def test_no_save_writes_the_metrics_and_no_checkpoint(tmp_path):
+    """--no-save: the run's losses are in OUT/metrics.jsonl and nothing else is written (an 8B
+    training state is 48 GB; a sweep or a benchmark wants the losses only)."""
+    result = _cli("train", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / "o"),
+                  "--quiet", "--no-save", "--log-every", "1")
+    assert result.returncode == 0, result.stderr
+    assert "no checkpoint written (--no-save)" in result.stdout
+    rows = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")) == ["metrics.jsonl"]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["train", "--no-save", "--save-every", "5"], "--no-save writes no checkpoint, so it takes no --save-every"),
     (["train", "--model", "nonexistent-preset"], "neither a directory, a Hub model id (org/name) nor a preset; presets: small-llama, tiny-llama"),
     (["train", "--steps", "0"], "--steps must be positive, found 0"),
     (["train", "--backend", "tpu"], "unknown backend 'tpu'"),

@@ -123,6 +123,9 @@ def cmd_train(args) -> int:
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f} (mean of the last {min(10, len(result.losses))} steps), "
           f"{result.tokens_per_second:,.0f} tokens/s on {device}")
+    if not args.save:
+        print(f"no checkpoint written (--no-save); step metrics: {result.out / 'metrics.jsonl'}")
+        return 0
     if result.lora_base is not None:
         base = result.lora_base
         print(f"saved a PEFT adapter (adapter_config.json, adapter_model.safetensors) for {base} to {result.out}")
@@ -297,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_arguments(train)
     train.add_argument("--stop-after", type=int, default=None,
                        help="stop and save after this many steps of this run; continue with --resume")
+    train.add_argument("--no-save", dest="save", action="store_false",
+                       help="write no checkpoint at the end: the run's result is OUT/metrics.jsonl (sweeps, "
+                            "benchmarks)")
     train.add_argument("--log-every", type=int, default=10, metavar="N",
                        help="read the loss back from the device every N steps (one host sync): progress "
                             "bar and the NaN/inf divergence check")

@@ -320,7 +320,8 @@ def _steps_and_save(args, model, tokenizer, optimizer, gradient_norm, data: Step
     metrics.close()
 
     # Weights, tokenizer and training state: one save, committed only when every rank wrote its part.
-    _save(args.out, model, tokenizer, optimizer, end, losses, args, run_id)
+    if args.save:
+        _save(args.out, model, tokenizer, optimizer, end, losses, args, run_id)
     result.tokens_per_second = seen / max(time.perf_counter() - t0, 1e-9)
     return result
 

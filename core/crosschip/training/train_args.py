@@ -50,6 +50,7 @@ class TrainArgs:
     save_every: int | None = None  # also save out/checkpoint-<step> every N steps ...
     keep_last: int | None = None  # ... keeping only the K newest of this run's
     stop_after: int | None = None  # stop and save after this many steps of this run (resume later)
+    save: bool = True  # False (--no-save): the run's result is its metrics.jsonl; no checkpoint is written
     tp: int = 1  # tensor parallel degree (launch with torchrun --nproc_per_node tp * dp)
     dp: int = 1  # data parallel degree (FSDP2); each dp rank trains on batch_size / dp sequences
     sequence_parallel: bool = False  # with tp > 1: norms and residuals sharded along the sequence
@@ -87,6 +88,9 @@ class TrainArgs:
         if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
             raise ConfigurationError(f"--weight-decay and --max-grad-norm must be >= 0, found {self.weight_decay} "
                                      f"and {self.max_grad_norm}")
+        if not self.save and (self.save_every is not None or self.stop_after is not None):
+            raise ConfigurationError(f"--no-save writes no checkpoint, so it takes no --save-every or --stop-after "
+                                     f"(found --save-every {self.save_every}, --stop-after {self.stop_after})")
         if self.keep_last is not None and self.save_every is None:
             raise ConfigurationError("--keep-last applies only with --save-every")
         if not self.lr > 0:
