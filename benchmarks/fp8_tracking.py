@@ -82,8 +82,10 @@ def main(argv=None) -> int:
         runs[precision] = losses_of(out)
         print(f"{precision}: first loss {runs[precision][0]:.3f}, tail {tail_mean(runs[precision]):.4f}, "
               f"{seconds[precision]:.0f} s")
+    import torch
+
     result = dict(command="python benchmarks/fp8_tracking.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  shape=args.shape, steps=args.steps, seq=args.seq, batch=args.batch, lr=args.lr,
+                  gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, shape=args.shape, steps=args.steps, seq=args.seq, batch=args.batch, lr=args.lr,
                   seconds=seconds, losses=runs, **report(runs))
     print(f"FP8 tail {result['tail_loss']['fp8']:.4f} vs bf16 {result['tail_loss']['bf16']:.4f}: "
           f"{result['relative_difference']:.2%} (tolerance {TOLERANCE:.0%}) -> "
