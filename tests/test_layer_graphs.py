@@ -130,3 +130,40 @@ def test_recorded_again_when_the_optimizer_starts_or_stops_stepping_in_backward(
     handle.remove()
     model(ids, labels=ids)
     assert consumed == [False, True, False]
+
+
+def test_a_frozen_base_with_adapters_asks_gradients_of_every_layer_after_the_first(tmp_path):
+    """Adapters train and the embedding does not: the first layer's input needs no gradient, every
+    later one's does (or the adapters of the layers before it would get none); the step still
+    gives the eager gradients of every adapter."""
+    save_hf_llama(tmp_path, num_hidden_layers=3)
+    lora = crosschip.LoraConfig(r=4, init="gaussian")
+    eager = crosschip.from_pretrained(tmp_path, backend="torch", lora=lora).train()
+    graphed = crosschip.from_pretrained(tmp_path, backend="torch", lora=lora).train()
+    graphed.load_state_dict(eager.state_dict())
+    asks, slots = [], []
+
+    def record(calls, samples, grads_consumed):
+        asks.append([sample[0].requires_grad for sample in samples])
+        slots.append([{p for p in call.parameters() if p.requires_grad} for call in calls])
+        return calls
+
+    graphed.runtime.graph_function = lambda: record
+    graphed.layer_graphs = LayerGraphs()
+    ids = torch.randint(0, 128, (2, 12))
+    for model in (eager, graphed):
+        model(ids, labels=ids).loss.backward()
+    assert asks == [[False, True, True]]
+    # Each layer's graph takes its own adapter slots as parameters (they are the model's
+    # children, not the layer's), so the graph computes their gradients.
+    for index, trained_in_graph in enumerate(slots[0]):
+        own = {p for key, p in graphed.named_parameters() if p.requires_grad and f"model__layers__{index}__" in key}
+        assert own and trained_in_graph == own, index
+    trained = [(key, p) for key, p in graphed.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for _, p in trained)
+    eager_grads = dict(eager.named_parameters())
+    for key, p in trained:
+        assert torch.equal(p.grad, eager_grads[key].grad), key
+    graphed.model.layers[0].self_attn.qkv_proj.weight.requires_grad_(True)  # which ones train changed
+    graphed(ids, labels=ids)
+    assert len(asks) == 2

@@ -1,8 +1,8 @@
 """``compile="cuda-graph"`` training on CUDA (marked ``cuda``): te's layers recorded once as CUDA
 graphs and replayed step after step train as the eager model does: the same losses and weights
 after AdamW steps (one of them with two accumulated micro-batches, whose gradients must add, not
-alias the graphs' buffers), the same with the optimizer stepping in the backward, FP8 too; and a
-forward the graphs do not describe runs eagerly."""
+alias the graphs' buffers), the same with the optimizer stepping in the backward, a LoRA adapter
+on a frozen base, FP8 too; and a forward the graphs do not describe runs eagerly."""
 
 from __future__ import annotations
 
@@ -61,6 +61,25 @@ def test_graphed_layers_train_as_eager_ones(tmp_path, in_backward):
     assert expected[0] - expected[-1] > 0.5, expected  # the steps moved the weights: stale graph weights would show
     for (key, a), (_, b) in zip(graphed.named_parameters(), eager.named_parameters()):
         assert norm_rel(a, b) < 1e-3, key
+
+
+def test_graphed_layers_train_an_adapter_as_eager_ones(tmp_path):
+    """A frozen base with LoRA on te's fused QKV projection: the adapter is the model's child, not
+    the layers', and its gradients must still come out of the layers' graphs."""
+    path = _checkpoint(tmp_path)
+    lora = crosschip.LoraConfig(r=8, init="gaussian", target_modules=("q_proj", "v_proj"))
+    eager, graphed = (crosschip.from_pretrained(path, backend="te", device="cuda", dtype="bf16", lora=lora,
+                                                compile=option).train() for option in (False, "cuda-graph"))
+    graphed.load_state_dict(eager.state_dict())  # the same random adapter
+    batches = _batches()
+    expected, found = _train(eager, batches), _train(graphed, batches)
+    assert graphed.layer_graphs.recordings == 1
+    assert found == pytest.approx(expected, rel=1e-3), (found, expected)
+    assert expected[0] - expected[-1] > 0.1, expected
+    trained = dict(eager.named_parameters())
+    for key, p in graphed.named_parameters():
+        if p.requires_grad:
+            assert norm_rel(p, trained[key]) < 1e-3, key
 
 
 def test_graphed_fp8_training_tracks_eager_fp8(tmp_path):

@@ -41,15 +41,27 @@ class _LayerCall(nn.Module):
     rotary tables), tensors out. The rotary module and the (plain causal) mask are fixed; they are
     kept outside the module tree so only the layer's parameters are the graph's."""
 
-    def __init__(self, layer: nn.Module, rotary, tables_spec, mask):
+    def __init__(self, layer: nn.Module, rotary, tables_spec, mask, adapters=()):
         super().__init__()
         self.layer = layer
+        # Adapter slots the layer's forward applies (a LoRA adapter is the model's child, not
+        # the layer's): the graph's parameters too, or their gradients would not be computed.
+        self.adapters = nn.ModuleList(adapters)
         self.__dict__["rotary"] = rotary
         self.tables_spec = tables_spec
         self.mask = mask
 
     def forward(self, hidden, *table_leaves):
         return self.layer(hidden, self.rotary, tree_unflatten(list(table_leaves), self.tables_spec), self.mask)
+
+
+def _adapter_slots(model, index: int) -> list[nn.Module]:
+    """The slots of the model's adapter (if any) that layer ``index`` applies."""
+    adapter = getattr(model, "lora_adapter", None)
+    if adapter is None:
+        return []
+    prefix = f"model.layers.{index}."
+    return [slot for name, slot in adapter.by_prefix().items() if name.startswith(prefix)]
 
 
 def check_graphable(model) -> None:
@@ -94,7 +106,7 @@ class LayerGraphs:
         forward of its kind. Called before the forward's autocast: recording runs its own."""
         reason = self._eager_reason(model, mask, cache)
         if reason is None:
-            key = (tuple(input_ids.shape), tuple(position_ids.shape), model.model.embed_tokens.weight.requires_grad)
+            key = (tuple(input_ids.shape), tuple(position_ids.shape))
             if self._key is not None and key != self._key:
                 reason = f"its shape {tuple(input_ids.shape)} is not the recorded {self._key[0]}"
         if reason is not None:
@@ -105,9 +117,11 @@ class LayerGraphs:
             return False
         from crosschip.training.in_backward import grads_consumed_at_once
 
-        # Recorded again for replaced parameters, and when the optimizer starts or stops
-        # stepping in the backward (whether the graphs' gradient buffers may be handed out).
-        weights = (tuple(p.data_ptr() for p in model.parameters()), grads_consumed_at_once(model.parameters()))
+        # Recorded again for replaced parameters, for a change of which ones train (it decides
+        # which gradients the graphs compute), and when the optimizer starts or stops stepping in
+        # the backward (whether the graphs' gradient buffers may be handed out).
+        weights = (tuple((p.data_ptr(), p.requires_grad) for p in model.parameters()),
+                   grads_consumed_at_once(model.parameters()))
         if self._calls is None or weights != self._weights:
             self._record(model, input_ids, position_ids, mask, key, grads_consumed=weights[1])
             self._weights = weights
@@ -132,15 +146,21 @@ class LayerGraphs:
             tables = [rotary(position_ids, embedding.dtype) for rotary in rotaries]
         flat = [tree_flatten(t) for t in tables]
         calls, samples = [], []
+        # A layer's input needs a gradient when anything before it trains (the embedding, or an
+        # earlier layer: a frozen base with adapters); its graph computes that gradient only if
+        # its sample input asks for one.
+        upstream_trains = embedding.requires_grad
         for index, layer in enumerate(decoder.layers):
             which = decoder.rotary_of[index]
             leaves, spec = flat[which]
-            calls.append(_LayerCall(layer, rotaries[which], spec, mask).train())
+            call = _LayerCall(layer, rotaries[which], spec, mask, _adapter_slots(model, index)).train()
+            calls.append(call)
             # Each layer its own sample tensors: they become its graph's static inputs, which its
             # backward reads after later layers have replayed.
             hidden = torch.zeros(*input_ids.shape, embedding.shape[-1], dtype=embedding.dtype,
-                                 device=embedding.device, requires_grad=key[2])
+                                 device=embedding.device, requires_grad=upstream_trains)
             samples.append((hidden, *(leaf.detach().clone() for leaf in leaves)))
+            upstream_trains = upstream_trains or any(p.requires_grad for p in call.parameters())
         graph = model.runtime.graph_function()
         from crosschip.training.in_backward import paused
 
