@@ -39,7 +39,7 @@ from crosschip.modeling.compilation import CUDA_GRAPH
 class _LayerCall(nn.Module):
     """One layer as a graphable callable: tensors in (the hidden states, then the leaves of its
     rotary tables), tensors out. The rotary module and the (plain causal) mask are fixed; they are
-    kept outside the module tree so only the layer's parameters are the graph's."""
+    kept outside the module tree, so the graph's parameters are the layer's and its adapter's."""
 
     def __init__(self, layer: nn.Module, rotary, tables_spec, mask, adapters=()):
         super().__init__()
