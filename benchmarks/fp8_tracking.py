@@ -1,10 +1,12 @@
 """Does FP8 training track bf16 at scale? Runs ``crosschip train`` twice on the same random
-checkpoint and data (the built-in corpus), in bf16 and in FP8 on the te backend, and compares the
+checkpoint and data (the built-in corpus, or ``--corpus stdlib``), in bf16 and in FP8 on the te backend, and compares the
 mean loss of the last fifth of the steps against the tolerance of the FP8 unit test
 (``tests/test_cuda.py::test_fp8_training_tracks_bf16``: within 5% of bf16's).
 
     python benchmarks/fp8_tracking.py --shape 8b --dir /tmp/crosschip-load-8b --steps 200 \\
         --out benchmarks/results/fp8_tracking_8b.json
+    # the same on text the runs do not repeat (the Python standard library's sources)
+    python benchmarks/fp8_tracking.py --shape 8b --dir /tmp/crosschip-load-8b --steps 200 --corpus stdlib
 
 The checkpoint is written once if absent (``random_checkpoint.py``, as ``load.py`` does); the runs
 save nothing (``--no-save``: an 8B training state is 48 GB), only their metrics are read.
@@ -39,6 +41,28 @@ def report(runs: dict[str, list[float]]) -> dict:
                 tracks=relative <= TOLERANCE)
 
 
+def stdlib_text(path: Path, megabytes: float) -> Path:
+    """A text corpus of about ``megabytes`` MB: the Python standard library's own sources, in
+    sorted order (the same on every machine with the same Python). Unlike the built-in corpus (a
+    small grammar an 8B model learns in a hundred steps), 200 steps of 2048 bytes read each byte
+    once, so the loss stays where fitting, not memorising, sets it."""
+    import sysconfig
+
+    budget, parts = int(megabytes * 1e6), []
+    for source in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in source.parts or budget <= 0:
+            continue
+        try:
+            text = source.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        budget -= len(text.encode("utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
 def losses_of(out: Path) -> list[float]:
     return [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "loss" in row]
@@ -52,6 +76,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--corpus", choices=("builtin", "stdlib"), default="builtin",
+                        help="builtin: crosschip train's own corpus; stdlib: the Python standard library's "
+                             "sources (--corpus-mb of them), which 200 steps do not repeat")
+    parser.add_argument("--corpus-mb", type=float, default=8.0)
     parser.add_argument("--work", default="/tmp/crosschip-fp8-tracking", help="where the runs write")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -62,6 +90,7 @@ def main(argv=None) -> int:
     directory = Path(args.dir)
     if not (directory / "config.json").exists():
         write_checkpoint(directory, llama_config(args.shape, args.seq))
+    text = stdlib_text(Path(args.work) / "stdlib.txt", args.corpus_mb) if args.corpus == "stdlib" else None
     runs, seconds = {}, {}
     for precision in ("bf16", "fp8"):
         out = Path(args.work) / precision
@@ -73,6 +102,8 @@ def main(argv=None) -> int:
                "--steps", str(args.steps), "--batch-size", str(args.batch), "--seq-len", str(args.seq),
                "--lr", str(args.lr), "--warmup", str(max(1, args.steps // 10)), "--max-grad-norm", "0",
                "--optimizer-in-backward", "--log-every", "1", "--no-save", "--out", str(out)]
+        if text is not None:
+            cmd += ["--text", str(text)]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         seconds[precision] = time.perf_counter() - t0
@@ -85,8 +116,8 @@ def main(argv=None) -> int:
     import torch
 
     result = dict(command="python benchmarks/fp8_tracking.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, shape=args.shape, steps=args.steps, seq=args.seq, batch=args.batch, lr=args.lr,
-                  seconds=seconds, losses=runs, **report(runs))
+                  gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, shape=args.shape,
+                  corpus=args.corpus, steps=args.steps, seq=args.seq, batch=args.batch, lr=args.lr, seconds=seconds, losses=runs, **report(runs))
     print(f"FP8 tail {result['tail_loss']['fp8']:.4f} vs bf16 {result['tail_loss']['bf16']:.4f}: "
           f"{result['relative_difference']:.2%} (tolerance {TOLERANCE:.0%}) -> "
           f"{'tracks' if result['tracks'] else 'does not track'}")

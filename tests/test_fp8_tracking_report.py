@@ -17,3 +17,12 @@ def test_tail_within_five_percent_tracks():
     verdict = report({"bf16": bf16, "fp8": [10.0] * 8 + [2.11, 2.11]})
     assert not verdict["tracks"] and abs(verdict["relative_difference"] - 0.055) < 1e-9
     assert verdict["bf16_learned"] == 8.0
+
+
+def test_stdlib_corpus_is_text_of_the_asked_size_and_the_same_each_time(tmp_path):
+    from fp8_tracking import stdlib_text
+
+    first = stdlib_text(tmp_path / "a.txt", 0.5).read_bytes()
+    assert 0.5e6 <= len(first) < 0.5e6 + 2e6  # whole files, stopping once the budget is spent
+    assert stdlib_text(tmp_path / "b.txt", 0.5).read_bytes() == first
+    assert b"def " in first
