@@ -84,8 +84,8 @@ def check_graphable(model) -> None:
     if rt.graph_function() is None:
         backends = ", ".join(sorted({d.backend for d in rt.report.decisions}))
         raise ConfigurationError(f"{where}: none of this model's backends ({backends}) records layers as CUDA "
-                                 "graphs (te does); for torch use compile={'mode': 'reduce-overhead'}, "
-                                 "which records the layers it compiles")
+                                 "graphs (te does); for torch use compile={'mode': 'reduce-overhead'} "
+                                 "(crosschip train --compile reduce-overhead), which records the layers it compiles")
     if rt.device.type != "cuda":
         raise ConfigurationError(f"{where} records CUDA graphs, which need a CUDA device (found {rt.device}); "
                                  "use compile=True")
