@@ -207,10 +207,9 @@ class Runtime:
         return self._checkpoint_fn(function, *args, use_reentrant=False)
 
     def graph_function(self):
-        """What records a model's layers as CUDA graphs (``torch.cuda.make_graphed_callables``'s
-        call: a tuple of modules and one of sample argument tuples, returning the graphed
-        modules), from the plugins of the backends that built its components; None when none
-        offers one (:mod:`crosschip.modeling.layer_graphs`)."""
+        """What records a model's layers as CUDA graphs (its call is the
+        ``crosschip_graph_function`` hook's), from the plugins of the backends that built its
+        components; None when none offers one (:mod:`crosschip.modeling.layer_graphs`)."""
         provided = self._from_builders("crosschip_graph_function")
         return provided[0] if provided else None
 

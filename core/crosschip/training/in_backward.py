@@ -55,7 +55,6 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
     if getattr(optimizer, _ACTIVE, False):
         raise ConfigurationError("optimizer in backward: this optimizer already steps in the backward pass "
                                  "(remove() the handle step_in_backward returned first)")
-    handles = []
     handles, params = [], []
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
