@@ -54,15 +54,18 @@ def test_train_flag_takes_cuda_graph():
         TrainArgs(compile="graphs").compile_option()
 
 
-def _as_recorded(model, recorded: list) -> LayerGraphs:
-    """``model`` with layer graphs whose recorder keeps the calls eager (recording needs CUDA)."""
+def _as_recorded(model) -> list[dict]:
+    """Gives ``model`` layer graphs whose recorder keeps the calls eager (recording needs CUDA);
+    returns the list each recording appends what it was given to (calls, samples, grads_consumed)."""
+    recorded = []
+
     def record(calls, samples, grads_consumed):
-        recorded.append([tuple(t.shape) for t in samples[0]])
+        recorded.append(dict(calls=calls, samples=samples, grads_consumed=grads_consumed))
         return calls
 
     model.runtime.graph_function = lambda: record
     model.layer_graphs = LayerGraphs()
-    return model.layer_graphs
+    return recorded
 
 
 @pytest.mark.parametrize("name", ["gemma3_local_global", "smollm3_nope", "phi3_longrope_partial"])
@@ -73,12 +76,11 @@ def test_replay_path_computes_the_eager_step(tmp_path, name):
     save_hf(tmp_path, config)
     eager = crosschip.from_pretrained(tmp_path, backend="torch").train()
     graphed = crosschip.from_pretrained(tmp_path, backend="torch").train()
-    recorded = []
-    graphs = _as_recorded(graphed, recorded)
+    recorded = _as_recorded(graphed)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     for model in (eager, graphed):
         model(ids, labels=ids).loss.backward()
-    assert graphs.recordings == 1 and recorded[0][0] == (2, 12, config.hidden_size)
+    assert graphed.layer_graphs.recordings == 1 and recorded[0]["samples"][0][0].shape == (2, 12, config.hidden_size)
     assert torch.equal(graphed(ids, labels=ids).loss, eager(ids, labels=ids).loss)
     for (key, a), (_, b) in zip(graphed.named_parameters(), eager.named_parameters()):
         assert torch.equal(a.grad, b.grad), key
@@ -87,7 +89,8 @@ def test_replay_path_computes_the_eager_step(tmp_path, name):
 def test_other_forwards_run_eagerly_and_replaced_weights_record_again(tmp_path):
     save_hf_llama(tmp_path)
     model = crosschip.from_pretrained(tmp_path, backend="torch").train()
-    graphs = _as_recorded(model, [])
+    _as_recorded(model)
+    graphs = model.layer_graphs
     ids = torch.randint(0, 128, (2, 12))
     assert graphs.prepare(model, ids, torch.arange(12)[None], _plain(), None)
     with pytest.warns(UserWarning, match=r"shape \(2, 8\) is not the recorded \(2, 12\)"):
@@ -119,9 +122,7 @@ def test_recorded_again_when_the_optimizer_starts_or_stops_stepping_in_backward(
 
     save_hf_llama(tmp_path)
     model = crosschip.from_pretrained(tmp_path, backend="torch").train()
-    consumed = []
-    model.runtime.graph_function = lambda: lambda calls, samples, grads_consumed: consumed.append(grads_consumed) or calls
-    model.layer_graphs = LayerGraphs()
+    recorded = _as_recorded(model)
     ids = torch.randint(0, 128, (2, 12))
     model(ids, labels=ids)
     handle = step_in_backward(torch.optim.AdamW(model.parameters()))
@@ -129,7 +130,7 @@ def test_recorded_again_when_the_optimizer_starts_or_stops_stepping_in_backward(
     model(ids, labels=ids)
     handle.remove()
     model(ids, labels=ids)
-    assert consumed == [False, True, False]
+    assert [r["grads_consumed"] for r in recorded] == [False, True, False]
 
 
 def test_a_frozen_base_with_adapters_asks_gradients_of_every_layer_after_the_first(tmp_path):
@@ -141,24 +142,16 @@ def test_a_frozen_base_with_adapters_asks_gradients_of_every_layer_after_the_fir
     eager = crosschip.from_pretrained(tmp_path, backend="torch", lora=lora).train()
     graphed = crosschip.from_pretrained(tmp_path, backend="torch", lora=lora).train()
     graphed.load_state_dict(eager.state_dict())
-    asks, slots = [], []
-
-    def record(calls, samples, grads_consumed):
-        asks.append([sample[0].requires_grad for sample in samples])
-        slots.append([{p for p in call.parameters() if p.requires_grad} for call in calls])
-        return calls
-
-    graphed.runtime.graph_function = lambda: record
-    graphed.layer_graphs = LayerGraphs()
+    recorded = _as_recorded(graphed)
     ids = torch.randint(0, 128, (2, 12))
     for model in (eager, graphed):
         model(ids, labels=ids).loss.backward()
-    assert asks == [[False, True, True]]
+    assert [sample[0].requires_grad for sample in recorded[0]["samples"]] == [False, True, True]
     # Each layer's graph takes its own adapter slots as parameters (they are the model's
     # children, not the layer's), so the graph computes their gradients.
-    for index, trained_in_graph in enumerate(slots[0]):
+    for index, call in enumerate(recorded[0]["calls"]):
         own = {p for key, p in graphed.named_parameters() if p.requires_grad and f"model__layers__{index}__" in key}
-        assert own and trained_in_graph == own, index
+        assert own and {p for p in call.parameters() if p.requires_grad} == own, index
     trained = [(key, p) for key, p in graphed.named_parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for _, p in trained)
     eager_grads = dict(eager.named_parameters())
@@ -166,4 +159,4 @@ def test_a_frozen_base_with_adapters_asks_gradients_of_every_layer_after_the_fir
         assert torch.equal(p.grad, eager_grads[key].grad), key
     graphed.model.layers[0].self_attn.qkv_proj.weight.requires_grad_(True)  # which ones train changed
     graphed(ids, labels=ids)
-    assert len(asks) == 2
+    assert len(recorded) == 2

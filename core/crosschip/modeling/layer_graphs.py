@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crosschip.errors import ConfigurationError
 from crosschip.modeling.compilation import CUDA_GRAPH
+from crosschip.training.in_backward import grads_consumed_at_once, paused
 
 
 class _LayerCall(nn.Module):
@@ -115,8 +116,6 @@ class LayerGraphs:
                 warnings.warn(f"compile={CUDA_GRAPH!r}: a training forward runs its layers eagerly: {reason}",
                               stacklevel=4)
             return False
-        from crosschip.training.in_backward import grads_consumed_at_once
-
         # Recorded again for replaced parameters, for a change of which ones train (it decides
         # which gradients the graphs compute), and when the optimizer starts or stops stepping in
         # the backward (whether the graphs' gradient buffers may be handed out).
@@ -162,23 +161,19 @@ class LayerGraphs:
             samples.append((hidden, *(leaf.detach().clone() for leaf in leaves)))
             upstream_trains = upstream_trains or any(p.requires_grad for p in call.parameters())
         graph = model.runtime.graph_function()
-        from crosschip.training.in_backward import paused
-
         try:
             with paused():  # the recorder's warm-up and recorded backwards are not steps
                 self._calls = graph(tuple(calls), tuple(samples), grads_consumed=grads_consumed)
         except RuntimeError as exc:
             raise ConfigurationError(f"compile={CUDA_GRAPH!r}: this model's layers could not be recorded as CUDA "
                                      f"graphs ({exc}); use compile=True or compile=False") from exc
-        self._rotary_of = list(decoder.rotary_of)
         self._key = key
         self.recordings += 1
 
-    def run(self, hidden, tables):
-        """The layers replayed on ``hidden`` (``tables``: one per rotary, as the decoder made them)."""
-        leaves = [tree_flatten(t)[0] for t in tables]
-        for call, which in zip(self._calls, self._rotary_of):
-            hidden = call(hidden, *leaves[which])
+    def run(self, hidden, layer_tables):
+        """The layers replayed on ``hidden``; ``layer_tables``: each layer's rotary tables."""
+        for call, tables in zip(self._calls, layer_tables):
+            hidden = call(hidden, *tree_flatten(tables)[0])
         return hidden
 
     def reset(self) -> None:

@@ -223,7 +223,7 @@ class DecoderModel(nn.Module):
         rotaries = [self.rotary_emb, *self.layer_rotary]
         tables = [rotary(position_ids, hidden.dtype) for rotary in rotaries]
         if graphs is not None:
-            return self.norm(graphs.run(hidden, tables))
+            return self.norm(graphs.run(hidden, [tables[which] for which in self.rotary_of]))
         for index, layer in enumerate(self.layers):
             which = self.rotary_of[index]
             args = (hidden, rotaries[which], tables[which], mask)
