@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crosschip.errors import ConfigurationError
-from crosschip.training.in_backward import step_in_backward
+from crosschip.training.in_backward import BUCKET_NUMEL, step_in_backward
 from crosschip.training.train import TrainArgs, train
 from helpers import save_hf_llama
 
@@ -66,21 +66,38 @@ def test_training_state_resumes_in_either_mode(tmp_path, first, then):
     assert resumed.losses == full.losses
 
 
-def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path):
+def _groups(model):
+    """Two parameter groups with their own settings (norms without weight decay, at another lr)."""
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    vectors = [p for p in model.parameters() if p.dim() <= 1]
+    return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0, "lr_scale": 0.5}]
+
+
+@pytest.mark.parametrize("bucket_numel", [0, 5000, BUCKET_NUMEL], ids=["alone", "buckets", "at-the-end"])
+def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path, bucket_numel):
+    """Each parameter stepped alone, in buckets of a few (the tiny model's 40k elements), or all
+    at the backward's end: the same weights, bitwise, as the step after the backward, over two
+    parameter groups; a bucket holds at most ``bucket_numel`` elements plus one gradient."""
     import crosschip
 
     save_hf_llama(tmp_path / "m", vocab_size=64, tie_word_embeddings=True)
     model = crosschip.from_pretrained(tmp_path / "m", backend="torch", device="cpu").train()
     reference = crosschip.from_pretrained(tmp_path / "m", backend="torch", device="cpu").train()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    handle = step_in_backward(optimizer)
+    optimizer = torch.optim.AdamW(_groups(model), lr=1e-2, weight_decay=0.1)
+    waiting = []  # the elements of the gradients held when each hook came
+
+    def observe(param):
+        waiting.append(handle.bucket.size + sum(p.numel() for p in model.parameters() if p.grad is not None))
+
+    handle = step_in_backward(optimizer, observe, bucket_numel=bucket_numel)
     with pytest.raises(ConfigurationError, match="already steps in the backward pass"):
         step_in_backward(optimizer)  # twice would step every parameter twice
-    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(_groups(reference), lr=1e-2, weight_decay=0.1)
     for lr in (1e-2, 3e-3):  # a schedule's lr reaches the steps in backward
         for o in (optimizer, plain):
-            o.param_groups[0]["lr"] = lr
+            for group in o.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         model(ids, labels=ids).loss.backward()
         assert all(p.grad is None for p in model.parameters())
         optimizer.step()  # nothing left to do
@@ -90,10 +107,43 @@ def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path):
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(ours, theirs), name
     assert optimizer.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
+    largest = max(p.numel() for p in model.parameters())
+    assert max(waiting) < bucket_numel + 2 * largest  # the bucket, and the gradient observed
+    if bucket_numel < sum(p.numel() for p in model.parameters()):
+        assert max(waiting) < sum(p.numel() for p in model.parameters()) - largest  # stepped before the end
     handle.remove()
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     step_in_backward(optimizer).remove()  # after remove(), it may be turned on again
+
+
+def test_a_backward_that_raised_steps_nothing_it_left_waiting(tmp_path):
+    """A backward that fails half-way leaves no gradient on any parameter (the next backward would
+    add to it) and the bucket it filled is dropped at the next one: the weights are those of the
+    one backward that ended."""
+    import crosschip
+
+    save_hf_llama(tmp_path / "m", vocab_size=64)
+    model, reference = (crosschip.from_pretrained(tmp_path / "m", backend="torch", device="cpu").train()
+                        for _ in range(2))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    step_in_backward(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+
+    def fail(grad):
+        raise RuntimeError("half-way")
+
+    handle = model.model.embed_tokens.weight.register_hook(fail)  # its gradient comes last
+    with pytest.raises(RuntimeError, match="half-way"):
+        model(ids, labels=ids).loss.backward()
+    handle.remove()
+    assert all(p.grad is None for p in model.parameters())
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    plain.step()
+    assert all(p.grad is None for p in model.parameters())
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(ours, theirs), name
 
 
 @pytest.mark.parametrize("option, message", [
