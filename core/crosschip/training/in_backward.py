@@ -54,9 +54,9 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
                      bucket_numel: int = BUCKET_NUMEL) -> "InBackward":
     """Step each of ``optimizer``'s parameters in the backward pass, once its gradient is
     accumulated (with others, up to ``bucket_numel`` elements; 0 steps each alone), and free that
-    gradient. The optimizer stays what the training loop holds: its
-    ``param_groups`` (a schedule's ``lr``), state and ``state_dict`` are the ones it always had,
-    so a training state saved either way resumes either way; its ``step()`` and ``zero_grad()``
+    gradient. The optimizer stays what the training loop holds: its ``param_groups`` (a
+    schedule's ``lr``), state and ``state_dict`` are the ones it always had, so a training state
+    saved either way resumes either way; its ``step()`` and ``zero_grad()``
     after the backward find no gradients and do nothing. ``observe(param)``, if given, sees each
     gradient before its step (``crosschip train`` sums the squares for the gradient norm).
     Returns a handle whose ``remove()`` makes the optimizer step after the backward again; a
