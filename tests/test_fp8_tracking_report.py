@@ -26,3 +26,17 @@ def test_stdlib_corpus_is_text_of_the_asked_size_and_the_same_each_time(tmp_path
     assert 0.5e6 <= len(first) < 0.5e6 + 2e6  # whole files, stopping once the budget is spent
     assert stdlib_text(tmp_path / "b.txt", 0.5).read_bytes() == first
     assert b"def " in first
+
+
+def test_the_kept_results_say_what_their_losses_say():
+    """Each FP8 tracking result in benchmarks/results (quoted in docs/benchmarks.md): its verdict
+    is the one its own recorded losses give."""
+    import json
+
+    results = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("fp8_tracking_*.json"))
+    assert results
+    for path in results:
+        kept = json.loads(path.read_text())
+        verdict = report(kept["losses"])
+        assert verdict["tracks"] == kept["tracks"], path.name
+        assert abs(verdict["relative_difference"] - kept["relative_difference"]) < 1e-12, path.name

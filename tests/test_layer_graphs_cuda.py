@@ -17,6 +17,11 @@ from zoo import save_hf
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("te_installed")]
 
+#: Graphs replay the kernels the eager step launches: on an H100 every loss and weight these tests
+#: compare came out bitwise equal (docs/benchmarks.md, round five). The bounds leave room for
+#: another GPU's cuBLAS choosing other kernels under capture, not for a stale or lost update.
+LOSS_REL, WEIGHT_REL, FP8_TAIL_REL = 1e-5, 1e-5, 1e-4
+
 
 def _checkpoint(path):
     save_hf(path, LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
@@ -57,10 +62,10 @@ def test_graphed_layers_train_as_eager_ones(tmp_path, in_backward):
     batches = _batches(accumulate_at=None if in_backward else 2)
     expected, found = _train(eager, batches, in_backward), _train(graphed, batches, in_backward)
     assert graphed.layer_graphs.recordings == 1
-    assert found == pytest.approx(expected, rel=1e-3), (found, expected)
+    assert found == pytest.approx(expected, rel=LOSS_REL), (found, expected)
     assert expected[0] - expected[-1] > 0.5, expected  # the steps moved the weights: stale graph weights would show
     for (key, a), (_, b) in zip(graphed.named_parameters(), eager.named_parameters()):
-        assert norm_rel(a, b) < 1e-3, key
+        assert norm_rel(a, b) < WEIGHT_REL, key
 
 
 def test_graphed_layers_train_an_adapter_as_eager_ones(tmp_path):
@@ -74,12 +79,12 @@ def test_graphed_layers_train_an_adapter_as_eager_ones(tmp_path):
     batches = _batches()
     expected, found = _train(eager, batches), _train(graphed, batches)
     assert graphed.layer_graphs.recordings == 1
-    assert found == pytest.approx(expected, rel=1e-3), (found, expected)
+    assert found == pytest.approx(expected, rel=LOSS_REL), (found, expected)
     assert expected[0] - expected[-1] > 0.1, expected
     trained = dict(eager.named_parameters())
     for key, p in graphed.named_parameters():
         if p.requires_grad:
-            assert norm_rel(p, trained[key]) < 1e-3, key
+            assert norm_rel(p, trained[key]) < WEIGHT_REL, key
 
 
 def test_graphed_fp8_training_tracks_eager_fp8(tmp_path):
@@ -90,7 +95,7 @@ def test_graphed_fp8_training_tracks_eager_fp8(tmp_path):
     eager, graphed = (_train(model, batches) for model in runs)
     assert runs[1].layer_graphs.recordings == 1
     assert eager[0] - eager[-1] > 1.0, eager
-    assert sum(graphed[-5:]) == pytest.approx(sum(eager[-5:]), rel=0.02), (graphed, eager)
+    assert sum(graphed[-5:]) == pytest.approx(sum(eager[-5:]), rel=FP8_TAIL_REL), (graphed, eager)
 
 
 def test_forwards_the_graphs_do_not_describe_run_eagerly(tmp_path):
