@@ -88,7 +88,7 @@ def test_no_gradient_outlives_the_backward_and_tied_weights_step_once(tmp_path, 
     waiting = []  # the elements of the gradients held when each hook came
 
     def observe(param):
-        waiting.append(handle.bucket.size + sum(p.numel() for p in model.parameters() if p.grad is not None))
+        waiting.append(handle.buckets.size + sum(p.numel() for p in model.parameters() if p.grad is not None))
 
     handle = step_in_backward(optimizer, observe, bucket_numel=bucket_numel)
     with pytest.raises(ConfigurationError, match="already steps in the backward pass"):
@@ -127,7 +127,7 @@ def test_a_backward_that_raised_steps_nothing_it_left_waiting(tmp_path):
     model, reference = (crosschip.from_pretrained(tmp_path / "m", backend="torch", device="cpu").train()
                         for _ in range(2))
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    step_in_backward(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    stepping = step_in_backward(torch.optim.AdamW(model.parameters(), lr=1e-2))
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-2)
 
     def fail(grad):
@@ -138,12 +138,41 @@ def test_a_backward_that_raised_steps_nothing_it_left_waiting(tmp_path):
         model(ids, labels=ids).loss.backward()
     handle.remove()
     assert all(p.grad is None for p in model.parameters())
+    assert not stepping.buckets.open  # dropped when that backward's end was freed uncalled
     model(ids, labels=ids).loss.backward()
     reference(ids, labels=ids).loss.backward()
     plain.step()
     assert all(p.grad is None for p in model.parameters())
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("bucket_numel", [0, 4, BUCKET_NUMEL], ids=["alone", "buckets", "at-the-end"])
+def test_a_reentrant_backward_inside_the_backward_keeps_the_outer_bucket(bucket_numel):
+    """Reentrant checkpointing runs a backward inside the backward, with its own end: the
+    gradients the outer one holds wait for theirs, the inner one's step at its end, and the
+    weights are those of the step after the backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def weights():
+        gen = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(4, generator=gen)) for _ in range(3)]
+
+    def loss(first, inner, last):
+        hidden = checkpoint(lambda h: (h * inner).tanh(), first.sin(), use_reentrant=True)
+        return (hidden * last).sum()  # ``last``'s gradient is ready before the inner backward runs
+
+    ours, theirs = weights(), weights()
+    optimizer, plain = torch.optim.AdamW(ours, lr=0.1), torch.optim.AdamW(theirs, lr=0.1)
+    step_in_backward(optimizer, bucket_numel=bucket_numel)
+    for _ in range(2):
+        loss(*ours).backward()
+        loss(*theirs).backward()
+        plain.step()
+        plain.zero_grad()
+    assert all(p.grad is None for p in ours)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("option, message", [
