@@ -37,8 +37,8 @@ _ACTIVE = "_crosschip_steps_in_backward"
 _paused = 0
 
 #: How many gradient elements wait before they step together: 32M elements give a fused AdamW
-#: launch enough blocks (64k elements each) to fill an H100. A bucket holds at most this plus one
-#: parameter's gradient: 64 MB and more in bf16, against a whole model's gradients without it.
+#: launch enough blocks (64k elements each) to fill an H100. A bucket holds less than this (64 MB
+#: in bf16) plus one parameter's gradient, where stepping after the backward holds them all.
 BUCKET_NUMEL = 1 << 25
 
 
