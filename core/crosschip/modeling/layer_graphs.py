@@ -21,7 +21,7 @@ A graph reads the weights at the addresses it was recorded with: an optimizer's 
 seen, a replaced parameter is not, so replaced parameters mean recording again. Its parameter
 gradients are copied out of the graph's buffers (the next backward overwrites them), except when
 the optimizer steps in the backward (:mod:`crosschip.training.in_backward`), which uses each one
-and drops it at once.
+and drops it before that backward ends.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def crosschip_graph_function(runtime):
     grads_consumed=...)``: a tuple of modules and a tuple of their sample argument tuples in (as
     ``torch.cuda.make_graphed_callables`` takes them), the modules out, their forwards (and so
     backwards) now replaying the graphs. ``grads_consumed``: every trainable parameter's gradient
-    is used and dropped as soon as it is accumulated (the optimizer steps in the backward), so the
+    is used and dropped before its backward ends (the optimizer steps in the backward), so the
     gradients handed to autograd may alias the graphs' own buffers instead of copies. A backend
     whose modules keep state across steps returns the recorder that keeps it right (Transformer
     Engine's FP8 scales). Without one from any backend that built a component, the option is

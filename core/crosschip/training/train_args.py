@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crosschip.errors import ConfigurationError
+from crosschip.modeling.compilation import CUDA_GRAPH
 from crosschip.training.metrics import parse_log
 from crosschip.training.schedule import SCHEDULES
 
 #: ``crosschip train --compile MODE``: torch.compile's modes ("reduce-overhead" replays CUDA graphs), and
 #: "cuda-graph": the layers recorded as CUDA graphs without torch.compile (crosschip.modeling.layer_graphs).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graph")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", CUDA_GRAPH)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class TrainArgs:
         if self.compile not in COMPILE_MODES:
             raise ConfigurationError(f"--compile {self.compile!r}: expected no value or one of "
                                      f"{', '.join(COMPILE_MODES)}")
-        return self.compile if self.compile == "cuda-graph" else {"mode": self.compile}
+        return self.compile if self.compile == CUDA_GRAPH else {"mode": self.compile}
 
     def lora_config(self):
         """``--lora`` as a :class:`crosschip.LoraConfig` (None without it); bad text is a
