@@ -41,6 +41,11 @@ _paused = 0
 #: in bf16) plus one parameter's gradient, where stepping after the backward holds them all.
 BUCKET_NUMEL = 1 << 25
 
+#: Whether a CUDA bucket steps on a side stream, overlapping the rest of the backward (the
+#: optimizer is memory-bound, the backward's GEMMs compute-bound); the caller's stream waits for it
+#: when the backward ends.
+OVERLAP = False
+
 
 @contextlib.contextmanager
 def paused():
@@ -55,7 +60,7 @@ def paused():
 
 
 def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None,
-                     bucket_numel: int = BUCKET_NUMEL) -> "InBackward":
+                     bucket_numel: int = BUCKET_NUMEL, overlap: bool = OVERLAP) -> "InBackward":
     """Step each of ``optimizer``'s parameters in the backward pass, once its gradient is
     accumulated (with others, up to ``bucket_numel`` elements; 0 steps each alone), and free that
     gradient. The optimizer stays what the training loop holds: its ``param_groups`` (a
@@ -74,7 +79,7 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
         raise ConfigurationError("optimizer in backward: this optimizer already steps in the backward pass "
                                  "(remove() the handle step_in_backward returned first)")
     handles, params = [], []
-    buckets = _Buckets(optimizer, bucket_numel)  # one per optimizer: its steps may span groups
+    buckets = _Buckets(optimizer, bucket_numel, overlap)  # one per optimizer: its steps may span groups
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             if param.requires_grad:
@@ -129,8 +134,8 @@ class _Buckets:
     callback is freed uncalled: its bucket is then dropped, unstepped (stepping later would
     change weights that the next backward has saved)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, numel: int):
-        self.optimizer, self.numel = optimizer, numel
+    def __init__(self, optimizer: torch.optim.Optimizer, numel: int, overlap: bool = False):
+        self.optimizer, self.numel, self.overlap = optimizer, numel, overlap
         self.open: dict[int, _Bucket] = {}
 
     @property
@@ -145,9 +150,9 @@ class _Buckets:
             return
         bucket = self.open.get(task)
         if bucket is None:
-            bucket = self.open[task] = _Bucket(self.optimizer, self.numel)
+            bucket = self.open[task] = _Bucket(self.optimizer, self.numel, self.overlap)
             ended = _Ended(self, task)
-            weakref.finalize(ended, self.open.pop, task, None)
+            weakref.finalize(ended, _dropped, self.open, task)
             torch.autograd.Variable._execution_engine.queue_callback(ended)
         bucket.add(param, index)
 
@@ -162,6 +167,15 @@ class _Ended:
         bucket = self.buckets.open.pop(self.task, None)
         if bucket is not None:
             bucket.flush()
+            bucket.settle()
+
+
+def _dropped(open_buckets: dict, task: int) -> None:
+    """A backward that raised: its waiting gradients are dropped; what already stepped on a side
+    stream is waited for (the next forward reads those weights)."""
+    bucket = open_buckets.pop(task, None)
+    if bucket is not None:
+        bucket.settle()
 
 
 class _Bucket:
@@ -169,10 +183,11 @@ class _Bucket:
     none for the next to add to), in the order they came, from one stream; stepped together once
     ``numel`` elements wait, when another stream's gradient comes, and when the backward ends."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, numel: int):
-        self.optimizer, self.numel = optimizer, numel
+    def __init__(self, optimizer: torch.optim.Optimizer, numel: int, overlap: bool = False):
+        self.optimizer, self.numel, self.overlap = optimizer, numel, overlap
         self.waiting: list[tuple[torch.nn.Parameter, int, torch.Tensor]] = []
         self.size, self.stream = 0, None
+        self.side = None  # the side stream this bucket's steps ran on, while overlapping
 
     def add(self, param: torch.nn.Parameter, index: int) -> None:
         stream = _stream_of(param)
@@ -187,15 +202,38 @@ class _Bucket:
 
     def flush(self) -> None:
         waiting, self.waiting, self.size = self.waiting, [], 0
-        if waiting:
+        if not waiting:
+            return
+        if not (self.overlap and self.stream is not None):
             _step(self.optimizer, waiting, self.stream)
+            return
+        self.side = _side_stream(self.stream.device)
+        self.side.wait_stream(self.stream)
+        for _, _, grad in waiting:  # freed below, still read on the side stream
+            grad.record_stream(self.side)
+        _step(self.optimizer, waiting, self.side, wait=False)
+
+    def settle(self) -> None:
+        """The caller's stream waits for the steps this bucket ran on a side stream."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+            self.side = None
 
 
 def _stream_of(param: torch.Tensor):
     return torch.cuda.current_stream(param.device) if param.device.type == "cuda" else None
 
 
-def _step(optimizer: torch.optim.Optimizer, waiting: list, stream) -> None:
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _step(optimizer: torch.optim.Optimizer, waiting: list, stream, wait: bool = True) -> None:
     """The optimizer's own step over ``waiting`` (parameter, group index, gradient), each with its
     group's current settings (looked up now: load_state_dict and schedules replace or change the
     groups), on the stream the gradients came on, which the caller's stream then waits for; the
@@ -213,5 +251,5 @@ def _step(optimizer: torch.optim.Optimizer, waiting: list, stream) -> None:
         optimizer.param_groups = groups
         for param, _, _ in waiting:
             param.grad = None
-    if stream is not None and torch.cuda.current_stream(stream.device) != stream:
+    if wait and stream is not None and torch.cuda.current_stream(stream.device) != stream:
         torch.cuda.current_stream(stream.device).wait_stream(stream)

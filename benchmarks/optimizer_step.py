@@ -1,0 +1,122 @@
+"""AdamW's step alone over a Llama shape's parameters on one GPU: how close each implementation
+comes to the GPU's memory bandwidth, which bounds it (every element's weight, gradient and two
+moments are read and three written each step).
+
+    python benchmarks/optimizer_step.py --shape 1b --out benchmarks/results/optimizer_step_1b.json
+
+Variants: torch's fused AdamW over every parameter at once (``fused``, what the training
+benchmark and ``crosschip train`` use), the same in buckets of ``--bucket-numel`` elements as the
+optimizer in backward steps (``fused-buckets``), torch's foreach AdamW eager (``foreach``) and under
+torch.compile (``compiled``), and Transformer Engine's FusedAdam (``te``, its default fp32 moments,
+so more bytes). ``copy`` is a device-to-device copy of the same bytes, the bandwidth reachable.
+Weights and gradients are bf16; torch's moments follow the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+
+from train_step import SHAPES, llama_config
+
+VARIANTS = ["copy", "fused", "fused-buckets", "foreach", "compiled", "te"]
+
+
+def parameters(shape: str):
+    """bf16 CUDA parameters with the shapes of ``shape``'s transformers model, and bf16 gradients."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(llama_config(shape, 2048))
+    params = []
+    for p in meta.parameters():
+        param = torch.nn.Parameter(torch.randn(p.shape, device="cuda", dtype=torch.bfloat16) * 0.02)
+        param.grad = torch.randn_like(param) * 1e-3
+        params.append(param)
+    return params
+
+
+def timed(fn, warmup: int, steps: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def step_function(variant: str, params, bucket_numel: int):
+    """(step, bytes moved per step) of ``variant`` over ``params``."""
+    import torch
+
+    numel = sum(p.numel() for p in params)
+    bf16_bytes = 7 * 2 * numel  # weight r/w, gradient r, two moments r/w
+    if variant == "copy":
+        src = torch.empty(bf16_bytes // 4, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        return (lambda: dst.copy_(src)), bf16_bytes
+    if variant == "fused-buckets":
+        buckets, size = [[]], 0
+        for p in params:
+            buckets[-1].append(p)
+            size += p.numel()
+            if size >= bucket_numel:
+                buckets, size = buckets + [[]], 0
+        optimizers = [torch.optim.AdamW(b, lr=1e-5, fused=True) for b in buckets if b]
+        return (lambda: [o.step() for o in optimizers]), bf16_bytes
+    if variant == "te":
+        from transformer_engine.pytorch.optimizers import FusedAdam
+
+        # fp32 moments (its default): 4 more bytes per moment and element, read and written
+        return FusedAdam(params, lr=1e-5).step, bf16_bytes + 2 * 2 * 2 * numel
+    optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-5) if variant == "compiled" else 1e-5,
+                                  fused=variant == "fused", foreach=variant != "fused")
+    if variant == "compiled":
+        return torch.compile(optimizer.step), bf16_bytes
+    return optimizer.step, bf16_bytes
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--bucket-numel", type=int, default=1 << 25)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    params = parameters(args.shape)
+    result = {"command": "python benchmarks/optimizer_step.py " + " ".join(sys.argv[1:]),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+              "parameters": sum(p.numel() for p in params), "tensors": len(params), "runs": []}
+    for variant in args.variants:
+        try:
+            step, moved = step_function(variant, params, args.bucket_numel)
+            ms = timed(step, args.warmup, args.steps)
+            run = {"variant": variant, "ms": round(ms, 3), "gb_moved": round(moved / 1e9, 2),
+                   "tb_per_s": round(moved / ms / 1e9, 2)}
+        except Exception as error:  # noqa: BLE001 - one variant's failure is its row, not the run's end
+            run = {"variant": variant, "status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
+        print(json.dumps(run), flush=True)
+        result["runs"].append(run)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
