@@ -7,8 +7,10 @@ moments are read and three written each step).
 Variants: torch's fused AdamW over every parameter at once (``fused``, what the training
 benchmark and ``crosschip train`` use), the same in buckets of ``--bucket-numel`` elements as the
 optimizer in backward steps (``fused-buckets``), torch's foreach AdamW eager (``foreach``) and under
-torch.compile (``compiled``), and Transformer Engine's FusedAdam (``te``, its default fp32 moments,
-so more bytes). ``copy`` is a device-to-device copy of the same bytes, the bandwidth reachable.
+torch.compile (``compiled``), one compiled kernel per parameter (``compiled-each``, AdamW's update
+written out and compiled once per shape), torchao's bf16 AdamW (``torchao``, the same idea; its
+moments follow the weights' dtype) and Transformer Engine's FusedAdam (``te``, its default fp32
+moments, so more bytes). ``copy`` is a device-to-device copy of the same bytes, the bandwidth reachable.
 Weights and gradients are bf16; torch's moments follow the weights' dtype.
 """
 
@@ -22,7 +24,7 @@ import sys
 
 from train_step import SHAPES, llama_config
 
-VARIANTS = ["copy", "fused", "fused-buckets", "foreach", "compiled", "te"]
+VARIANTS = ["copy", "fused", "fused-buckets", "foreach", "compiled", "compiled-each", "torchao", "te"]
 
 
 def parameters(shape: str):
@@ -76,6 +78,21 @@ def step_function(variant: str, params, bucket_numel: int):
                 buckets, size = buckets + [[]], 0
         optimizers = [torch.optim.AdamW(b, lr=1e-5, fused=True) for b in buckets if b]
         return (lambda: [o.step() for o in optimizers]), bf16_bytes
+    if variant == "compiled-each":
+        update = torch.compile(_adamw_update, fullgraph=True, dynamic=False)
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        step = torch.zeros((), device="cuda")
+
+        def each():
+            step.add_(1)
+            for p, (m, v) in zip(params, moments):
+                update(p.detach(), p.grad, m, v, step, 1e-5, 0.9, 0.999, 0.01, 1e-8)
+
+        return each, bf16_bytes
+    if variant == "torchao":
+        from torchao.optim import _AdamW
+
+        return _AdamW(params, lr=torch.tensor(1e-5)).step, bf16_bytes
     if variant == "te":
         from transformer_engine.pytorch.optimizers import FusedAdam
 
@@ -86,6 +103,20 @@ def step_function(variant: str, params, bucket_numel: int):
     if variant == "compiled":
         return torch.compile(optimizer.step), bf16_bytes
     return optimizer.step, bf16_bytes
+
+
+def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr: float, beta1: float, beta2: float, weight_decay: float,
+                  eps: float) -> None:
+    """torch's AdamW update of one parameter, in fp32, its results stored in the tensors' dtypes."""
+    import torch
+
+    p32, g32 = p.float() * (1 - lr * weight_decay), grad.float()
+    m32 = exp_avg.float().lerp(g32, 1 - beta1)
+    v32 = exp_avg_sq.float() * beta2 + (1 - beta2) * g32 * g32
+    exp_avg.copy_(m32)
+    exp_avg_sq.copy_(v32)
+    denom = v32.sqrt() / torch.sqrt(1 - beta2**step) + eps
+    p.copy_(p32 - lr / (1 - beta1**step) * m32 / denom)
 
 
 def main() -> None:
