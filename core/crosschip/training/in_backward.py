@@ -10,10 +10,9 @@ Python step costs the host a fixed time per call. The last bucket steps when the
 (an autograd final callback), so no gradient outlives its backward either way. A bucket holds
 gradients of one stream: FSDP2 runs its shards' hooks on its reduce stream, and a bucket of them
 steps there (tested on gloo; DTensor shards of two meshes, expert parallelism's, step together).
-On a 1B
-model's CUDA-graph step on an H100 buckets halved the optimizer's launches and cut its kernel
-time from 11.9 to 9.4 ms a step; the step's throughput moved within its spread (docs/benchmarks.md,
-round five).
+On a 1B model's CUDA-graph step on an H100 buckets halved the optimizer's launches and cut its
+kernel time from 11.9 to 9.4 ms a step; the step's throughput moved within its spread
+(docs/benchmarks.md, round five).
 
 What it gives up, by construction: clipping by the global gradient norm (the norm is known only
 once every parameter has stepped; it is still measured) and gradient accumulation over
@@ -29,6 +28,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from crosschip.errors import ConfigurationError
 
@@ -211,7 +211,7 @@ class _Bucket:
         self.side = _side_stream(self.stream.device)
         self.side.wait_stream(self.stream)
         for _, _, grad in waiting:  # freed below, still read on the side stream
-            grad.record_stream(self.side)
+            (grad.to_local() if isinstance(grad, DTensor) else grad).record_stream(self.side)
         _step(self.optimizer, waiting, self.side, wait=False)
 
     def settle(self) -> None:
