@@ -3,16 +3,17 @@ optimizer as soon as its gradient is complete (``register_post_accumulate_grad_h
 gradient is freed right away. The model's gradients then never all exist at once: an 8B model in
 bf16 drops 16 GB of peak memory, which buys activations that would otherwise be recomputed.
 
-Gradients of plain (not distributed) parameters wait in a bucket until :data:`BUCKET_NUMEL`
-elements are ready, and step together: a fused optimizer's launch over one small tensor (a 1B
-model's attention projections, its norms) occupies a fraction of the GPU, and the optimizer's
-Python step costs the host a fixed time per call. The last bucket steps when the backward ends
-(an autograd final callback), so no gradient outlives its backward either way. A bucket holds
-gradients of one stream: FSDP2 runs its shards' hooks on its reduce stream, and a bucket of them
-steps there (tested on gloo; DTensor shards of two meshes, expert parallelism's, step together).
-On a 1B model's CUDA-graph step on an H100 buckets halved the optimizer's launches and cut its
-kernel time from 11.9 to 9.4 ms a step; the step's throughput moved within its spread
-(docs/benchmarks.md, round five).
+Gradients wait in a bucket until :data:`BUCKET_NUMEL` elements are ready, and step together: a
+fused optimizer's launch over one small tensor (a 1B model's attention projections, its norms)
+occupies a fraction of the GPU, and the optimizer's Python step costs the host a fixed time per
+call. The last bucket steps when the backward ends (an autograd final callback), so no gradient
+outlives its backward either way. A bucket holds gradients of one stream: FSDP2 runs its shards'
+hooks on its reduce stream, and a bucket of them steps there (tested on gloo, not yet on NCCL;
+DTensor shards of two meshes, expert parallelism's, step together). On a 1B model's CUDA-graph step
+on an H100 buckets halved the optimizer's launches and cut its kernel time from 11.9 to 9.4 ms a
+step; the step's throughput moved within its spread (docs/benchmarks.md, round five). Stepping the
+buckets on a side stream, to overlap the backward, gained nothing measurable and was taken out
+(round six).
 
 What it gives up, by construction: clipping by the global gradient norm (the norm is known only
 once every parameter has stepped; it is still measured) and gradient accumulation over
@@ -28,7 +29,6 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from crosschip.errors import ConfigurationError
 
@@ -41,11 +41,6 @@ _paused = 0
 #: launch enough blocks (64k elements each) to fill an H100. A bucket holds less than this (64 MB
 #: in bf16) plus one parameter's gradient, where stepping after the backward holds them all.
 BUCKET_NUMEL = 1 << 25
-
-#: Whether a CUDA bucket steps on a side stream, overlapping the rest of the backward (the
-#: optimizer is memory-bound, the backward's GEMMs compute-bound); the caller's stream waits for it
-#: when the backward ends.
-OVERLAP = False
 
 
 @contextlib.contextmanager
@@ -61,7 +56,7 @@ def paused():
 
 
 def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None = None,
-                     bucket_numel: int = BUCKET_NUMEL, overlap: bool = OVERLAP) -> "InBackward":
+                     bucket_numel: int = BUCKET_NUMEL) -> "InBackward":
     """Step each of ``optimizer``'s parameters in the backward pass, once its gradient is
     accumulated (with others, up to ``bucket_numel`` elements; 0 steps each alone), and free that
     gradient. The optimizer stays what the training loop holds: its ``param_groups`` (a
@@ -80,7 +75,7 @@ def step_in_backward(optimizer: torch.optim.Optimizer, observe: Callable | None 
         raise ConfigurationError("optimizer in backward: this optimizer already steps in the backward pass "
                                  "(remove() the handle step_in_backward returned first)")
     handles, params = [], []
-    buckets = _Buckets(optimizer, bucket_numel, overlap)  # one per optimizer: its steps may span groups
+    buckets = _Buckets(optimizer, bucket_numel)  # one per optimizer: its steps may span groups
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             if param.requires_grad:
@@ -135,8 +130,8 @@ class _Buckets:
     callback is freed uncalled: its bucket is then dropped, unstepped (stepping later would
     change weights that the next backward has saved)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, numel: int, overlap: bool = False):
-        self.optimizer, self.numel, self.overlap = optimizer, numel, overlap
+    def __init__(self, optimizer: torch.optim.Optimizer, numel: int):
+        self.optimizer, self.numel = optimizer, numel
         self.open: dict[int, _Bucket] = {}
 
     @property
@@ -151,9 +146,9 @@ class _Buckets:
             return
         bucket = self.open.get(task)
         if bucket is None:
-            bucket = self.open[task] = _Bucket(self.optimizer, self.numel, self.overlap)
+            bucket = self.open[task] = _Bucket(self.optimizer, self.numel)
             ended = _Ended(self, task)
-            weakref.finalize(ended, _dropped, self.open, task)
+            weakref.finalize(ended, self.open.pop, task, None)
             torch.autograd.Variable._execution_engine.queue_callback(ended)
         bucket.add(param, index)
 
@@ -168,15 +163,6 @@ class _Ended:
         bucket = self.buckets.open.pop(self.task, None)
         if bucket is not None:
             bucket.flush()
-            bucket.settle()
-
-
-def _dropped(open_buckets: dict, task: int) -> None:
-    """A backward that raised: its waiting gradients are dropped; what already stepped on a side
-    stream is waited for (the next forward reads those weights)."""
-    bucket = open_buckets.pop(task, None)
-    if bucket is not None:
-        bucket.settle()
 
 
 class _Bucket:
@@ -184,11 +170,10 @@ class _Bucket:
     none for the next to add to), in the order they came, from one stream; stepped together once
     ``numel`` elements wait, when another stream's gradient comes, and when the backward ends."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, numel: int, overlap: bool = False):
-        self.optimizer, self.numel, self.overlap = optimizer, numel, overlap
+    def __init__(self, optimizer: torch.optim.Optimizer, numel: int):
+        self.optimizer, self.numel = optimizer, numel
         self.waiting: list[tuple[torch.nn.Parameter, int, torch.Tensor]] = []
         self.size, self.stream = 0, None
-        self.side = None  # the side stream this bucket's steps ran on, while overlapping
 
     def add(self, param: torch.nn.Parameter, index: int) -> None:
         stream = _stream_of(param)
@@ -203,38 +188,15 @@ class _Bucket:
 
     def flush(self) -> None:
         waiting, self.waiting, self.size = self.waiting, [], 0
-        if not waiting:
-            return
-        if not (self.overlap and self.stream is not None):
+        if waiting:
             _step(self.optimizer, waiting, self.stream)
-            return
-        self.side = _side_stream(self.stream.device)
-        self.side.wait_stream(self.stream)
-        for _, _, grad in waiting:  # freed below, still read on the side stream
-            (grad.to_local() if isinstance(grad, DTensor) else grad).record_stream(self.side)
-        _step(self.optimizer, waiting, self.side, wait=False)
-
-    def settle(self) -> None:
-        """The caller's stream waits for the steps this bucket ran on a side stream."""
-        if self.side is not None:
-            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
-            self.side = None
 
 
 def _stream_of(param: torch.Tensor):
     return torch.cuda.current_stream(param.device) if param.device.type == "cuda" else None
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _step(optimizer: torch.optim.Optimizer, waiting: list, stream, wait: bool = True) -> None:
+def _step(optimizer: torch.optim.Optimizer, waiting: list, stream) -> None:
     """The optimizer's own step over ``waiting`` (parameter, group index, gradient), each with its
     group's current settings (looked up now: load_state_dict and schedules replace or change the
     groups), on the stream the gradients came on, which the caller's stream then waits for; the
@@ -252,5 +214,5 @@ def _step(optimizer: torch.optim.Optimizer, waiting: list, stream, wait: bool = 
         optimizer.param_groups = groups
         for param, _, _ in waiting:
             param.grad = None
-    if wait and stream is not None and torch.cuda.current_stream(stream.device) != stream:
+    if stream is not None and torch.cuda.current_stream(stream.device) != stream:
         torch.cuda.current_stream(stream.device).wait_stream(stream)
