@@ -4,14 +4,13 @@ moments are read and three written each step).
 
     python benchmarks/optimizer_step.py --shape 1b --out benchmarks/results/optimizer_step_1b.json
 
-Variants: torch's fused AdamW over every parameter at once (``fused``, what the training
-benchmark and ``crosschip train`` use), the same in buckets of ``--bucket-numel`` elements as the
-optimizer in backward steps (``fused-buckets``), torch's foreach AdamW eager (``foreach``) and under
-torch.compile (``compiled``), one compiled kernel per parameter (``compiled-each``, AdamW's update
-written out and compiled once per shape), torchao's bf16 AdamW (``torchao``, the same idea; its
-moments follow the weights' dtype) and Transformer Engine's FusedAdam (``te``, its default fp32
-moments, so more bytes). ``copy`` is a device-to-device copy of the same bytes, the bandwidth reachable.
-Weights and gradients are bf16; torch's moments follow the weights' dtype.
+Variants: torch's fused AdamW over every parameter at once (``fused``, what the training benchmark
+and ``crosschip train`` use), the same in buckets of ``--bucket-numel`` elements as the optimizer in
+backward steps (``fused-buckets``), one compiled kernel per parameter (``compiled-each``, AdamW's
+update written out and compiled once per shape), torchao's bf16 AdamW (``torchao``, the same idea;
+its moments follow the weights' dtype) and Transformer Engine's FusedAdam (``te``, its default fp32
+moments, so more bytes). ``copy`` is a device-to-device copy of the same bytes, the bandwidth
+reachable. Weights and gradients are bf16; torch's moments follow the weights' dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import sys
 
 from train_step import SHAPES, llama_config
 
-VARIANTS = ["copy", "fused", "fused-buckets", "foreach", "compiled", "compiled-each", "torchao", "te"]
+VARIANTS = ["copy", "fused", "fused-buckets", "compiled-each", "torchao", "te"]
 
 
 def parameters(shape: str):
@@ -98,11 +97,7 @@ def step_function(variant: str, params, bucket_numel: int):
 
         # fp32 moments (its default): 4 more bytes per moment and element, read and written
         return FusedAdam(params, lr=1e-5).step, bf16_bytes + 2 * 2 * 2 * numel
-    optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-5) if variant == "compiled" else 1e-5,
-                                  fused=variant == "fused", foreach=variant != "fused")
-    if variant == "compiled":
-        return torch.compile(optimizer.step), bf16_bytes
-    return optimizer.step, bf16_bytes
+    return torch.optim.AdamW(params, lr=1e-5, fused=True).step, bf16_bytes
 
 
 def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr: float, beta1: float, beta2: float, weight_decay: float,
@@ -122,10 +117,12 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr: float, beta1: float, b
 def main() -> None:
     import torch
 
+    from crosschip.training.in_backward import BUCKET_NUMEL
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    parser.add_argument("--bucket-numel", type=int, default=1 << 25)
+    parser.add_argument("--bucket-numel", type=int, default=BUCKET_NUMEL)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
